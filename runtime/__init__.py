@@ -1,0 +1,11 @@
+"""The splitc runtime: loads a bundle and runs it. numpy plus a backend runtime, nothing else.
+
+    from splitc.runtime import Bundle, SplitSession
+    session = SplitSession(Bundle.open("model.splitc"))
+    outputs = session.run({"x": x})
+"""
+
+from splitc.runtime.manifest import Manifest, PartitionSpec, TensorSpec
+from splitc.runtime.session import Bundle, SplitSession
+
+__all__ = ["Bundle", "Manifest", "PartitionSpec", "SplitSession", "TensorSpec"]

@@ -1,0 +1,171 @@
+"""Loaders that turn one artifact into a callable on numpy arrays.
+
+Each backend runtime is imported only when an artifact of its kind is loaded, so a device ships just
+the one it uses (TVM's runtime, ONNX Runtime, or TensorRT). Set TVM_USE_RUNTIME_LIB=1 on a device to
+make `import tvm` load the 3 MB runtime library instead of the compiler.
+"""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from splitc.errors import BackendError, ToolchainError
+from splitc.runtime.manifest import RUNTIME_ONNXRUNTIME, RUNTIME_TENSORRT, RUNTIME_TVM, Artifact
+
+Executor = Callable[[Sequence[np.ndarray]], list[np.ndarray]]
+
+_ARCH_ALIASES = {"amd64": "x86_64", "x86_64": "x86_64", "arm64": "aarch64", "aarch64": "aarch64"}
+
+
+def host_arch() -> str:
+    machine = platform.machine().lower()
+    return _ARCH_ALIASES.get(machine, machine)
+
+
+def can_run_here(artifact: Artifact) -> bool:
+    """Whether this host can execute the artifact natively (ISA and runtime library present)."""
+    if artifact.arch is not None and artifact.arch != host_arch():
+        return False
+    if artifact.runtime == RUNTIME_TENSORRT:
+        return _tensorrt_usable()
+    return True
+
+
+def load_executor(artifact: Artifact, path: Path) -> Executor:
+    """Load the artifact file at `path` (already hash-checked by the caller)."""
+    loaders = {
+        RUNTIME_TVM: _load_tvm,
+        RUNTIME_ONNXRUNTIME: _load_onnxruntime,
+        RUNTIME_TENSORRT: _load_tensorrt,
+    }
+    if artifact.runtime not in loaders:
+        raise BackendError(
+            f"artifact {artifact.path} needs runtime {artifact.runtime!r}, which this splitc does not know "
+            f"(known: {', '.join(sorted(loaders))}); upgrade splitc"
+        )
+    if artifact.arch is not None and artifact.arch != host_arch():
+        raise BackendError(
+            f"artifact {artifact.path} is {artifact.arch} code and this host is {host_arch()}; "
+            "run it on its target, or use `splitc verify`, which emulates it"
+        )
+    return loaders[artifact.runtime](path)
+
+
+def _load_tvm(path: Path) -> Executor:
+    try:
+        import tvm
+        from tvm.runtime.vm import VirtualMachine
+    except ImportError as exc:
+        raise ToolchainError(f"cannot import TVM's runtime ({exc}); pip install apache-tvm==0.27.0.post1 apache-tvm-ffi==0.1.14.post1") from exc
+    try:
+        vm = VirtualMachine(tvm.runtime.load_module(str(path)), tvm.cpu())
+    except Exception as exc:  # TVM raises its own error types from C++
+        raise BackendError(f"TVM cannot load {path.name}: {exc}".splitlines()[0]) from exc
+    main = vm["main"]
+
+    def run(inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        result = main(*(tvm.runtime.tensor(np.ascontiguousarray(x)) for x in inputs))
+        return _flatten_tvm(result)
+
+    return run
+
+
+def _flatten_tvm(value) -> list[np.ndarray]:
+    if hasattr(value, "numpy"):
+        return [value.numpy()]
+    flat: list[np.ndarray] = []
+    for item in value:
+        flat.extend(_flatten_tvm(item))
+    return flat
+
+
+def _load_onnxruntime(path: Path) -> Executor:
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise ToolchainError(f"cannot import onnxruntime ({exc}); pip install onnxruntime") from exc
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # warnings about unused initializers are noise to a user
+    session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+
+    def run(inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        return list(session.run(None, dict(zip(names, inputs))))
+
+    return run
+
+
+def _tensorrt_usable() -> bool:
+    try:
+        import tensorrt  # noqa: F401
+        from cuda.bindings import runtime as cudart  # noqa: F401
+    except ImportError:
+        return False
+    err, count = cudart.cudaGetDeviceCount()
+    return int(err) == 0 and count > 0
+
+
+def _load_tensorrt(path: Path) -> Executor:
+    """Run a serialized TensorRT engine with the v3 execution API (named tensors, explicit stream).
+
+    Written against TensorRT 10's documented Python API; needs `tensorrt` and `cuda-python`, which a
+    GPU host provides. Not exercised on machines without them (see tests/test_tensorrt.py).
+    """
+    try:
+        import tensorrt as trt
+        from cuda.bindings import runtime as cudart
+    except ImportError as exc:
+        raise ToolchainError(
+            f"cannot import TensorRT ({exc}); install tensorrt and cuda-python on the GPU host, "
+            "or run the partition's ONNX artifact with ONNX Runtime"
+        ) from exc
+
+    def check(result):
+        err, *rest = result if isinstance(result, tuple) else (result,)
+        if int(err) != 0:
+            raise BackendError(f"CUDA call failed with {err}")
+        return rest[0] if len(rest) == 1 else rest
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    engine = trt.Runtime(logger).deserialize_cuda_engine(path.read_bytes())
+    if engine is None:
+        raise BackendError(f"TensorRT cannot deserialize {path.name}: built for another TensorRT version or GPU; rebuild it with `splitc build-engine`")
+    context = engine.create_execution_context()
+    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+    input_names = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+    output_names = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+    stream = check(cudart.cudaStreamCreate())
+    h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+
+    def run(inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        buffers = []
+        try:
+            for name, array in zip(input_names, inputs):
+                array = np.ascontiguousarray(array)
+                context.set_input_shape(name, array.shape)
+                ptr = check(cudart.cudaMalloc(array.nbytes))
+                buffers.append(ptr)
+                check(cudart.cudaMemcpyAsync(ptr, array.ctypes.data, array.nbytes, h2d, stream))
+                context.set_tensor_address(name, ptr)
+            outputs = []
+            for name in output_names:
+                host = np.empty(tuple(context.get_tensor_shape(name)), dtype=trt.nptype(engine.get_tensor_dtype(name)))
+                ptr = check(cudart.cudaMalloc(max(host.nbytes, 1)))
+                buffers.append(ptr)
+                context.set_tensor_address(name, ptr)
+                outputs.append((host, ptr))
+            if not context.execute_async_v3(stream):
+                raise BackendError(f"TensorRT execution of {path.name} failed")
+            for host, ptr in outputs:
+                check(cudart.cudaMemcpyAsync(host.ctypes.data, ptr, host.nbytes, d2h, stream))
+            check(cudart.cudaStreamSynchronize(stream))
+            return [host for host, _ in outputs]
+        finally:
+            for ptr in buffers:
+                cudart.cudaFree(ptr)
+
+    return run

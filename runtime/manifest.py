@@ -1,0 +1,227 @@
+"""The bundle format: the contract between the compiler and every runtime that loads its output.
+
+A bundle is a directory:
+
+    model.splitc/
+      manifest.json        this schema (versioned)
+      p0/...               artifacts of partition 0 (one or more files per partition)
+      p1/...
+      reference.npz        reference inputs, boundary tensors and outputs computed by torch
+
+Readers refuse a schema version they do not know and any artifact whose sha256 differs from the one
+recorded, so a device never runs code it was not given. Numpy and the stdlib only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from splitc.errors import BundleError
+
+FORMAT = "splitc-bundle"
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+REFERENCE_NAME = "reference.npz"
+
+# Artifact roles: what a file is for.
+ROLE_DEPLOY = "deploy"        # what the target itself runs
+ROLE_HOST_TWIN = "host-twin"  # the same partition compiled for the build host's ISA, for checks
+ROLE_PORTABLE = "portable"    # an ONNX form of the partition (input to TensorRT, runnable by ONNX Runtime)
+
+# Runtime ids: which backend runtime loads an artifact.
+RUNTIME_TVM = "tvm"
+RUNTIME_ONNXRUNTIME = "onnxruntime"
+RUNTIME_TENSORRT = "tensorrt"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # numpy dtype name, e.g. "float32", "int64"
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TensorSpec:
+        return cls(str(data["name"]), tuple(int(d) for d in data["shape"]), str(data["dtype"]))
+
+
+@dataclass(frozen=True)
+class Artifact:
+    path: str      # relative to the bundle root
+    sha256: str
+    size: int
+    runtime: str   # RUNTIME_*
+    role: str      # ROLE_*
+    arch: str | None = None  # ISA for native code ("aarch64", "x86_64"); None for portable formats
+    options: dict[str, Any] = field(default_factory=dict)  # what it was compiled with
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Artifact:
+        return cls(
+            path=str(data["path"]),
+            sha256=str(data["sha256"]),
+            size=int(data["size"]),
+            runtime=str(data["runtime"]),
+            role=str(data["role"]),
+            arch=data.get("arch"),
+            options=dict(data.get("options") or {}),
+        )
+
+
+@dataclass(frozen=True)
+class PartitionSpec:
+    index: int
+    target: str
+    backend: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    artifacts: tuple[Artifact, ...]
+    nodes: tuple[str, ...] = ()        # graph nodes placed here, in order
+    flops: int = 0
+    engine: dict[str, Any] = field(default_factory=dict)  # backend-specific build status (TensorRT)
+
+    def artifact(self, role: str) -> Artifact | None:
+        return next((a for a in self.artifacts if a.role == role), None)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "target": self.target,
+            "backend": self.backend,
+            "inputs": [t.to_json() for t in self.inputs],
+            "outputs": [t.to_json() for t in self.outputs],
+            "artifacts": [a.to_json() for a in self.artifacts],
+            "nodes": list(self.nodes),
+            "flops": self.flops,
+            "engine": self.engine,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> PartitionSpec:
+        return cls(
+            index=int(data["index"]),
+            target=str(data["target"]),
+            backend=str(data["backend"]),
+            inputs=tuple(TensorSpec.from_json(t) for t in data["inputs"]),
+            outputs=tuple(TensorSpec.from_json(t) for t in data["outputs"]),
+            artifacts=tuple(Artifact.from_json(a) for a in data["artifacts"]),
+            nodes=tuple(data.get("nodes") or ()),
+            flops=int(data.get("flops") or 0),
+            engine=dict(data.get("engine") or {}),
+        )
+
+
+@dataclass(frozen=True)
+class Manifest:
+    model: dict[str, Any]              # name, sha256 of the source, source description
+    inputs: tuple[TensorSpec, ...]     # model inputs, in call order
+    outputs: tuple[TensorSpec, ...]    # model outputs, in return order
+    targets: tuple[dict[str, Any], ...]  # one per tier: name, backend, arch, tolerances
+    partitions: tuple[PartitionSpec, ...]
+    boundaries: tuple[tuple[TensorSpec, ...], ...]  # tensors crossing cut k (between tier k and k+1)
+    plan: dict[str, Any]
+    reference: dict[str, Any]          # path, sha256, samples
+    splitc_version: str = ""
+    schema_version: int = SCHEMA_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "schema_version": self.schema_version,
+            "splitc_version": self.splitc_version,
+            "model": self.model,
+            "inputs": [t.to_json() for t in self.inputs],
+            "outputs": [t.to_json() for t in self.outputs],
+            "targets": list(self.targets),
+            "plan": self.plan,
+            "boundaries": [[t.to_json() for t in b] for b in self.boundaries],
+            "partitions": [p.to_json() for p in self.partitions],
+            "reference": self.reference,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Manifest:
+        if data.get("format") != FORMAT:
+            raise BundleError("manifest.json is not a splitc bundle manifest; point at a directory made by `splitc compile`")
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise BundleError(
+                f"bundle schema version {version!r} is not supported by this runtime (it reads {SCHEMA_VERSION}); "
+                "recompile the bundle with a matching splitc"
+            )
+        try:
+            return cls(
+                model=dict(data["model"]),
+                inputs=tuple(TensorSpec.from_json(t) for t in data["inputs"]),
+                outputs=tuple(TensorSpec.from_json(t) for t in data["outputs"]),
+                targets=tuple(dict(t) for t in data["targets"]),
+                partitions=tuple(PartitionSpec.from_json(p) for p in data["partitions"]),
+                boundaries=tuple(tuple(TensorSpec.from_json(t) for t in b) for b in data["boundaries"]),
+                plan=dict(data.get("plan") or {}),
+                reference=dict(data.get("reference") or {}),
+                splitc_version=str(data.get("splitc_version", "")),
+                schema_version=int(version),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BundleError(f"manifest.json is malformed ({type(exc).__name__}: {exc}); recompile the bundle") from exc
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_manifest(bundle_dir: Path) -> Manifest:
+    path = Path(bundle_dir) / MANIFEST_NAME
+    if not path.is_file():
+        raise BundleError(f"{bundle_dir} is not a splitc bundle (no {MANIFEST_NAME}); pass the directory `splitc compile -o` wrote")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{path} cannot be read as JSON ({exc}); the bundle is corrupt, recompile it") from exc
+    return Manifest.from_json(data)
+
+
+def check_file(bundle_dir: Path, rel_path: str, sha256: str) -> Path:
+    """Return the absolute path of a bundle file after checking it is there and unchanged."""
+    path = (Path(bundle_dir) / rel_path).resolve()
+    root = Path(bundle_dir).resolve()
+    if root not in path.parents:
+        raise BundleError(f"manifest names {rel_path!r}, which lies outside the bundle; the bundle was tampered with")
+    if not path.is_file():
+        raise BundleError(f"bundle file {rel_path} is missing; recompile the bundle")
+    actual = sha256_file(path)
+    if actual != sha256:
+        raise BundleError(
+            f"bundle file {rel_path} has sha256 {actual[:12]}…, the manifest says {sha256[:12]}…; "
+            "it was modified after compilation, refusing to run it"
+        )
+    return path
+
+
+def check_bundle(bundle_dir: Path, manifest: Manifest) -> None:
+    """Check every artifact and the reference data against their recorded hashes."""
+    for partition in manifest.partitions:
+        for artifact in partition.artifacts:
+            check_file(bundle_dir, artifact.path, artifact.sha256)
+    if manifest.reference:
+        check_file(bundle_dir, manifest.reference["path"], manifest.reference["sha256"])

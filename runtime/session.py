@@ -1,0 +1,132 @@
+"""Open a bundle and chain its partitions in process.
+
+The runtime keeps an environment of named tensors: it starts with the model inputs; each partition
+takes the tensors it declares as inputs and adds the ones it declares as outputs; after partition k
+only the tensors of boundary k survive, which is exactly what a networked runtime would send.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from splitc.errors import BundleError, InputError
+from splitc.runtime.executors import Executor, can_run_here, load_executor
+from splitc.runtime.manifest import (
+    ROLE_DEPLOY,
+    ROLE_HOST_TWIN,
+    ROLE_PORTABLE,
+    Artifact,
+    Manifest,
+    PartitionSpec,
+    TensorSpec,
+    check_bundle,
+    check_file,
+    read_manifest,
+)
+
+# What to run for a partition on this host, best first: the artifact the target itself runs, then
+# the same code built for this ISA, then the portable ONNX form.
+HOST_PREFERENCE = (ROLE_DEPLOY, ROLE_HOST_TWIN, ROLE_PORTABLE)
+
+
+@dataclass(frozen=True)
+class Bundle:
+    path: Path
+    manifest: Manifest
+
+    @classmethod
+    def open(cls, path: str | Path) -> Bundle:
+        """Read the manifest and check every file's hash; raise BundleError on any mismatch."""
+        root = Path(path)
+        if not root.is_dir():
+            raise BundleError(f"bundle {root} does not exist; compile one with `splitc compile ... -o {root}`")
+        manifest = read_manifest(root)
+        check_bundle(root, manifest)
+        return cls(root, manifest)
+
+    def file(self, artifact: Artifact) -> Path:
+        return check_file(self.path, artifact.path, artifact.sha256)
+
+    def reference(self) -> dict[str, np.ndarray]:
+        ref = self.manifest.reference
+        if not ref:
+            raise BundleError(f"bundle {self.path} carries no reference data; recompile it")
+        with np.load(check_file(self.path, ref["path"], ref["sha256"]), allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+
+
+def host_artifact(partition: PartitionSpec) -> Artifact:
+    """The artifact this host would run for a partition (see HOST_PREFERENCE)."""
+    for role in HOST_PREFERENCE:
+        artifact = partition.artifact(role)
+        if artifact is not None and can_run_here(artifact):
+            return artifact
+    raise BundleError(
+        f"partition {partition.index} ({partition.target}) has no artifact this host can run "
+        f"({', '.join(a.path for a in partition.artifacts)}); run it on its target"
+    )
+
+
+def check_inputs(specs: Sequence[TensorSpec], arrays: Mapping[str, np.ndarray], where: str) -> None:
+    """Refuse missing, misshapen or mistyped tensors before anything runs."""
+    for spec in specs:
+        if spec.name not in arrays:
+            raise InputError(f"{where}: input {spec.name!r} is missing (expected {spec.dtype}{list(spec.shape)})")
+        array = arrays[spec.name]
+        if tuple(array.shape) != spec.shape:
+            raise InputError(
+                f"{where}: input {spec.name!r} has shape {list(array.shape)}, expected {list(spec.shape)}; "
+                "the bundle was compiled for fixed shapes, recompile for this one"
+            )
+        if array.dtype != np.dtype(spec.dtype):
+            raise InputError(f"{where}: input {spec.name!r} has dtype {array.dtype}, expected {spec.dtype}; cast it first")
+
+
+class SplitSession:
+    """Runs a bundle's partitions one after another on this host."""
+
+    def __init__(self, bundle: Bundle, executors: Mapping[int, Executor] | None = None):
+        self.bundle = bundle
+        self.manifest = bundle.manifest
+        self.artifacts: dict[int, Artifact] = {}
+        self._executors: dict[int, Executor] = dict(executors or {})
+        for partition in self.manifest.partitions:
+            if partition.index not in self._executors:
+                artifact = host_artifact(partition)
+                self.artifacts[partition.index] = artifact
+                self._executors[partition.index] = load_executor(artifact, bundle.file(artifact))
+
+    def bind_inputs(self, inputs: Mapping[str, np.ndarray] | Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+        specs = self.manifest.inputs
+        if not isinstance(inputs, Mapping):
+            inputs = list(inputs)
+            if len(inputs) != len(specs):
+                raise InputError(f"model takes {len(specs)} input(s) ({', '.join(s.name for s in specs)}), got {len(inputs)}")
+            inputs = {spec.name: array for spec, array in zip(specs, inputs)}
+        unknown = sorted(set(inputs) - {s.name for s in specs})
+        if unknown:
+            raise InputError(f"unknown input(s) {', '.join(unknown)}; the model takes {', '.join(s.name for s in specs)}")
+        check_inputs(specs, inputs, "model")
+        return dict(inputs)
+
+    def run_partition(self, index: int, env: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run partition `index` on `env` and return the tensors of the boundary after it."""
+        partition = self.manifest.partitions[index]
+        check_inputs(partition.inputs, env, f"partition {index}")
+        outputs = self._executors[index]([env[t.name] for t in partition.inputs])
+        if len(outputs) != len(partition.outputs):
+            raise BundleError(f"partition {index} returned {len(outputs)} tensors, its manifest declares {len(partition.outputs)}")
+        merged = dict(env)
+        merged.update({spec.name: array for spec, array in zip(partition.outputs, outputs)})
+        keep = self.manifest.boundaries[index] if index < len(self.manifest.boundaries) else self.manifest.outputs
+        return {t.name: merged[t.name] for t in keep}
+
+    def run(self, inputs: Mapping[str, np.ndarray] | Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+        env = self.bind_inputs(inputs)
+        for partition in self.manifest.partitions:
+            env = self.run_partition(partition.index, env)
+        return {t.name: env[t.name] for t in self.manifest.outputs}

@@ -1,0 +1,152 @@
+"""Target descriptions: devices, GPUs and cloud offers, each a TOML file.
+
+A name (`rpi4`) finds a file shipped beside this module; a path (`./my-board.toml`) is read as is,
+so a user describes their own hardware without touching splitc. Everything target-specific that is
+not backend code lives in these files.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from splitc.errors import TargetError
+
+KNOWN_BACKENDS = ("tvm", "tensorrt", "onnxruntime")
+_NOT_TARGETS = {"links"}
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    description: str
+    tier: str                      # "edge" | "cloud"
+    arch: str                      # ISA of the host that runs the artifact
+    sustained_gflops: float
+    memory_bandwidth_gbs: float
+    memory_gb: float
+    backend: str
+    backend_options: dict[str, Any] = field(default_factory=dict)
+    verify: dict[str, float] = field(default_factory=dict)
+    peak_gflops: float | None = None
+    source: str = ""               # the file it came from
+
+    @property
+    def rtol(self) -> float:
+        return float(self.verify.get("rtol", 1e-4))
+
+    @property
+    def min_top1(self) -> float:
+        return float(self.verify.get("min_top1", 1.0))
+
+    def summary(self) -> dict[str, Any]:
+        """What a bundle manifest records about the target."""
+        return {
+            "name": self.name,
+            "description": self.description,
+            "tier": self.tier,
+            "arch": self.arch,
+            "backend": self.backend,
+            "backend_options": self.backend_options,
+            "verify": self.verify,
+        }
+
+
+@dataclass(frozen=True)
+class Link:
+    name: str
+    mbit_s: float
+    rtt_ms: float
+
+    def transfer_ms(self, nbytes: int) -> float:
+        return self.rtt_ms + nbytes * 8 / (self.mbit_s * 1e6) * 1e3
+
+
+def _builtin_dir():
+    return resources.files(__name__)
+
+
+def builtin_target_names() -> list[str]:
+    return sorted(
+        p.name.removesuffix(".toml")
+        for p in _builtin_dir().iterdir()
+        if p.name.endswith(".toml") and p.name.removesuffix(".toml") not in _NOT_TARGETS
+    )
+
+
+def load_target(spec: str) -> Target:
+    """Load a target by builtin name or by path to a TOML file."""
+    path = Path(spec)
+    if spec.endswith(".toml") or path.is_file():
+        if not path.is_file():
+            raise TargetError(f"target file {spec} does not exist; pass a builtin name ({', '.join(builtin_target_names())}) or a TOML path")
+        return _parse(path.read_text(), str(path))
+    if spec not in builtin_target_names():
+        raise TargetError(f"unknown target {spec!r}; known targets: {', '.join(builtin_target_names())} (or pass a path to a .toml file)")
+    resource = _builtin_dir() / f"{spec}.toml"
+    return _parse(resource.read_text(), f"splitc/targets/{spec}.toml")
+
+
+def load_targets(specs: str | list[str]) -> list[Target]:
+    names = [s.strip() for s in specs.split(",")] if isinstance(specs, str) else list(specs)
+    names = [n for n in names if n]
+    if not names:
+        raise TargetError("no targets given; pass --targets with a comma-separated chain such as rpi4,a100")
+    return [load_target(n) for n in names]
+
+
+def _parse(text: str, source: str) -> Target:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise TargetError(f"target file {source} is not valid TOML ({exc}); fix the file") from exc
+    try:
+        compute = data["compute"]
+        backend = dict(data["backend"])
+        backend_name = backend.pop("name")
+        target = Target(
+            name=str(data["name"]),
+            description=str(data.get("description", "")),
+            tier=str(data.get("tier", "edge")),
+            arch=str(data.get("arch", "x86_64")),
+            sustained_gflops=float(compute["sustained_gflops"]),
+            memory_bandwidth_gbs=float(compute["memory_bandwidth_gbs"]),
+            memory_gb=float(compute["memory_gb"]),
+            peak_gflops=float(compute["peak_gflops"]) if "peak_gflops" in compute else None,
+            backend=str(backend_name),
+            backend_options=backend,
+            verify={k: float(v) for k, v in data.get("verify", {}).items()},
+            source=source,
+        )
+    except KeyError as exc:
+        raise TargetError(f"target file {source} lacks required key {exc.args[0]!r}; see splitc/targets/rpi4.toml for the format") from exc
+    except (TypeError, ValueError) as exc:
+        raise TargetError(f"target file {source} has a malformed value ({exc}); see splitc/targets/rpi4.toml for the format") from exc
+    if target.backend not in KNOWN_BACKENDS:
+        raise TargetError(f"target {target.name} names backend {target.backend!r}; supported backends: {', '.join(KNOWN_BACKENDS)}")
+    if target.sustained_gflops <= 0 or target.memory_bandwidth_gbs <= 0:
+        raise TargetError(f"target {target.name}: sustained_gflops and memory_bandwidth_gbs must be positive")
+    return target
+
+
+def load_links() -> dict[str, Link]:
+    data = tomllib.loads((_builtin_dir() / "links.toml").read_text())
+    return {name: Link(name, float(v["mbit_s"]), float(v["rtt_ms"])) for name, v in data.items()}
+
+
+def load_link(spec: str) -> Link:
+    """A preset name (`4g`) or a custom `20mbit:30ms`."""
+    presets = load_links()
+    key = spec.strip().lower()
+    if key in presets:
+        return presets[key]
+    if ":" in key and key.split(":")[0].endswith("mbit") and key.split(":")[1].endswith("ms"):
+        bw, rtt = key.split(":")
+        try:
+            return Link(spec, float(bw.removesuffix("mbit")), float(rtt.removesuffix("ms")))
+        except ValueError:
+            pass
+    raise TargetError(f"unknown link {spec!r}; use a preset ({', '.join(presets)}) or BANDWIDTHmbit:RTTms such as 20mbit:30ms")
