@@ -31,7 +31,7 @@ def can_run_here(artifact: Artifact) -> bool:
     if artifact.arch is not None and artifact.arch != host_arch():
         return False
     if artifact.runtime == RUNTIME_TENSORRT:
-        return _tensorrt_usable()
+        return tensorrt_usable()
     return True
 
 
@@ -99,7 +99,8 @@ def _load_onnxruntime(path: Path) -> Executor:
     return run
 
 
-def _tensorrt_usable() -> bool:
+def tensorrt_usable() -> bool:
+    """TensorRT and cuda-python import, and a CUDA device is visible."""
     try:
         import tensorrt  # noqa: F401
         from cuda.bindings import runtime as cudart  # noqa: F401

@@ -1,0 +1,85 @@
+"""The backend interface and the one place that dispatches a target to its backend.
+
+A backend compiles one partition for one target into files in a work directory and says what each
+file is (runtime id, role, ISA). Loading is the runtime's job (splitc.runtime.executors), so a device
+never imports a backend.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import torch.fx as fx
+
+from splitc.errors import TargetError, UnsupportedOperatorError
+from splitc.passes.partition import Partition
+from splitc.targets import Target
+
+
+@dataclass
+class CompiledArtifact:
+    path: Path          # a file inside the work directory
+    runtime: str        # splitc.runtime.manifest.RUNTIME_*
+    role: str           # splitc.runtime.manifest.ROLE_*
+    arch: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class CompiledPartition:
+    artifacts: list[CompiledArtifact]
+    engine: dict[str, Any] = field(default_factory=dict)  # build status a backend wants recorded
+    notes: list[str] = field(default_factory=list)        # what a user should know (deferred engine, ...)
+
+
+class Backend(Protocol):
+    id: str
+
+    def supports(self, node: fx.Node) -> bool:
+        """Whether this backend can take the operator of `node` (an operator-support predicate)."""
+
+    def compile(self, partition: Partition, workdir: Path) -> CompiledPartition:
+        """Compile `partition` for `partition.target` into files under `workdir`; never mutate it."""
+
+
+def op_name(node: fx.Node) -> str:
+    if node.target is operator.getitem:
+        return "getitem"
+    return str(getattr(node.target, "__name__", node.target))
+
+
+def check_support(partition: Partition, backend: Backend) -> None:
+    """Refuse a partition with an operator its target's backend cannot take, naming all three."""
+    for node in partition.module.graph.nodes:
+        if node.op == "call_function" and not backend.supports(node):
+            raise UnsupportedOperatorError(
+                f"node {node.name} ({op_name(node)}) cannot run on target {partition.target.name}: "
+                f"the {backend.id} backend has no converter for it; move the cut so it lands on another target"
+            )
+
+
+def _registry() -> dict[str, Callable[[], Backend]]:
+    # Imported lazily: each backend pulls in its compiler (TVM, onnx) only when used.
+    def tvm() -> Backend:
+        from splitc.backends.tvm import TVMBackend
+        return TVMBackend()
+
+    def onnxruntime() -> Backend:
+        from splitc.backends.onnx import OnnxRuntimeBackend
+        return OnnxRuntimeBackend()
+
+    def tensorrt() -> Backend:
+        from splitc.backends.tensorrt import TensorRTBackend
+        return TensorRTBackend()
+
+    return {"tvm": tvm, "onnxruntime": onnxruntime, "tensorrt": tensorrt}
+
+
+def get_backend(target: Target) -> Backend:
+    registry = _registry()
+    if target.backend not in registry:
+        raise TargetError(f"target {target.name} asks for backend {target.backend!r}; supported backends: {', '.join(registry)}")
+    return registry[target.backend]()

@@ -1,0 +1,73 @@
+"""ONNX export of a partition (shared by the ONNX Runtime and TensorRT backends), and the ONNX
+Runtime backend itself: the portable path that runs on any CPU."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import logging
+from pathlib import Path
+
+import torch
+import torch.fx as fx
+
+from splitc.backends.base import CompiledArtifact, CompiledPartition
+from splitc.errors import BackendError
+from splitc.passes.partition import Partition
+from splitc.runtime.manifest import ROLE_DEPLOY, RUNTIME_ONNXRUNTIME
+
+OPSET = 18
+
+
+@functools.cache
+def _onnx_registry():
+    try:
+        from torch.onnx._internal.exporter import _registration  # private, but the exporter's own table
+    except ImportError:
+        return None
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    return _registration.ONNXRegistry.from_torchlib()
+
+
+def onnx_supports(node: fx.Node) -> bool:
+    registry = _onnx_registry()
+    if registry is None or not isinstance(node.target, torch._ops.OpOverload):
+        return True  # cannot tell before exporting; the export itself will name what fails
+    return registry.is_registered(node.target)
+
+
+def export_onnx(partition: Partition, path: Path) -> Path:
+    """Write the partition as a single-file ONNX model whose inputs/outputs carry the tensor names."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            program = torch.onnx.export(
+                partition.export(),
+                (),
+                dynamo=True,
+                opset_version=OPSET,
+                input_names=[t.name for t in partition.inputs],
+                output_names=[t.name for t in partition.outputs],
+                verbose=False,
+            )
+            program.save(str(path))
+    except Exception as exc:
+        text = str(exc).strip().splitlines()
+        raise BackendError(
+            f"ONNX export of partition {partition.index} for {partition.target.name} failed: {text[0][:300] if text else type(exc).__name__}"
+        ) from exc
+    return path
+
+
+class OnnxRuntimeBackend:
+    id = "onnxruntime"
+
+    def supports(self, node: fx.Node) -> bool:
+        return onnx_supports(node)
+
+    def compile(self, partition: Partition, workdir: Path) -> CompiledPartition:
+        path = export_onnx(partition, workdir / "model.onnx")
+        options = {"opset": OPSET, **partition.target.backend_options}
+        return CompiledPartition([CompiledArtifact(path, RUNTIME_ONNXRUNTIME, ROLE_DEPLOY, None, options)])

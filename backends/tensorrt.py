@@ -1,0 +1,90 @@
+"""TensorRT backend for cloud GPUs.
+
+Always writes the partition as TensorRT-ready ONNX (kept in the bundle: it is what TensorRT parses,
+and ONNX Runtime verifies it on hosts without a GPU). When `tensorrt` imports on a host with a CUDA
+device, the engine is built and serialized right away; otherwise the manifest marks it deferred and
+`splitc build-engine BUNDLE` builds it later on the GPU host.
+
+Written against TensorRT 10's documented Python API (OnnxParser, IBuilderConfig, memory pools,
+build_serialized_network). TensorRT 11 removed the FP16/INT8 builder flags and builds strongly
+typed networks, so reduced precision must then already be in the ONNX; this code says so instead of
+silently building FP32.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch.fx as fx
+
+from splitc.backends.base import CompiledArtifact, CompiledPartition
+from splitc.backends.onnx import OPSET, export_onnx, onnx_supports
+from splitc.errors import BackendError, ToolchainError
+from splitc.passes.partition import Partition
+from splitc.runtime.executors import tensorrt_usable
+from splitc.runtime.manifest import ROLE_DEPLOY, ROLE_PORTABLE, RUNTIME_ONNXRUNTIME, RUNTIME_TENSORRT
+
+ENGINE_NAME = "model.plan"
+DEFERRED_REASON = "tensorrt is not importable with a CUDA device on the build host"
+
+
+class TensorRTBackend:
+    id = "tensorrt"
+
+    def supports(self, node: fx.Node) -> bool:
+        return onnx_supports(node)
+
+    def compile(self, partition: Partition, workdir: Path) -> CompiledPartition:
+        onnx_path = export_onnx(partition, workdir / "model.onnx")
+        options = dict(partition.target.backend_options)
+        artifacts = [CompiledArtifact(onnx_path, RUNTIME_ONNXRUNTIME, ROLE_PORTABLE, None, {"opset": OPSET})]
+        if not tensorrt_usable():
+            return CompiledPartition(
+                artifacts,
+                engine={"status": "deferred", "reason": DEFERRED_REASON, "options": options},
+                notes=[f"partition {partition.index}: TensorRT engine deferred ({DEFERRED_REASON}); run `splitc build-engine` on the GPU host"],
+            )
+        plan, info = build_engine(onnx_path, options)
+        engine_path = workdir / ENGINE_NAME
+        engine_path.write_bytes(plan)
+        artifacts.append(CompiledArtifact(engine_path, RUNTIME_TENSORRT, ROLE_DEPLOY, partition.target.arch, info))
+        return CompiledPartition(artifacts, engine={"status": "built", **info})
+
+
+def build_engine(onnx_path: Path, options: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
+    """Parse ONNX, configure the builder from the target's options, return (serialized plan, info)."""
+    try:
+        import tensorrt as trt
+    except ImportError as exc:
+        raise ToolchainError(f"cannot import tensorrt ({exc}); build engines on a host with TensorRT and a GPU") from exc
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)  # explicit batch is the only mode since TensorRT 10
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(Path(onnx_path).read_bytes()):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise BackendError(f"TensorRT cannot parse {Path(onnx_path).name}: {errors[:300]}")
+
+    config = builder.create_builder_config()
+    workspace = int(float(options.get("workspace_gb", 4.0)) * (1 << 30))
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace)
+    precision = str(options.get("precision", "fp32"))
+    if precision in ("fp16", "bf16", "int8"):
+        flag = getattr(trt.BuilderFlag, precision.upper(), None)
+        if flag is None:
+            raise BackendError(
+                f"this TensorRT ({trt.__version__}) has no {precision.upper()} builder flag (TensorRT 11 builds strongly typed "
+                "networks); set precision = \"fp32\" in the target or compile the partition with reduced precision in the ONNX"
+            )
+        config.set_flag(flag)
+    if options.get("hardware_compatibility") == "ampere+":
+        config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.AMPERE_PLUS
+
+    # Static shapes: splitc compiles for fixed input shapes, so one implicit profile suffices.
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise BackendError(f"TensorRT failed to build an engine from {Path(onnx_path).name}; see the TensorRT log above")
+    info = {"tensorrt_version": trt.__version__, "precision": precision, "workspace_bytes": workspace, "opset": OPSET}
+    return bytes(serialized), info

@@ -1,0 +1,56 @@
+"""Frontend: load a model, export it with torch.export, and annotate every node."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from splitc.errors import ModelLoadError
+from splitc.frontend.annotate import annotate
+from splitc.frontend.loader import LoadedModel, load_model, parse_input_shapes, read_example_inputs
+from splitc.graph import ModelGraph, is_tensor_node, tensor_spec
+
+__all__ = ["LoadedModel", "ModelGraph", "annotate", "build_graph", "import_model", "load_model",
+           "parse_input_shapes", "read_example_inputs"]
+
+
+def build_graph(loaded: LoadedModel) -> ModelGraph:
+    """Decompose to core ATen (the op set every backend imports), unlift, and annotate."""
+    try:
+        program = loaded.program.run_decompositions()
+    except Exception as exc:
+        raise ModelLoadError(f"decomposing {loaded.source} to core ATen failed: {str(exc).splitlines()[0][:300]}") from exc
+    module = program.module()
+    graph = module.graph
+    # `ExportedProgram.module()` adds a call that re-checks export's input guards; splitc checks
+    # inputs against the manifest itself, and the call would otherwise land in a partition.
+    for node in list(graph.nodes):
+        if node.op == "call_module" and node.users == {}:
+            graph.erase_node(node)
+    graph.eliminate_dead_code()
+    module.recompile()
+    annotate(module)
+
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    output = next(n for n in graph.nodes if n.op == "output")
+    returned = [a for a in torch.utils._pytree.tree_leaves(output.args[0]) if isinstance(a, torch.fx.Node)]
+    for node in placeholders + returned:
+        if not is_tensor_node(node):
+            raise ModelLoadError(f"{loaded.source}: {node.name} is not a tensor; splitc compiles models whose inputs and outputs are tensors")
+    if len({n.name for n in returned}) != len(returned):
+        raise ModelLoadError(f"{loaded.source} returns the same tensor twice; return it once")
+    return ModelGraph(
+        name=loaded.name,
+        module=module,
+        inputs=tuple(tensor_spec(n) for n in placeholders),
+        outputs=tuple(tensor_spec(n) for n in returned),
+        source_sha256=loaded.sha256,
+        source=loaded.source,
+    )
+
+
+def import_model(source: str | Path, *, input_shapes: Sequence[str] = (), example_input=None, trust_pickle=False) -> tuple[LoadedModel, ModelGraph]:
+    loaded = load_model(str(source), input_shapes=input_shapes, example_input=example_input, trust_pickle=trust_pickle)
+    return loaded, build_graph(loaded)

@@ -1,0 +1,179 @@
+"""The compile driver: model -> annotated graph -> cuts -> partitions -> artifacts -> bundle.
+
+Each stage hands the next an explicit object. Every check that can fail on user input (targets,
+cuts, operator support) runs before the first backend compiles anything.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+import splitc
+from splitc.backends.base import check_support, get_backend
+from splitc.bundle import record_artifact, staged_directory, write_manifest
+from splitc.errors import CutError, SplitcError
+from splitc.graph import ModelGraph
+from splitc.passes.cuts import Cut, CutAnalysis, auto_cuts, estimate, resolve_cuts
+from splitc.passes.partition import Partition, assign_tiers, extract_partitions
+from splitc.runtime.manifest import REFERENCE_NAME, Manifest, PartitionSpec, sha256_file
+from splitc.targets import Link, Target
+
+# Agreement between the torch graph and its torch partitions: they run the same kernels, so any
+# difference beyond float reassociation means the split itself is wrong.
+_SPLIT_SELF_CHECK_RTOL = 1e-5
+
+
+@dataclass
+class CompileResult:
+    bundle: Path
+    manifest: Manifest
+    seconds: dict[str, float] = field(default_factory=dict)  # per stage and per partition
+    notes: list[str] = field(default_factory=list)
+
+
+def plan_cuts(graph: ModelGraph, targets: Sequence[Target], cut: Sequence[str] | str, link: Link) -> tuple[CutAnalysis, list[Cut], str]:
+    analysis = CutAnalysis(graph)
+    if len(targets) == 1:
+        if cut and cut != "auto":
+            raise CutError("one target needs no cut; drop --cut or add targets")
+        return analysis, [], "single"
+    if cut in ("auto", ["auto"], ("auto",), None, ""):
+        return analysis, auto_cuts(analysis, targets, link), "auto"
+    names = [c.strip() for c in cut.split(",")] if isinstance(cut, str) else list(cut)
+    return analysis, resolve_cuts(analysis, names, targets), "manual"
+
+
+def sample_inputs(graph: ModelGraph, count: int, examples: Sequence[torch.Tensor] | None = None, seed: int = 0) -> list[tuple[torch.Tensor, ...]]:
+    """Reference inputs: the user's example first, then seeded random ones.
+
+    Integer inputs that feed an embedding are drawn below that table's size (token ids); other
+    integer inputs are drawn from {0, 1} (masks, segment ids).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    bounds = _integer_input_bounds(graph)
+    samples = []
+    if examples is not None:
+        samples.append(tuple(examples))
+    while len(samples) < count:
+        sample = []
+        for spec in graph.inputs:
+            dtype = getattr(torch, spec.dtype) if spec.dtype != "bool" else torch.bool
+            if dtype.is_floating_point:
+                sample.append(torch.randn(spec.shape, generator=generator).to(dtype))
+            else:
+                sample.append(torch.randint(0, bounds.get(spec.name, 2), spec.shape, generator=generator).to(dtype))
+        samples.append(tuple(sample))
+    return samples
+
+
+def _integer_input_bounds(graph: ModelGraph) -> dict[str, int]:
+    bounds = {}
+    for node in graph.module.graph.nodes:
+        if node.op == "call_function" and "embedding" in str(node.target) and len(node.args) > 1:
+            weight, indices = node.args[0], node.args[1]
+            if indices.op == "placeholder" and hasattr(weight, "meta") and "val" in weight.meta:
+                bounds[indices.name] = int(weight.meta["val"].shape[0])
+    return bounds
+
+
+def reference_data(graph: ModelGraph, partitions: Sequence[Partition], samples: Sequence[tuple[torch.Tensor, ...]]) -> dict[str, np.ndarray]:
+    """Run torch on every sample: the whole graph, and the partitions chained, keeping every
+    tensor that enters or leaves a partition. Refuses a split that changes the result."""
+    reference: dict[str, np.ndarray] = {}
+    with torch.no_grad():
+        for i, sample in enumerate(samples):
+            whole = graph.module(*sample)
+            whole = whole if isinstance(whole, (tuple, list)) else (whole,)
+            env = {spec.name: t for spec, t in zip(graph.inputs, sample)}
+            for partition in partitions:
+                produced = partition.module(*(env[t.name] for t in partition.inputs))
+                env.update({t.name: v for t, v in zip(partition.outputs, produced)})
+            for spec, expected in zip(graph.outputs, whole):
+                got = env[spec.name]
+                scale = float(expected.float().norm()) or 1.0
+                if float((got.float() - expected.float()).norm()) / scale > _SPLIT_SELF_CHECK_RTOL:
+                    raise SplitcError(f"internal error: the split graph disagrees with the whole graph on {spec.name}; please report this model")
+            for name, value in env.items():
+                reference[f"s{i}/{name}"] = value.detach().cpu().numpy()
+    return reference
+
+
+def compile_model(
+    graph: ModelGraph,
+    targets: Sequence[Target],
+    out: Path,
+    *,
+    cut: Sequence[str] | str = "auto",
+    link: Link,
+    samples: int = 4,
+    examples: Sequence[torch.Tensor] | None = None,
+    log: Callable[[str], None] = lambda _: None,
+) -> CompileResult:
+    seconds: dict[str, float] = {}
+    started = time.perf_counter()
+    analysis, cuts, method = plan_cuts(graph, targets, cut, link)
+    assign_tiers(analysis, cuts)
+    partitions = extract_partitions(graph, analysis, targets)
+    backends = [get_backend(p.target) for p in partitions]
+    for partition, backend in zip(partitions, backends):
+        check_support(partition, backend)
+    reference = reference_data(graph, partitions, sample_inputs(graph, samples, examples))
+    seconds["plan"] = time.perf_counter() - started
+
+    notes: list[str] = []
+    out = Path(out)
+    with staged_directory(out) as staging:
+        specs = []
+        for partition, backend in zip(partitions, backends):
+            tick = time.perf_counter()
+            log(f"compiling partition {partition.index} ({len(partition.nodes)} nodes) for {partition.target.name} with {backend.id}")
+            workdir = staging / f"p{partition.index}"
+            compiled = backend.compile(partition, workdir)
+            notes.extend(compiled.notes)
+            artifacts = tuple(
+                record_artifact(staging, a.path, runtime=a.runtime, role=a.role, arch=a.arch, options=a.options)
+                for a in compiled.artifacts
+            )
+            specs.append(
+                PartitionSpec(
+                    index=partition.index,
+                    target=partition.target.name,
+                    backend=backend.id,
+                    inputs=partition.inputs,
+                    outputs=partition.outputs,
+                    artifacts=artifacts,
+                    nodes=partition.nodes,
+                    flops=partition.flops,
+                    engine=compiled.engine,
+                )
+            )
+            seconds[f"p{partition.index}:{partition.target.name}"] = time.perf_counter() - tick
+
+        reference_path = staging / REFERENCE_NAME
+        np.savez(reference_path, **reference)
+        estimate_json = estimate(analysis, cuts, targets, link).to_json() if cuts else {}
+        manifest = Manifest(
+            model={"name": graph.name, "source": graph.source, "sha256": graph.source_sha256,
+                   "flops": graph.total_flops, "param_bytes": graph.param_bytes},
+            inputs=graph.inputs,
+            outputs=graph.outputs,
+            targets=tuple(t.summary() for t in targets),
+            partitions=tuple(specs),
+            boundaries=tuple(c.crossing for c in cuts),
+            plan={
+                "method": method,
+                "cuts": [{"after": c.after, "position": c.position, "bytes": c.nbytes, "crossing": [t.name for t in c.crossing]} for c in cuts],
+                "estimate": estimate_json,
+            },
+            reference={"path": REFERENCE_NAME, "sha256": sha256_file(reference_path), "samples": samples},
+            splitc_version=splitc.__version__,
+        )
+        write_manifest(staging, manifest)
+    seconds["total"] = time.perf_counter() - started
+    return CompileResult(out, manifest, seconds, notes)

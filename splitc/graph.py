@@ -1,0 +1,70 @@
+"""The compiler's graph: a torch.fx GraphModule from torch.export, annotated node by node.
+
+Every stage after the frontend reads and writes this object. Metadata keys splitc owns are the
+constants below and nothing else: passes never scatter string literals through `node.meta`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from splitc.runtime.manifest import TensorSpec
+
+# node.meta keys owned by splitc (torch's own "val" holds the FakeTensor every key is derived from).
+SHAPE = "splitc_shape"                # tuple[int, ...] of the output tensor (None for non-tensors)
+DTYPE = "splitc_dtype"                # numpy dtype name of the output tensor
+OUTPUT_BYTES = "splitc_output_bytes"  # bytes of the output tensor(s)
+FLOPS = "splitc_flops"                # floating-point operations of the node
+PARAM_BYTES = "splitc_param_bytes"    # bytes of parameters/constants first read by this node
+MEMORY_BYTES = "splitc_memory_bytes"  # bytes moved: inputs + outputs + parameters (roofline model)
+TIER = "splitc_tier"                  # index of the target the node is placed on (set by partitioning)
+
+
+@dataclass
+class ModelGraph:
+    """An exported model, decomposed to core ATen, as an unlifted GraphModule.
+
+    Unlifted (`ExportedProgram.module()`) so parameters are `get_attr` nodes: a partition copies the
+    ones it reads and becomes self-contained, instead of taking every weight as a run-time input.
+    """
+
+    name: str
+    module: fx.GraphModule
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    source_sha256: str
+    source: str
+
+    def value_nodes(self) -> list[fx.Node]:
+        """Placeholders and operator nodes in graph (topological) order: the nodes a cut can fall between."""
+        return [n for n in self.module.graph.nodes if n.op in ("placeholder", "call_function")]
+
+    def node(self, name: str) -> fx.Node | None:
+        return next((n for n in self.module.graph.nodes if n.name == name), None)
+
+    @property
+    def total_flops(self) -> int:
+        return sum(n.meta.get(FLOPS, 0) for n in self.module.graph.nodes)
+
+    @property
+    def param_bytes(self) -> int:
+        return sum(n.meta.get(PARAM_BYTES, 0) for n in self.module.graph.nodes)
+
+
+def numpy_dtype(dtype: torch.dtype) -> str:
+    return str(torch.empty((), dtype=dtype).numpy().dtype) if dtype != torch.bfloat16 else "bfloat16"
+
+
+def tensor_spec(node: fx.Node, name: str | None = None) -> TensorSpec:
+    """The TensorSpec of a node whose value is a tensor."""
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor):
+        raise TypeError(f"node {node.name} does not produce a tensor")
+    return TensorSpec(name or node.name, tuple(int(d) for d in val.shape), numpy_dtype(val.dtype))
+
+
+def is_tensor_node(node: fx.Node) -> bool:
+    return isinstance(node.meta.get("val"), torch.Tensor)
