@@ -88,3 +88,34 @@ def build_engine(onnx_path: Path, options: dict[str, Any]) -> tuple[bytes, dict[
         raise BackendError(f"TensorRT failed to build an engine from {Path(onnx_path).name}; see the TensorRT log above")
     info = {"tensorrt_version": trt.__version__, "precision": precision, "workspace_bytes": workspace, "opset": OPSET}
     return bytes(serialized), info
+
+
+def build_deferred_engines(bundle_dir: Path, log=lambda _: None) -> list[int]:
+    """Build every engine a bundle marks deferred, in place and atomically; return their partitions."""
+    from dataclasses import replace
+
+    from splitc.bundle import record_artifact, rewritten_bundle, write_manifest
+    from splitc.runtime.session import Bundle
+
+    bundle = Bundle.open(bundle_dir)
+    deferred = [p for p in bundle.manifest.partitions if p.engine.get("status") == "deferred"]
+    if not deferred:
+        return []
+    if not tensorrt_usable():
+        raise ToolchainError(
+            "TensorRT cannot build here (tensorrt and cuda-python must import and a CUDA GPU must be visible); "
+            "run `splitc build-engine` on the GPU host that will serve the partition"
+        )
+    with rewritten_bundle(bundle.path) as staging:
+        partitions = list(bundle.manifest.partitions)
+        for spec in deferred:
+            onnx_artifact = spec.artifact(ROLE_PORTABLE)
+            log(f"building TensorRT engine for partition {spec.index} ({spec.target})")
+            plan, info = build_engine(staging / onnx_artifact.path, spec.engine.get("options", {}))
+            engine_path = staging / Path(onnx_artifact.path).parent / ENGINE_NAME
+            engine_path.write_bytes(plan)
+            target_arch = next((t.get("arch") for t in bundle.manifest.targets if t["name"] == spec.target), None)
+            engine = record_artifact(staging, engine_path, runtime=RUNTIME_TENSORRT, role=ROLE_DEPLOY, arch=target_arch, options=info)
+            partitions[spec.index] = replace(spec, artifacts=spec.artifacts + (engine,), engine={"status": "built", **info})
+        write_manifest(staging, replace(bundle.manifest, partitions=tuple(partitions)))
+    return [p.index for p in deferred]

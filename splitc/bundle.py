@@ -69,3 +69,12 @@ def write_manifest(bundle_dir: Path, manifest: Manifest) -> Path:
     path = bundle_dir / MANIFEST_NAME
     path.write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
     return path
+
+
+@contextlib.contextmanager
+def rewritten_bundle(bundle_dir: Path) -> Iterator[Path]:
+    """Yield a staging copy of an existing bundle; on success the copy atomically replaces it."""
+    bundle_dir = Path(bundle_dir)
+    with staged_directory(bundle_dir) as staging:
+        shutil.copytree(bundle_dir, staging, dirs_exist_ok=True)
+        yield staging
