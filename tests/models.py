@@ -25,6 +25,7 @@ __all__ = [
     "depthwise_bn",
     "hf_resnet",
     "multi_io",
+    "rel_err",
     "resnet_like",
     "save_pt2",
     "transformer_block",
@@ -65,6 +66,14 @@ def _randn(shape, seed: int) -> torch.Tensor:
 def _with_inputs(factory, make_inputs):
     factory.example_inputs = make_inputs
     return factory
+
+
+def rel_err(got: torch.Tensor, expected: torch.Tensor) -> float:
+    """Relative L2 error; refuses a reference so small that any answer would pass."""
+    expected = expected.detach().double()
+    scale = float(expected.norm())
+    assert scale > 1e-3, f"degenerate reference output (norm {scale}); the test model needs O(1) activations"
+    return float((got.detach().double() - expected).norm()) / scale
 
 
 def save_pt2(module: nn.Module, inputs: tuple[torch.Tensor, ...], path: str | Path) -> Path:
