@@ -49,7 +49,7 @@ def parse_input_shapes(specs: Sequence[str]) -> list[tuple[tuple[int, ...], torc
         if dtype_text not in _DTYPES:
             raise InputError(f"input shape {spec!r} names dtype {dtype_text!r}; use one of {', '.join(sorted(_DTYPES))}")
         try:
-            shape = tuple(int(d) for d in shape_text.replace("x", ",").split(",") if d.strip())
+            shape = tuple(int(d) for d in re.split(r"[,x]", shape_text.strip()))
         except ValueError:
             raise InputError(f"input shape {spec!r} is not a list of integers; write it as 1,3,224,224 (optionally :int64)") from None
         if not shape or any(d <= 0 for d in shape):
