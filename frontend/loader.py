@@ -112,7 +112,9 @@ def load_model(
         module = _call_factory(source)
         inputs = _inputs_for(source, input_shapes, examples)
         program = module if isinstance(module, torch.export.ExportedProgram) else _export(module, inputs, source)
-        digest = _sha256(b"".join(t.detach().cpu().numpy().tobytes() for t in program.state_dict.values()) + source.encode())
+        # Weights and lifted constants as raw bytes (a view as uint8 works for every dtype, bf16 included).
+        tensors = [*program.state_dict.values(), *(c for c in program.constants.values() if isinstance(c, torch.Tensor))]
+        digest = _sha256(b"".join(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() for t in tensors) + source.encode())
         return LoadedModel(program, source.split(":")[1], source, digest, examples)
     raise ModelLoadError(
         f"model {source!r} does not exist; pass a .pt2 file from torch.export.save, a package.module:factory, "

@@ -106,6 +106,8 @@ class CutAnalysis:
 
     def resolve(self, name: str) -> int:
         """Position of the cut named `name`: a node name, or a module path (cut after its last node)."""
+        if not name.strip():
+            raise CutError("--cut has an empty name; give one node name or module path per boundary, e.g. layer2,layer3")
         for node in self.order:
             if node.name == name:
                 return self.index[node]

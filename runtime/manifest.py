@@ -40,6 +40,10 @@ RUNTIME_ONNXRUNTIME = "onnxruntime"
 RUNTIME_TENSORRT = "tensorrt"
 
 
+# numpy has no bfloat16; its size is all the runtime needs to know without ml_dtypes.
+_EXTRA_ITEMSIZE = {"bfloat16": 2}
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
@@ -48,7 +52,8 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+        itemsize = _EXTRA_ITEMSIZE.get(self.dtype) or np.dtype(self.dtype).itemsize
+        return int(np.prod(self.shape, dtype=np.int64)) * itemsize
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}

@@ -68,12 +68,14 @@ def _with_inputs(factory, make_inputs):
     return factory
 
 
-def rel_err(got: torch.Tensor, expected: torch.Tensor) -> float:
-    """Relative L2 error; refuses a reference so small that any answer would pass."""
-    expected = expected.detach().double()
+def rel_err(got, expected) -> float:
+    """Relative L2 error of `got` (tensor or numpy array) against `expected`; refuses a reference so
+    small that any answer would pass."""
+    got, expected = (torch.as_tensor(v).detach().cpu().double() for v in (got, expected))
+    assert got.shape == expected.shape, f"shape {tuple(got.shape)} != {tuple(expected.shape)}"
     scale = float(expected.norm())
     assert scale > 1e-3, f"degenerate reference output (norm {scale}); the test model needs O(1) activations"
-    return float((got.detach().double() - expected).norm()) / scale
+    return float((got - expected).norm()) / scale
 
 
 def save_pt2(module: nn.Module, inputs: tuple[torch.Tensor, ...], path: str | Path) -> Path:
