@@ -20,6 +20,16 @@ _NOT_TARGETS = {"links"}
 
 
 @dataclass(frozen=True)
+class Link:
+    name: str
+    mbit_s: float
+    rtt_ms: float
+
+    def transfer_ms(self, nbytes: int) -> float:
+        return self.rtt_ms + nbytes * 8 / (self.mbit_s * 1e6) * 1e3
+
+
+@dataclass(frozen=True)
 class Target:
     name: str
     description: str
@@ -33,6 +43,9 @@ class Target:
     verify: dict[str, float] = field(default_factory=dict)
     peak_gflops: float | None = None
     source: str = ""               # the file it came from
+    price: dict[str, Any] = field(default_factory=dict)    # [price]: vm_usd_per_hour, faas_* (see cloud-cpu.toml)
+    active_power_w: float | None = None                    # [energy]: joules per request = power x time
+    uplink: Link | None = None     # [network]: the link leaving this tier (else the plan's --link)
 
     @property
     def rtol(self) -> float:
@@ -53,16 +66,6 @@ class Target:
             "backend_options": self.backend_options,
             "verify": self.verify,
         }
-
-
-@dataclass(frozen=True)
-class Link:
-    name: str
-    mbit_s: float
-    rtt_ms: float
-
-    def transfer_ms(self, nbytes: int) -> float:
-        return self.rtt_ms + nbytes * 8 / (self.mbit_s * 1e6) * 1e3
 
 
 def _builtin_dir():
@@ -120,6 +123,10 @@ def _parse(text: str, source: str) -> Target:
             backend_options=backend,
             verify={k: float(v) for k, v in data.get("verify", {}).items()},
             source=source,
+            price=dict(data.get("price", {})),
+            active_power_w=float(data["energy"]["active_power_w"]) if "energy" in data else None,
+            uplink=(Link(f"{data['name']}-uplink", float(data["network"]["uplink_mbit_s"]), float(data["network"]["rtt_ms"]))
+                    if "network" in data else None),
         )
     except KeyError as exc:
         raise TargetError(f"target file {source} lacks required key {exc.args[0]!r}; see splitc/targets/rpi4.toml for the format") from exc
