@@ -47,23 +47,34 @@ def cli() -> None:
 
 @cli.command()
 @click.argument("source")
-@click.option("--targets", "-t", required=True, help="Comma-separated target chain, first tier first: rpi4,a100 (names or .toml paths).")
+@click.option("--targets", "-t", help="Comma-separated target chain, first tier first: rpi4,a100 (names or .toml paths).")
+@click.option("--plan", "plan_path", type=click.Path(dir_okay=False), help="Compile the chosen plan of a `splitc plan --json` file.")
+@click.option("--plan-link", help="With --plan: take the front for this link (default: the first).")
 @click.option("--cut", default="auto", show_default=True, help="'auto', or one node name / module path per boundary: layer2,layer4.")
 @click.option("--link", default="4g", show_default=True, help="Link for --cut auto: a preset (cat1, 3g, 4g, wifi) or 20mbit:30ms.")
 @click.option("--output", "-o", type=click.Path(file_okay=False), help="Bundle directory (default: <model>.splitc).")
 @click.option("--samples", default=4, show_default=True, type=click.IntRange(1, 64), help="Reference samples stored for verify.")
 @_model_options
-def compile(source, targets, cut, link, output, samples, input_shapes, example_input, trust_pickle):
+def compile(source, targets, plan_path, plan_link, cut, link, output, samples, input_shapes, example_input, trust_pickle):
     """Split SOURCE across TARGETS and compile every partition into a bundle."""
     from splitc.compiler import compile_model
+    from splitc.plan_file import read_plan
     from splitc.targets import load_link, load_targets
 
-    target_list = load_targets(targets)
+    if not targets and not plan_path:
+        raise InputError("compile needs --targets (e.g. rpi4,a100) or --plan plan.json")
+    target_list = load_targets(targets) if targets else None
     link_obj = load_link(link)
     loaded, graph = _import(source, input_shapes, example_input, trust_pickle)
+    record = None
+    if plan_path:
+        chosen = read_plan(plan_path, graph, plan_link)
+        if targets and [t.name for t in target_list] != [t.name for t in load_targets(chosen.targets)]:
+            raise InputError(f"--targets {targets} differs from the plan's active targets {','.join(chosen.targets)}; drop --targets")
+        target_list, cut, record = load_targets(chosen.targets), (chosen.cuts or "auto"), chosen.record
     out = Path(output or f"{graph.name}.splitc")
     result = compile_model(graph, target_list, out, cut=cut, link=link_obj, samples=samples,
-                           examples=loaded.example_inputs, log=lambda m: console.print(f"[dim]{m}[/dim]"))
+                           examples=loaded.example_inputs, plan_record=record, log=lambda m: console.print(f"[dim]{m}[/dim]"))
     manifest = result.manifest
     table = Table(title=f"{out} — {len(graph.value_nodes())} nodes, {graph.total_flops / 1e9:.3f} GFLOP, cut: {manifest.plan['method']}")
     for column in ("partition", "target", "backend", "nodes", "GFLOP", "receives", "artifacts", "compile s"):
@@ -210,6 +221,130 @@ def inspect(source, targets, link, limit, as_json, input_shapes, example_input, 
         table.add_row(str(row["position"]), row["after"], row["module"], str(row["tensors"]), _mb(row["bytes"]),
                       *([f"{row['estimated_ms']:.2f}"] if chain else []))
     console.print(table)
+
+
+@cli.command()
+@click.argument("source")
+@click.option("--targets", "-t", required=True, help="Tier chain, device first: rpi4,edge-server,a100.")
+@click.option("--link", default="4g", show_default=True, help="Device uplink: presets (cat1, 3g, 4g, wifi) or 20mbit:30ms; several, comma-separated, give one front each.")
+@click.option("--rate", default="10/s", show_default=True, help="Request rate: 50/s, 3000/min, 1e6/day.")
+@click.option("--utilisation", default=0.7, show_default=True, type=click.FloatRange(0.05, 1.0), help="Target utilisation of a reserved VM replica.")
+@click.option("--objective", type=click.Choice(["latency", "cost", "privacy", "energy"]), default="latency", show_default=True)
+@click.option("--max-latency", help="Constraint, e.g. 120ms.")
+@click.option("--max-cost", type=float, help="Constraint in USD per million requests.")
+@click.option("--max-leakage", type=float, help="Constraint on leakage (distance correlation, 0..1); needs --calib.")
+@click.option("--max-energy", type=float, help="Constraint on device joules per request.")
+@click.option("--calib", type=click.Path(dir_okay=False), help="Calibration inputs (.npz) to measure leakage per cut.")
+@click.option("--profile", "profiles", multiple=True, type=click.Path(dir_okay=False), help="Measured profile from `splitc profile` (repeat per target).")
+@click.option("--all-tiers", is_flag=True, help="Only plans that give every target some work.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan document as JSON (for `compile --plan`).")
+@click.option("--png", type=click.Path(dir_okay=False), help="Write a PNG of the front(s).")
+@_model_options
+def plan(source, targets, link, rate, utilisation, objective, max_latency, max_cost, max_leakage, max_energy, calib, profiles,
+         all_tiers, as_json, png, input_shapes, example_input, trust_pickle):
+    """Plan where to cut SOURCE over TARGETS: the Pareto front of latency, money, privacy, energy."""
+    from splitc.passes.cost_model import compute_ms
+    from splitc.passes.cuts import CutAnalysis
+    from splitc.passes.money import Workload
+    from splitc.passes.planner import Constraints, plan_placements
+    from splitc.plan_file import parse_duration_ms, parse_rate, plan_document
+    from splitc.targets import load_link, load_targets
+
+    chain = load_targets(targets)
+    links = [load_link(name) for name in link.split(",") if name.strip()]
+    workload = Workload(parse_rate(rate), utilisation)
+    constraints = Constraints(parse_duration_ms(max_latency, "--max-latency") if max_latency else None, max_cost, max_leakage, max_energy)
+    _, graph = _import(source, input_shapes, example_input, trust_pickle)
+    analysis = CutAnalysis(graph)
+    times = [compute_ms(analysis.order, t) for t in chain]
+    sources: dict = {"latency": {t.name: "analytic" for t in chain}, "leakage": None}
+    for path in profiles:
+        from splitc.profile import Profile
+
+        measured = Profile.load(path, model_sha256=graph.source_sha256)
+        matches = [k for k, t in enumerate(chain) if t.name == measured.target]
+        if not matches:
+            raise InputError(f"profile {path} is for target {measured.target}, which is not in --targets {targets}")
+        for k in matches:
+            times[k] = measured.node_ms(analysis, chain[k])
+            sources["latency"][chain[k].name] = f"measured ({measured.measured_on})"
+    leakage = None
+    if calib:
+        from splitc.passes.privacy import leakage_profile, load_calibration
+
+        with console.status("measuring leakage per cut on the calibration data"):
+            leakage = leakage_profile(graph, analysis, load_calibration(calib, graph))
+        sources["leakage"] = f"distance correlation on {calib}"
+    fronts = [plan_placements(analysis, chain, l, workload, node_ms=times, leakage=leakage, objective=objective,
+                              constraints=constraints, require_all_tiers=all_tiers) for l in links]
+    document = plan_document(graph, [s.strip() for s in targets.split(",")], workload, constraints, fronts, sources)
+    if png:
+        from splitc.plot import plot_fronts
+
+        plot_fronts(fronts, png)
+    if as_json:
+        click.echo(json.dumps(document, indent=2))
+        return
+    for front in fronts:
+        _print_front(front, graph.name)
+    if png:
+        console.print(f"wrote {png}")
+
+
+def _print_front(front, model_name: str) -> None:
+    table = Table(title=f"{model_name} on {front.link.name} ({front.link.mbit_s:g} Mbit/s, {front.link.rtt_ms:g} ms): "
+                        f"{len(front.plans)} Pareto-optimal of {front.evaluated} plans, objective {front.objective}")
+    for column in ("", "cuts after", "placement", "latency ms", "$ / M req", "leakage", "device J", "remote tiers"):
+        table.add_column(column)
+    for i, p in enumerate(front.plans):
+        remote = []
+        for t in p.tiers:
+            if t.pricing:
+                remote.append(f"{t.target}: {'VM' if t.pricing == 'iaas' else 'serverless'}{_pricing_note(t)}")
+        placement = " → ".join(f"{t.target}({t.nodes})" for t in p.tiers if t.nodes)
+        table.add_row("★" if i == front.chosen else "", ", ".join(p.cuts), placement or "-", f"{p.latency_ms:.2f}",
+                      f"{p.cost_usd_per_million:.4g}", "-" if p.leakage is None else f"{p.leakage:.3f}",
+                      "-" if p.energy_j is None else f"{p.energy_j:.4f}", "; ".join(remote) or "-")
+    console.print(table)
+    for warning in front.warnings:
+        console.print(f"[yellow]warning:[/yellow] {warning}")
+
+
+def _pricing_note(tier) -> str:
+    if tier.faas_usd_per_million is None:
+        return " (no serverless offer)"
+    if tier.iaas_usd_per_million is None:
+        return " (no VM offer)"
+    if tier.indifference_rate_per_s is None:
+        return ", serverless cheaper at any rate"
+    return f", VM cheaper above {tier.indifference_rate_per_s:.3g} req/s"
+
+
+@cli.command()
+@click.argument("source")
+@click.option("--target", "-t", required=True, help="Target to measure (a name or .toml path).")
+@click.option("--rpc", help="HOST:PORT of a device running `python -m tvm.exec.rpc_server`.")
+@click.option("--segments", default=8, show_default=True, type=click.IntRange(1, 64))
+@click.option("--output", "-o", type=click.Path(dir_okay=False), help="Profile JSON (default: <model>.<target>.profile.json).")
+@_model_options
+def profile(source, target, rpc, segments, output, input_shapes, example_input, trust_pickle):
+    """Measure SOURCE's segments on TARGET (this host, or a device over RPC) for the planner."""
+    from splitc.profile import profile_target
+    from splitc.targets import load_target
+
+    target_obj = load_target(target)
+    _, graph = _import(source, input_shapes, example_input, trust_pickle)
+    measured = profile_target(graph, target_obj, segments=segments, rpc=rpc, log=lambda m: console.print(f"[dim]{m}[/dim]"))
+    out = Path(output or f"{graph.name}.{target_obj.name}.profile.json")
+    measured.save(out)
+    table = Table(title=f"{graph.name} on {target_obj.name}, measured on {measured.measured_on}")
+    for column in ("segment", "nodes", "measured ms (median)", "analytic ms", "measured / analytic"):
+        table.add_column(column)
+    for s in measured.segments:
+        table.add_row(f"{s.first_node} … {s.last_node}", str(s.end_position - s.start_position + 1), f"{s.measured.median_ms:.3f}",
+                      f"{s.estimated_ms:.3f}", f"{s.ratio:.2f}" if s.estimated_ms else "-")
+    console.print(table)
+    console.print(f"wrote {out}")
 
 
 @cli.command()

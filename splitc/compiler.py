@@ -113,6 +113,7 @@ def compile_model(
     link: Link,
     samples: int = 4,
     examples: Sequence[torch.Tensor] | None = None,
+    plan_record: dict | None = None,
     log: Callable[[str], None] = lambda _: None,
 ) -> CompileResult:
     seconds: dict[str, float] = {}
@@ -167,7 +168,8 @@ def compile_model(
             partitions=tuple(specs),
             boundaries=tuple(c.crossing for c in cuts),
             plan={
-                "method": method,
+                "method": "planner" if plan_record else method,
+                **({"planned": plan_record} if plan_record else {}),
                 "cuts": [{"after": c.after, "position": c.position, "bytes": c.nbytes, "crossing": [t.name for t in c.crossing]} for c in cuts],
                 "estimate": estimate_json,
             },
