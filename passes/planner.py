@@ -192,9 +192,7 @@ def plan_placements(
         columns.append(metrics["energy"])
     front = pareto_front(np.stack(columns, axis=1), group=combos[:, 0])
     front = front[np.lexsort((metrics["cost"][front], metrics["latency"][front]))]
-    plans = [_plan(analysis, targets, link, workload, times, crossing, leakage, tuple(int(p) for p in combos[i]), metrics, i) for i in front]
-    if targets[0].active_power_w is None:
-        pass
+    plans = _plans(analysis, targets, link, workload, times, crossing, combos[front], {k: v[front] for k, v in metrics.items()})
     if leakage is not None:
         first = [p for p in plans if p.placement[0] is not None and any(p.placement[1:])]
         if first and all(crossing[p.positions[0]] >= crossing[_inputs_end(analysis)] for p in first):
@@ -218,8 +216,12 @@ def _score(analysis, targets, link, workload, times, crossing, leakage, combos) 
         latency += tier_ms
         if k > 0:
             sent = crossing[bounds[:, k]]
-            per_sender = np.stack([transfer_ms(sent, targets[s].uplink or link) for s in range(k)], axis=1)
-            latency += np.where(active, per_sender[np.arange(count), sender], 0.0)
+            # Each sender's link, selected per plan; a chain usually has one or two distinct links.
+            transfer = np.zeros(count)
+            for s in range(k):
+                uplink = targets[s].uplink or link
+                transfer = np.where(sender == s, uplink.rtt_ms + sent * (8e3 / (uplink.mbit_s * 1e6)), transfer)
+            latency += np.where(active, transfer, 0.0)
             sender = np.where(active, k, sender)
         if has_price(target) and target.tier == "cloud":
             iaas = iaas_usd_per_million(target, tier_ms, workload.rate_per_s, workload.utilisation)
@@ -253,15 +255,17 @@ def pareto_front(points: np.ndarray, group: np.ndarray | None = None) -> np.ndar
         candidates = _prefilter_2d(points[:, 0], points[:, 1], np.asarray(group))
     subset = points[candidates]
     order = np.lexsort(subset.T[::-1])          # by first column, then the next ones
-    kept: list[int] = []
-    kept_points = np.empty((0, points.shape[1]))
+    kept = np.empty(len(order), dtype=np.int64)
+    kept_points = np.empty((len(order), points.shape[1]))
+    size = 0
     for i in order:
         p = subset[i]
-        if len(kept) and np.any(np.all(kept_points <= p, axis=1) & np.any(kept_points < p, axis=1)):
+        front = kept_points[:size]
+        if size and np.any(np.all(front <= p, axis=1) & np.any(front < p, axis=1)):
             continue
-        kept.append(i)
-        kept_points = np.vstack([kept_points, p])
-    return np.sort(candidates[np.array(kept, dtype=np.int64)])
+        kept[size], kept_points[size] = i, p
+        size += 1
+    return np.sort(candidates[kept[:size]])
 
 
 def _prefilter_2d(first: np.ndarray, second: np.ndarray, group: np.ndarray) -> np.ndarray:
@@ -277,52 +281,68 @@ def _prefilter_2d(first: np.ndarray, second: np.ndarray, group: np.ndarray) -> n
     before[np.r_[True, group_id[order][1:] != group_id[order][:-1]]] = np.iinfo(np.int64).max
     # An earlier row of the group with a smaller second value dominates; one with an equal second
     # value dominates only if its first value is strictly smaller (exact duplicates both stay).
-    _, first_at = np.unique(key, return_index=True)
-    first_of_key = dict(zip(np.unique(key), first[order][first_at]))
+    _, first_at, which = np.unique(key, return_index=True, return_inverse=True)
     sorted_first = first[order]
-    dominated = (before < key) | ((before == key) & (np.array([first_of_key[k] for k in key]) < sorted_first))
+    dominated = (before < key) | ((before == key) & (sorted_first[first_at][which] < sorted_first))
     return np.sort(order[~dominated])
 
 
-def _plan(analysis, targets, link, workload, times, crossing, leakage, positions, metrics, row) -> Plan:
+def _plans(analysis, targets, link, workload, times, crossing, combos, metrics) -> list[Plan]:
+    """Plan objects for the (few) front rows: per-tier figures recomputed vectorised over them."""
     n = len(analysis.order)
+    count = len(combos)
     start = _inputs_end(analysis)
-    bounds = [start, *positions, n - 1]
-    tiers, transfers, placement = [], [], []
-    sender = 0
+    bounds = np.concatenate([np.full((count, 1), start), combos, np.full((count, 1), n - 1)], axis=1)
+    ops = np.concatenate([[0], np.cumsum(analysis.is_op)])
+    names = [node.name for node in analysis.order]
+    columns: list[dict[str, Any]] = []
+    sender = np.zeros(count, dtype=np.int64)
+    transfers: list[list[dict[str, Any]]] = [[] for _ in range(count)]
     for k, target in enumerate(targets):
-        tier_ms = float(times[k][bounds[k] + 1 : bounds[k + 1] + 1].sum())
-        active = bounds[k + 1] > bounds[k]
-        placement.append(target.name if active else None)
-        if k > 0 and active:
-            uplink = targets[sender].uplink or link
-            nbytes = int(crossing[bounds[k]])
-            transfers.append({"from": targets[sender].name, "to": target.name, "after": analysis.order[bounds[k]].name,
-                              "bytes": nbytes, "ms": round(float(transfer_ms(nbytes, uplink)), 4), "link": uplink.name})
-            sender = k
-        pricing = iaas = faas = rate = None
-        cold = 0.0
-        if active and target.tier == "cloud" and has_price(target):
-            iaas_v = float(iaas_usd_per_million(target, np.array([tier_ms]), workload.rate_per_s, workload.utilisation)[0])
-            faas_v = float(faas_usd_per_million(target, np.array([tier_ms]))[0])
-            iaas, faas = (None if math.isinf(iaas_v) else iaas_v), (None if math.isinf(faas_v) else faas_v)
-            pricing = "faas" if faas_v < iaas_v else "iaas"
-            rate = indifference_rate(target, tier_ms, workload.utilisation)
-            if pricing == "faas":
-                cold = cold_fraction(target, workload.rate_per_s) * float(target.price.get("faas_cold_start_ms", 0.0))
-        nodes = int(sum(1 for node in analysis.order[bounds[k] + 1 : bounds[k + 1] + 1] if node.op == "call_function"))
-        tiers.append(TierCost(target.name, nodes, tier_ms, pricing, iaas, faas, rate, cold))
-    return Plan(
-        positions=positions,
-        cuts=tuple(analysis.order[p].name for p in positions),
-        placement=tuple(placement),
-        latency_ms=float(metrics["latency"][row]),
-        cost_usd_per_million=float(metrics["cost"][row]),
-        leakage=float(metrics["leakage"][row]) if "leakage" in metrics else None,
-        energy_j=float(metrics["energy"][row]) if "energy" in metrics else None,
-        tiers=tuple(tiers),
-        transfers=tuple(transfers),
-    )
+        prefix = np.concatenate([[0.0], np.cumsum(times[k])])
+        tier_ms = prefix[bounds[:, k + 1] + 1] - prefix[bounds[:, k] + 1]
+        active = bounds[:, k + 1] > bounds[:, k]
+        column = {"ms": tier_ms, "active": active, "nodes": ops[bounds[:, k + 1] + 1] - ops[bounds[:, k] + 1]}
+        if k > 0:
+            nbytes = crossing[bounds[:, k]]
+            for row in np.flatnonzero(active):
+                uplink = targets[sender[row]].uplink or link
+                transfers[row].append({"from": targets[sender[row]].name, "to": target.name, "after": names[bounds[row, k]],
+                                       "bytes": int(nbytes[row]), "ms": round(float(transfer_ms(int(nbytes[row]), uplink)), 4), "link": uplink.name})
+            sender = np.where(active, k, sender)
+        if target.tier == "cloud" and has_price(target):
+            column["iaas"] = iaas_usd_per_million(target, tier_ms, workload.rate_per_s, workload.utilisation)
+            column["faas"] = faas_usd_per_million(target, tier_ms)
+            column["cold"] = cold_fraction(target, workload.rate_per_s) * float(target.price.get("faas_cold_start_ms", 0.0))
+        columns.append(column)
+
+    plans = []
+    for row in range(count):
+        tiers = []
+        for target, column in zip(targets, columns):
+            ms, active = float(column["ms"][row]), bool(column["active"][row])
+            pricing = iaas = faas = rate = None
+            cold = 0.0
+            if active and "iaas" in column:
+                iaas_v, faas_v = float(column["iaas"][row]), float(column["faas"][row])
+                iaas, faas = (None if math.isinf(iaas_v) else iaas_v), (None if math.isinf(faas_v) else faas_v)
+                pricing = "faas" if faas_v < iaas_v else "iaas"
+                rate = indifference_rate(target, ms, workload.utilisation)
+                cold = column["cold"] if pricing == "faas" else 0.0
+            tiers.append(TierCost(target.name, int(column["nodes"][row]), ms, pricing, iaas, faas, rate, cold))
+        positions = tuple(int(p) for p in combos[row])
+        plans.append(Plan(
+            positions=positions,
+            cuts=tuple(names[p] for p in positions),
+            placement=tuple(t.name if bool(c["active"][row]) else None for t, c in zip(targets, columns)),
+            latency_ms=float(metrics["latency"][row]),
+            cost_usd_per_million=float(metrics["cost"][row]),
+            leakage=float(metrics["leakage"][row]) if "leakage" in metrics else None,
+            energy_j=float(metrics["energy"][row]) if "energy" in metrics else None,
+            tiers=tuple(tiers),
+            transfers=tuple(transfers[row]),
+        ))
+    return plans
 
 
 _KEYS = {"latency": "latency_ms", "cost": "cost_usd_per_million", "privacy": "leakage", "energy": "energy_j"}
