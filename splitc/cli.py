@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from splitc.errors import InputError, SplitcError, VerificationFailed
@@ -74,7 +75,7 @@ def compile(source, targets, plan_path, plan_link, cut, link, output, samples, i
         target_list, cut, record = load_targets(chosen.targets), (chosen.cuts or "auto"), chosen.record
     out = Path(output or f"{graph.name}.splitc")
     result = compile_model(graph, target_list, out, cut=cut, link=link_obj, samples=samples,
-                           examples=loaded.example_inputs, plan_record=record, log=lambda m: console.print(f"[dim]{m}[/dim]"))
+                           examples=loaded.example_inputs, plan_record=record, log=lambda m: console.print(f"[dim]{escape(m)}[/dim]"))
     manifest = result.manifest
     table = Table(title=f"{out} — {len(graph.value_nodes())} nodes, {graph.total_flops / 1e9:.3f} GFLOP, cut: {manifest.plan['method']}")
     for column in ("partition", "target", "backend", "nodes", "GFLOP", "receives", "artifacts", "compile s"):
@@ -89,7 +90,7 @@ def compile(source, targets, plan_path, plan_link, cut, link, output, samples, i
     if manifest.plan.get("estimate"):
         console.print(f"estimated latency on {link_obj.name}: {manifest.plan['estimate']['total_ms']:.2f} ms (analytic model)")
     for note in result.notes:
-        console.print(f"[yellow]note:[/yellow] {note}")
+        console.print(f"[yellow]note:[/yellow] {escape(note)}")
     console.print(f"wrote {out} in {result.seconds['total']:.1f} s")
 
 
@@ -102,7 +103,7 @@ def verify(bundle, json_path, junit_path, no_emulation):
     """Run every artifact of BUNDLE and compare with the torch reference; exit 10 on any mismatch."""
     from splitc.verify import verify_bundle
 
-    report = verify_bundle(bundle, emulate=not no_emulation, log=lambda m: err_console.print(f"[dim]{m}[/dim]"))
+    report = verify_bundle(bundle, emulate=not no_emulation, log=lambda m: err_console.print(f"[dim]{escape(m)}[/dim]"))
     table = Table(title=f"verify {bundle}")
     for column in ("check", "artifact", "mode", "rel err", "rtol", "top-1", "status"):
         table.add_column(column)
@@ -113,7 +114,7 @@ def verify(bundle, json_path, junit_path, no_emulation):
     (err_console if json_path == "-" else console).print(table)
     for c in report.checks:
         if c.note:
-            (err_console if json_path == "-" else console).print(f"[dim]{c.name}: {c.note}[/dim]")
+            (err_console if json_path == "-" else console).print(f"[dim]{escape(c.name)}: {escape(c.note)}[/dim]")
     if json_path == "-":
         click.echo(json.dumps(report.to_json(), indent=2))
     elif json_path:
@@ -307,7 +308,7 @@ def _print_front(front, model_name: str) -> None:
                       "-" if p.energy_j is None else f"{p.energy_j:.4f}", "; ".join(remote) or "-")
     console.print(table)
     for warning in front.warnings:
-        console.print(f"[yellow]warning:[/yellow] {warning}")
+        console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
 
 
 def _pricing_note(tier) -> str:
@@ -334,7 +335,7 @@ def profile(source, target, rpc, segments, output, input_shapes, example_input, 
 
     target_obj = load_target(target)
     _, graph = _import(source, input_shapes, example_input, trust_pickle)
-    measured = profile_target(graph, target_obj, segments=segments, rpc=rpc, log=lambda m: console.print(f"[dim]{m}[/dim]"))
+    measured = profile_target(graph, target_obj, segments=segments, rpc=rpc, log=lambda m: console.print(f"[dim]{escape(m)}[/dim]"))
     out = Path(output or f"{graph.name}.{target_obj.name}.profile.json")
     measured.save(out)
     table = Table(title=f"{graph.name} on {target_obj.name}, measured on {measured.measured_on}")
@@ -384,7 +385,7 @@ def toolchain(arch, cache_dir):
     """Provision an emulated ARCH Python + TVM runtime so verify runs the device artifact itself."""
     from splitc.backends.emulation import provision_aarch64
 
-    found = provision_aarch64(Path(cache_dir) if cache_dir else None, log=lambda m: console.print(f"[dim]{m}[/dim]"))
+    found = provision_aarch64(Path(cache_dir) if cache_dir else None, log=lambda m: console.print(f"[dim]{escape(m)}[/dim]"))
     console.print(f"{arch} toolchain ready at {found.root}")
 
 
@@ -394,7 +395,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cli.main(args=argv, prog_name="splitc", standalone_mode=False)
     except SplitcError as exc:
-        err_console.print(f"[red]splitc: error:[/red] {exc}", soft_wrap=True)
+        err_console.print(f"[red]splitc: error:[/red] {escape(str(exc))}", soft_wrap=True)
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:
         err_console.print("splitc: aborted")
