@@ -7,6 +7,7 @@ make `import tvm` load the 3 MB runtime library instead of the compiler.
 
 from __future__ import annotations
 
+import os
 import platform
 from pathlib import Path
 from typing import Callable, Sequence
@@ -52,10 +53,10 @@ def load_executor(artifact: Artifact, path: Path) -> Executor:
             f"artifact {artifact.path} is {artifact.arch} code and this host is {host_arch()}; "
             "run it on its target, or use `splitc verify`, which emulates it"
         )
-    return loaders[artifact.runtime](path)
+    return loaders[artifact.runtime](path, artifact)
 
 
-def _load_tvm(path: Path) -> Executor:
+def _load_tvm(path: Path, artifact: Artifact) -> Executor:
     try:
         import tvm
         from tvm.runtime.vm import VirtualMachine
@@ -83,13 +84,16 @@ def _flatten_tvm(value) -> list[np.ndarray]:
     return flat
 
 
-def _load_onnxruntime(path: Path) -> Executor:
+def _load_onnxruntime(path: Path, artifact: Artifact) -> Executor:
     try:
         import onnxruntime as ort
     except ImportError as exc:
         raise ToolchainError(f"cannot import onnxruntime ({exc}); pip install onnxruntime") from exc
     options = ort.SessionOptions()
     options.log_severity_level = 3  # warnings about unused initializers are noise to a user
+    threads = int(artifact.options.get("intra_op_threads", 0))
+    if threads:  # the target's figure, but never more threads than this host has cores
+        options.intra_op_num_threads = min(threads, os.cpu_count() or threads)
     session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
 
@@ -110,7 +114,7 @@ def tensorrt_usable() -> bool:
     return int(err) == 0 and count > 0
 
 
-def _load_tensorrt(path: Path) -> Executor:
+def _load_tensorrt(path: Path, artifact: Artifact) -> Executor:
     """Run a serialized TensorRT engine with the v3 execution API (named tensors, explicit stream).
 
     Written against TensorRT 10's documented Python API; needs `tensorrt` and `cuda-python`, which a
@@ -141,32 +145,29 @@ def _load_tensorrt(path: Path) -> Executor:
     output_names = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
     stream = check(cudart.cudaStreamCreate())
     h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+    # Shapes are static (splitc compiles fixed shapes), so device buffers are allocated once here
+    # and reused: a call then costs copies and the kernels, not allocations.
+    device: dict[str, int] = {}
+    host_outputs: dict[str, np.ndarray] = {}
+    for name in names:
+        shape = tuple(engine.get_tensor_shape(name))
+        dtype = trt.nptype(engine.get_tensor_dtype(name))
+        nbytes = max(int(np.prod(shape)) * np.dtype(dtype).itemsize, 1)
+        device[name] = check(cudart.cudaMalloc(nbytes))
+        context.set_tensor_address(name, device[name])
+        if name in output_names:
+            host_outputs[name] = np.empty(shape, dtype=dtype)
 
     def run(inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
-        buffers = []
-        try:
-            for name, array in zip(input_names, inputs):
-                array = np.ascontiguousarray(array)
-                context.set_input_shape(name, array.shape)
-                ptr = check(cudart.cudaMalloc(array.nbytes))
-                buffers.append(ptr)
-                check(cudart.cudaMemcpyAsync(ptr, array.ctypes.data, array.nbytes, h2d, stream))
-                context.set_tensor_address(name, ptr)
-            outputs = []
-            for name in output_names:
-                host = np.empty(tuple(context.get_tensor_shape(name)), dtype=trt.nptype(engine.get_tensor_dtype(name)))
-                ptr = check(cudart.cudaMalloc(max(host.nbytes, 1)))
-                buffers.append(ptr)
-                context.set_tensor_address(name, ptr)
-                outputs.append((host, ptr))
-            if not context.execute_async_v3(stream):
-                raise BackendError(f"TensorRT execution of {path.name} failed")
-            for host, ptr in outputs:
-                check(cudart.cudaMemcpyAsync(host.ctypes.data, ptr, host.nbytes, d2h, stream))
-            check(cudart.cudaStreamSynchronize(stream))
-            return [host for host, _ in outputs]
-        finally:
-            for ptr in buffers:
-                cudart.cudaFree(ptr)
+        for name, array in zip(input_names, inputs):
+            array = np.ascontiguousarray(array)
+            check(cudart.cudaMemcpyAsync(device[name], array.ctypes.data, array.nbytes, h2d, stream))
+        if not context.execute_async_v3(stream):
+            raise BackendError(f"TensorRT execution of {path.name} failed")
+        for name in output_names:
+            host = host_outputs[name]
+            check(cudart.cudaMemcpyAsync(host.ctypes.data, device[name], host.nbytes, d2h, stream))
+        check(cudart.cudaStreamSynchronize(stream))
+        return [host_outputs[name].copy() for name in output_names]
 
     return run

@@ -330,10 +330,11 @@ def _pricing_note(tier) -> str:
 @_model_options
 def profile(source, target, rpc, segments, output, input_shapes, example_input, trust_pickle):
     """Measure SOURCE's segments on TARGET (this host, or a device over RPC) for the planner."""
-    from splitc.profile import profile_target
+    from splitc.profile import check_profilable, profile_target
     from splitc.targets import load_target
 
     target_obj = load_target(target)
+    check_profilable(target_obj, rpc)  # refuse before spending seconds on the export
     _, graph = _import(source, input_shapes, example_input, trust_pickle)
     measured = profile_target(graph, target_obj, segments=segments, rpc=rpc, log=lambda m: console.print(f"[dim]{escape(m)}[/dim]"))
     out = Path(output or f"{graph.name}.{target_obj.name}.profile.json")

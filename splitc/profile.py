@@ -38,7 +38,7 @@ from splitc.graph import TIER, ModelGraph
 from splitc.passes.cost_model import compute_ms
 from splitc.passes.cuts import CutAnalysis
 from splitc.runtime.executors import can_run_here, host_arch, load_executor, tensorrt_usable
-from splitc.runtime.manifest import ROLE_DEPLOY, RUNTIME_TVM, Artifact, TensorSpec, sha256_file
+from splitc.runtime.manifest import ROLE_DEPLOY, Artifact, TensorSpec, sha256_file
 from splitc.targets import Target, load_target
 from splitc.timing import Timing, time_callable
 
@@ -322,6 +322,8 @@ def profile_target(
     timer_options = dict(warmup=warmup, repeats=repeats, min_seconds=min_seconds, max_seconds=max_seconds)
     measured_on = f"rpc {rpc.strip()}" if rpc else host_description()
     log(f"profiling {graph.name} on target {target.name} in {len(bounds)} segment(s), measured on {measured_on}")
+    if not rpc and target.tier == "cloud":
+        log(f"note: these are timings of this host; they stand for {target.name} ({target.description}) only if this host is one")
     with _workdir(workdir) as root:
         remote = _RemoteTVM(rpc) if rpc else None
         timings: list[SegmentTiming] = []
