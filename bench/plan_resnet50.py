@@ -57,7 +57,7 @@ def main() -> None:
     from splitc.frontend import import_model
     from splitc.passes.cuts import CutAnalysis
     from splitc.passes.money import Workload
-    from splitc.passes.planner import plan_placements
+    from splitc.passes.planner import active_tiers, plan_placements
     from splitc.profile import profile_target
     from splitc.runtime import Bundle, SplitSession
     from splitc.targets import load_link, load_targets
@@ -79,9 +79,8 @@ def main() -> None:
         analytic = plan_placements(analysis, chain, link, Workload(10))
         profiled = plan_placements(analysis, chain, link, Workload(10), node_ms=measured_ms)
         plan = profiled.plans[profiled.chosen]
-        active = [t for t, placed in zip(chain, plan.placement) if placed]
-        cuts = [plan.cuts[k - 1] for k, placed in enumerate(plan.placement) if placed and k > 0]
-        result = compile_model(graph, active, work / f"{name}.splitc", cut=cuts or "auto", link=link, samples=1)
+        active, cuts = active_tiers(plan.placement, plan.cuts)
+        result = compile_model(graph, [chain[k] for k in active], work / f"{name}.splitc", cut=cuts or "auto", link=link, samples=1)
         session = SplitSession(Bundle.open(result.bundle))
         env = session.bind_inputs({graph.inputs[0].name: x.numpy()})
         partition_ms = []

@@ -111,6 +111,14 @@ class PlanSet:
         }
 
 
+def active_tiers(placement: Sequence[str | None], cuts: Sequence[str]) -> tuple[list[int], list[str]]:
+    """The tiers a plan gives work to, and the cut names between consecutive ones: what the
+    compiler needs (an empty tier gets no partition; each active tier after the first starts at
+    the cut in front of it)."""
+    active = [k for k, name in enumerate(placement) if name is not None]
+    return active, [cuts[k - 1] for k in active[1:]]
+
+
 def allowed_positions(analysis: CutAnalysis) -> np.ndarray:
     """Valid cuts plus 'after the inputs' (send the raw input) and 'after the last node'."""
     inputs_end = _inputs_end(analysis)

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 from splitc.errors import InputError
 from splitc.graph import ModelGraph
 from splitc.passes.money import Workload
-from splitc.passes.planner import Constraints, PlanSet
+from splitc.passes.planner import Constraints, PlanSet, active_tiers
 
 FORMAT = "splitc-plan"
 SCHEMA_VERSION = 1
@@ -94,9 +94,5 @@ def read_plan(path: str | Path, graph: ModelGraph, link: str | None = None) -> C
     unknown = [c for c in cut_names if c not in names]
     if unknown:
         raise InputError(f"plan {path} cuts after {unknown[0]!r}, which is not a node of {graph.name}; re-run `splitc plan`")
-    placement = plan["placement"]
-    targets = document["targets"]
-    active = [k for k, name in enumerate(placement) if name is not None]
-    # The cut in front of each active tier after the first is the boundary it starts at.
-    cuts = [cut_names[k - 1] for k in active[1:]]
-    return ChosenPlan([targets[k] for k in active], cuts, {"link": front["link"], **plan})
+    active, cuts = active_tiers(plan["placement"], cut_names)
+    return ChosenPlan([document["targets"][k] for k in active], cuts, {"link": front["link"], **plan})

@@ -129,7 +129,7 @@ def _brute_force(graph, analysis: CutAnalysis, calibration: Calibration, positio
         crossing = analysis.crossing_nodes(p)
         assert crossing and all(is_tensor_node(c) for c in crossing)
         z = np.stack([np.concatenate([values[c].double().reshape(-1).numpy() for c in crossing]) for values in per_sample])
-        result[p] = distance_correlation(x, z)
+        result[p] = distance_correlation(x, z, bias_corrected=True)
     return result
 
 
@@ -163,7 +163,7 @@ def test_profile_against_eager_module_output(resnet_case):
         logits = np.stack([graph.module(torch.from_numpy(s)).reshape(-1).double().numpy() for s in calibration.inputs[0]])
     x = calibration.inputs[0].reshape(len(calibration), -1)
     assert [n.name for n in analysis.crossing_nodes(analysis.last_op)] == [graph.outputs[0].name]
-    assert profile[analysis.last_op] == pytest.approx(distance_correlation(x, logits), abs=1e-8)
+    assert profile[analysis.last_op] == pytest.approx(distance_correlation(x, logits, bias_corrected=True), abs=1e-8)
 
 
 def test_profile_nan_exactly_where_a_non_tensor_crosses(resnet_case):
@@ -371,3 +371,17 @@ def test_profile_refuses_mismatched_calibration(resnet_graph, multi_io_graph):
         leakage_profile(resnet_graph, analysis, _random_calibration(resnet_graph, 5, seed=0))
     with pytest.raises(ValueError, match="different ModelGraph"):
         leakage_profile(multi_io_graph, analysis, _random_calibration(multi_io_graph, 9, seed=0))
+
+
+def test_bias_corrected_dcor_has_no_high_dimensional_floor():
+    """The V-statistic reports ~0.7 for unrelated 3,072- vs 10-dimensional samples at n = 128; the
+    bias-corrected estimator the planner uses stays near 0 there and still gives 1 for x vs x."""
+    rng = np.random.default_rng(5)
+    x, z = rng.standard_normal((128, 3072)), rng.standard_normal((128, 10))
+    assert distance_correlation(x, z) > 0.5
+    assert distance_correlation(x, z, bias_corrected=True) < 0.2
+    assert distance_correlation(x, x, bias_corrected=True) == pytest.approx(1.0, abs=1e-9)
+    assert distance_correlation(x, 3 * x + 1, bias_corrected=True) == pytest.approx(1.0, abs=1e-9)
+    dependent = x[:, :10] + 0.5 * rng.standard_normal((128, 10))  # 10 of 3,072 input dimensions, noisy
+    assert distance_correlation(x, dependent, bias_corrected=True) > 0.15 + distance_correlation(x, z, bias_corrected=True)
+    assert distance_correlation(x[:, :10], dependent, bias_corrected=True) > 0.8
