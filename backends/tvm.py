@@ -38,7 +38,6 @@ class TVMBackend:
         return name == "getitem" or name in _convert_map_keys()
 
     def compile(self, partition: Partition, workdir: Path) -> CompiledPartition:
-        import tvm
         from tvm.relax.frontend.torch import from_exported_program
 
         target = partition.target

@@ -22,30 +22,7 @@ from pathlib import Path
 
 import torch
 
-
-def resnet18() -> torch.nn.Module:
-    from transformers import ResNetConfig, ResNetForImageClassification
-
-    config = ResNetConfig(embedding_size=64, hidden_sizes=[64, 128, 256, 512], depths=[2, 2, 2, 2],
-                          layer_type="basic", num_labels=1000)
-    torch.manual_seed(0)
-    model = ResNetForImageClassification(config).eval()
-    for module in model.modules():  # trained-like BN statistics keep activations O(1)
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.1, 0.1)
-            module.running_var.uniform_(1.0, 2.0)
-            module.weight.data.uniform_(0.3, 0.6)
-
-    class Logits(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.resnet = inner.resnet
-            self.classifier = inner.classifier
-
-        def forward(self, x):
-            return self.classifier(self.resnet(x).pooler_output)
-
-    return Logits(model).eval()
+from hf_models import resnet18  # bench/ is on sys.path when run as a script
 
 
 def main() -> None:

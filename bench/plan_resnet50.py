@@ -16,32 +16,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-
-def resnet50() -> torch.nn.Module:
-    from transformers import ResNetConfig, ResNetForImageClassification
-
-    config = ResNetConfig(embedding_size=64, hidden_sizes=[256, 512, 1024, 2048], depths=[3, 4, 6, 3],
-                          layer_type="bottleneck", num_labels=1000)
-    torch.manual_seed(0)
-    model = ResNetForImageClassification(config).eval()
-    for module in model.modules():  # trained-like BN statistics keep activations O(1)
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.1, 0.1)
-            module.running_var.uniform_(1.0, 2.0)
-            module.weight.data.uniform_(0.2, 0.5)
-
-    class Logits(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.resnet, self.classifier = inner.resnet, inner.classifier
-
-        def forward(self, x):
-            return self.classifier(self.resnet(x).pooler_output)
-
-    return Logits(model).eval()
+from hf_models import resnet50  # bench/ is on sys.path when run as a script
 
 
 def main() -> None:

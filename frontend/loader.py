@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 
 from splitc.errors import InputError, ModelLoadError
+from splitc.runtime.arrays import read_arrays
 
 _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 _PICKLE_SUFFIXES = (".pt", ".pth", ".pkl")
@@ -60,17 +60,7 @@ def parse_input_shapes(specs: Sequence[str]) -> list[tuple[tuple[int, ...], torc
 
 def read_example_inputs(path: str | Path) -> tuple[torch.Tensor, ...]:
     """A `.npy` (one input) or `.npz` (inputs in stored order)."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"example input {path} does not exist")
-    try:
-        loaded = np.load(path, allow_pickle=False)
-    except Exception as exc:
-        raise InputError(f"cannot read {path} as .npy/.npz ({exc}); save inputs with numpy.save or numpy.savez") from exc
-    if isinstance(loaded, np.ndarray):
-        return (torch.from_numpy(np.ascontiguousarray(loaded)),)
-    with loaded:
-        return tuple(torch.from_numpy(np.ascontiguousarray(loaded[k])) for k in loaded.files)
+    return tuple(torch.from_numpy(array) for _, array in read_arrays(path, "example input"))
 
 
 def load_model(

@@ -151,26 +151,22 @@ def run(bundle, inputs, output):
 
 
 def _read_inputs(specs, names) -> dict[str, np.ndarray]:
+    """`--input` values: FILE (.npy in model-input order, or one .npz) or NAME=FILE."""
+    from splitc.runtime.arrays import read_arrays
+
     feed: dict[str, np.ndarray] = {}
     for position, spec in enumerate(specs):
         name, _, path = spec.rpartition("=") if "=" in spec else ("", "", spec)
-        if not Path(path).is_file():
-            raise InputError(f"input file {path} does not exist")
-        try:
-            loaded = np.load(path, allow_pickle=False)
-        except Exception as exc:
-            raise InputError(f"cannot read {path} as .npy/.npz ({exc})") from exc
-        if isinstance(loaded, np.ndarray):
+        arrays = read_arrays(path)
+        if arrays[0][0] is None:  # a .npy: one tensor
             if not name:
                 if position >= len(names):
                     raise InputError(f"got more inputs than the model's {len(names)} ({', '.join(names)})")
                 name = names[position]
-            feed[name] = loaded
-        else:
-            with loaded:
-                keys = list(loaded.files)
-                mapping = {k: loaded[k] for k in keys} if set(keys) <= set(names) else dict(zip(names, (loaded[k] for k in keys)))
-                feed.update(mapping)
+            feed[name] = arrays[0][1]
+        else:  # a .npz: by key when the keys are input names, else in stored order
+            keys = [k for k, _ in arrays]
+            feed.update(dict(arrays) if set(keys) <= set(names) else dict(zip(names, (a for _, a in arrays))))
     return feed
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -74,3 +75,18 @@ def zoo_name(request) -> str:
     """Parametrises a test over every model of the zoo."""
     return request.param
 
+
+
+@pytest.fixture(scope="session")
+def model_files(tmp_path_factory) -> dict[str, Path]:
+    """The example small ResNet as a .pt2, with an input and torch's output for it."""
+    from examples.small_resnet import build as build_small_resnet
+
+    root = tmp_path_factory.mktemp("model")
+    model = build_small_resnet()
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    torch.export.save(torch.export.export(model, (x,)), root / "m.pt2")
+    np.save(root / "x.npy", x.numpy())
+    with torch.no_grad():
+        np.save(root / "y.npy", model(x).numpy())
+    return {"pt2": root / "m.pt2", "x": root / "x.npy", "y": root / "y.npy", "root": root}

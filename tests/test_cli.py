@@ -29,18 +29,6 @@ def run_cli(*args: str, capsys) -> tuple[int, str, str]:
 
 
 @pytest.fixture(scope="module")
-def model_files(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("model")
-    model = build_small_resnet()
-    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(3))
-    torch.export.save(torch.export.export(model, (x,)), root / "m.pt2")
-    np.save(root / "x.npy", x.numpy())
-    with torch.no_grad():
-        np.save(root / "y.npy", model(x).numpy())
-    return {"pt2": root / "m.pt2", "x": root / "x.npy", "y": root / "y.npy", "root": root}
-
-
-@pytest.fixture(scope="module")
 def bundle(model_files, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bundle") / "m.splitc"
     try:

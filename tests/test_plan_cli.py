@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from splitc.runtime.manifest import read_manifest
-from tests.test_cli import model_files, run_cli  # noqa: F401  (the fixture is shared)
+from tests.test_cli import run_cli
 
 
 def plan_json(capsys, *args) -> dict:
