@@ -55,8 +55,11 @@ def cli() -> None:
 @click.option("--link", default="4g", show_default=True, help="Link for --cut auto: a preset (cat1, 3g, 4g, wifi) or 20mbit:30ms.")
 @click.option("--output", "-o", type=click.Path(file_okay=False), help="Bundle directory (default: <model>.splitc).")
 @click.option("--samples", default=4, show_default=True, type=click.IntRange(1, 64), help="Reference samples stored for verify.")
+@click.option("--quantize", type=click.Choice(["none", "int8", "int4"]), default="none", show_default=True,
+              help="Quantize the tensors crossing each cut (affine, per tensor; int4 packs two per byte).")
+@click.option("--calib", type=click.Path(dir_okay=False), help="Calibration inputs (.npz) for quantizer ranges.")
 @_model_options
-def compile(source, targets, plan_path, plan_link, cut, link, output, samples, input_shapes, example_input, trust_pickle):
+def compile(source, targets, plan_path, plan_link, cut, link, output, samples, quantize, calib, input_shapes, example_input, trust_pickle):
     """Split SOURCE across TARGETS and compile every partition into a bundle."""
     from splitc.compiler import compile_model
     from splitc.plan_file import read_plan
@@ -73,9 +76,11 @@ def compile(source, targets, plan_path, plan_link, cut, link, output, samples, i
         if targets and [t.name for t in target_list] != [t.name for t in load_targets(chosen.targets)]:
             raise InputError(f"--targets {targets} differs from the plan's active targets {','.join(chosen.targets)}; drop --targets")
         target_list, cut, record = load_targets(chosen.targets), (chosen.cuts or "auto"), chosen.record
+    calibration = _calibration_samples(calib, graph) if calib else None
     out = Path(output or f"{graph.name}.splitc")
-    result = compile_model(graph, target_list, out, cut=cut, link=link_obj, samples=samples,
-                           examples=loaded.example_inputs, plan_record=record, log=lambda m: console.print(f"[dim]{escape(m)}[/dim]"))
+    result = compile_model(graph, target_list, out, cut=cut, link=link_obj, samples=samples, examples=loaded.example_inputs,
+                           plan_record=record, quantize=quantize, calibration=calibration,
+                           log=lambda m: console.print(f"[dim]{escape(m)}[/dim]"))
     manifest = result.manifest
     table = Table(title=f"{out} — {len(graph.value_nodes())} nodes, {graph.total_flops / 1e9:.3f} GFLOP, cut: {manifest.plan['method']}")
     for column in ("partition", "target", "backend", "nodes", "GFLOP", "receives", "artifacts", "compile s"):
@@ -87,6 +92,11 @@ def compile(source, targets, plan_path, plan_link, cut, link, output, samples, i
     console.print(table)
     for cut_info in manifest.plan["cuts"]:
         console.print(f"cut after [bold]{cut_info['after']}[/bold]: {len(cut_info['crossing'])} tensor(s), {_mb(cut_info['bytes'])} cross")
+    quantization = manifest.plan.get("quantization")
+    if quantization:
+        sizes = ", ".join(f"{_mb(a)} → {_mb(b)}" for a, b in zip(quantization["bytes_float"], quantization["bytes_sent"]))
+        console.print(f"{quantization['scheme']} at the cut: {sizes} per request; top-1 agreement with float "
+                      f"{quantization['top1_agreement']:.4f}, max relative error {quantization['max_rel_err']:.2e}")
     if manifest.plan.get("estimate"):
         console.print(f"estimated latency on {link_obj.name}: {manifest.plan['estimate']['total_ms']:.2f} ms (analytic model)")
     for note in result.notes:
@@ -148,6 +158,16 @@ def run(bundle, inputs, output):
     if output:
         np.savez(output, **outputs)
         console.print(f"wrote {output}")
+
+
+def _calibration_samples(path, graph):
+    """Calibration .npz as a list of per-sample input tuples (torch), checked against the model."""
+    import torch
+
+    from splitc.passes.privacy import load_calibration
+
+    data = load_calibration(path, graph)
+    return [tuple(torch.from_numpy(np.ascontiguousarray(x[i])) for x in data.inputs) for i in range(len(data))]
 
 
 def _read_inputs(specs, names) -> dict[str, np.ndarray]:

@@ -21,6 +21,7 @@ from splitc.errors import CutError, SplitcError
 from splitc.graph import ModelGraph
 from splitc.passes.cuts import Cut, CutAnalysis, auto_cuts, estimate, resolve_cuts
 from splitc.passes.partition import Partition, assign_tiers, extract_partitions
+from splitc.passes.quantize import agreement, quantize_cuts
 from splitc.runtime.manifest import REFERENCE_NAME, Manifest, PartitionSpec, sha256_file
 from splitc.targets import Link, Target
 
@@ -114,11 +115,30 @@ def compile_model(
     samples: int = 4,
     examples: Sequence[torch.Tensor] | None = None,
     plan_record: dict | None = None,
+    quantize: str | None = None,
+    calibration: Sequence[tuple[torch.Tensor, ...]] | None = None,
     log: Callable[[str], None] = lambda _: None,
 ) -> CompileResult:
     seconds: dict[str, float] = {}
     started = time.perf_counter()
+    notes: list[str] = []
     analysis, cuts, method = plan_cuts(graph, targets, cut, link)
+    quantization = None
+    if quantize and quantize != "none" and cuts:
+        float_graph, float_bytes = graph, [c.nbytes for c in cuts]
+        ranges_from = calibration or sample_inputs(graph, max(samples, 8), examples, seed=1)
+        if not calibration:
+            notes.append("quantizer ranges calibrated on random inputs; pass --calib data.npz for ranges from real data")
+        graph, cut_names, quantizers = quantize_cuts(graph, [c.after for c in cuts], quantize, ranges_from)
+        analysis = CutAnalysis(graph)
+        cuts = resolve_cuts(analysis, cut_names, targets)
+        quantization = {
+            "scheme": quantize,
+            "tensors": [q.to_json() for q in quantizers],
+            "bytes_float": float_bytes,
+            "bytes_sent": [c.nbytes for c in cuts],
+            **agreement(float_graph, graph, ranges_from),
+        }
     assign_tiers(analysis, cuts)
     partitions = extract_partitions(graph, analysis, targets)
     backends = [get_backend(p.target) for p in partitions]
@@ -127,7 +147,6 @@ def compile_model(
     reference = reference_data(graph, partitions, sample_inputs(graph, samples, examples))
     seconds["plan"] = time.perf_counter() - started
 
-    notes: list[str] = []
     out = Path(out)
     with staged_directory(out) as staging:
         specs = []
@@ -170,6 +189,7 @@ def compile_model(
             plan={
                 "method": "planner" if plan_record else method,
                 **({"planned": plan_record} if plan_record else {}),
+                **({"quantization": quantization} if quantization else {}),
                 "cuts": [{"after": c.after, "position": c.position, "bytes": c.nbytes, "crossing": [t.name for t in c.crossing]} for c in cuts],
                 "estimate": estimate_json,
             },

@@ -1,0 +1,187 @@
+"""Activation quantizers at the cut: fewer bytes on the wire.
+
+For every floating-point tensor that crosses a cut, a quantize chain is inserted on the sending
+side, right after the cut, and the matching dequantize chain on the receiving side; the readers
+after the cut are rewired to the dequantized tensor. The boundary then carries integers: uint8
+for int8, and for int4 two values packed per byte.
+
+The quantizers are plain ops (div, round, add, clamp, casts; int4 packing with integer arithmetic)
+because TVM's importer has no quantize ops and bit shifts fail in both TVM and the ONNX export
+(../shared/TOOLCHAIN.md); this form compiles bit-exactly through both. Affine, per tensor, with
+ranges calibrated on data. Graph in, graph out: the input ModelGraph is not modified.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+
+from splitc.errors import CutError
+from splitc.frontend.annotate import annotate
+from splitc.graph import ModelGraph, tensor_spec
+from splitc.passes.cuts import CutAnalysis
+
+aten = torch.ops.aten
+BITS = {"int8": 8, "int4": 4}
+
+
+@dataclass(frozen=True)
+class TensorQuantizer:
+    tensor: str           # the float tensor that no longer crosses
+    sent: str             # the integer tensor that crosses instead
+    received: str         # the dequantized tensor the later tier reads
+    bits: int
+    scale: float
+    zero_point: int
+    shape: tuple[int, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.__dict__, "shape": list(self.shape)}
+
+
+def calibrate_ranges(graph: ModelGraph, names: Sequence[str], samples: Sequence[tuple[torch.Tensor, ...]]) -> dict[str, tuple[float, float]]:
+    """Min and max of each named node's value over the samples."""
+    wanted = set(names)
+    ranges: dict[str, tuple[float, float]] = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, node):
+            value = super().run_node(node)
+            if node.name in wanted and isinstance(value, torch.Tensor):
+                lo, hi = float(value.min()), float(value.max())
+                old = ranges.get(node.name, (lo, hi))
+                ranges[node.name] = (min(lo, old[0]), max(hi, old[1]))
+            return value
+
+    recorder = Recorder(graph.module)
+    with torch.no_grad():
+        for sample in samples:
+            recorder.run(*sample)
+    return ranges
+
+
+def affine_params(lo: float, hi: float, bits: int) -> tuple[float, int]:
+    """Scale and zero point mapping [lo, hi] (widened to include 0) onto [0, 2^bits - 1]."""
+    levels = (1 << bits) - 1
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    scale = (hi - lo) / levels if hi > lo else 1.0
+    zero_point = int(min(max(round(-lo / scale), 0), levels))
+    return scale, zero_point
+
+
+def quantize_cuts(graph: ModelGraph, cut_names: Sequence[str], scheme: str,
+                  samples: Sequence[tuple[torch.Tensor, ...]]) -> tuple[ModelGraph, list[str], list[TensorQuantizer]]:
+    """Insert quantizers at each cut; return the new graph, the new cut names, and what was inserted."""
+    if scheme not in BITS:
+        raise CutError(f"--quantize {scheme!r} is not supported; use one of {', '.join(BITS)} or none")
+    bits = BITS[scheme]
+    module = copy.deepcopy(graph.module)
+    current = ModelGraph(graph.name, module, graph.inputs, graph.outputs, graph.source_sha256, graph.source)
+    analysis = CutAnalysis(current)
+    crossing_names = {t.name for name in cut_names for t in analysis.cut(analysis.resolve(name)).crossing}
+    ranges = calibrate_ranges(current, sorted(crossing_names), samples)
+
+    new_cuts, quantizers = [], []
+    for name in cut_names:
+        analysis = CutAnalysis(current)
+        position = analysis.resolve(name)
+        anchor = analysis.order[position]
+        crossing = [node for node in analysis.crossing_nodes(position) if node.meta["val"].is_floating_point()]
+        later = {n for n in analysis.order[position + 1:]} | {n for n in module.graph.nodes if n.op == "output"}
+        received = {}
+        for node in crossing:  # quantize, in order, right after the cut node
+            if bits == 4 and node.meta["val"].numel() % 2:
+                raise CutError(f"int4 packs two values per byte, but {node.name} crossing the cut after {name} has "
+                               f"{node.meta['val'].numel()} elements; use --quantize int8 or cut elsewhere")
+            scale, zero_point = affine_params(*ranges.get(node.name, (0.0, 0.0)), bits)
+            sent, anchor = _quantize_chain(module.graph, anchor, node, scale, zero_point, bits)
+            received[node] = (sent, scale, zero_point)
+        cut_after = anchor
+        for node, (sent, scale, zero_point) in received.items():  # dequantize right after the new cut
+            restored, anchor = _dequantize_chain(module.graph, anchor, sent, node, scale, zero_point, bits)
+            for user in list(node.users):
+                if user in later:
+                    user.replace_input_with(node, restored)
+            quantizers.append(TensorQuantizer(node.name, sent.name, restored.name, bits, scale, zero_point,
+                                              tuple(int(d) for d in node.meta["val"].shape)))
+        module.graph.lint()
+        module.recompile()
+        annotate(module)
+        outputs = tuple(tensor_spec(n, spec.name) for n, spec in zip(_returned(module), graph.outputs))
+        current = ModelGraph(graph.name, module, graph.inputs, outputs, graph.source_sha256, graph.source)
+        new_cuts.append(cut_after.name)
+    return current, new_cuts, quantizers
+
+
+def _returned(module: fx.GraphModule) -> list[fx.Node]:
+    output = next(n for n in module.graph.nodes if n.op == "output")
+    return [a for a in torch.utils._pytree.tree_leaves(output.args[0]) if isinstance(a, fx.Node)]
+
+
+def _emit(graph: fx.Graph, anchor: fx.Node, target, *args, name: str | None = None, **kwargs) -> fx.Node:
+    """Insert `target(*args, **kwargs)` after `anchor`, deriving its FakeTensor the way export
+    would: by running the op on the inputs' FakeTensors under their fake mode."""
+    with graph.inserting_after(anchor):
+        node = graph.create_node("call_function", target, args, kwargs, name=name)
+    fake_args, fake_kwargs = fx.map_arg((args, kwargs), lambda n: n.meta["val"])
+    fake = next(a.meta["val"] for a in node.all_input_nodes)
+    with fake.fake_mode:
+        node.meta["val"] = target(*fake_args, **fake_kwargs)
+    return node
+
+
+def _quantize_chain(graph, anchor, x, scale, zero_point, bits):
+    levels = (1 << bits) - 1
+    q = _emit(graph, anchor, aten.div.Tensor, x, scale)
+    q = _emit(graph, q, aten.round.default, q)
+    q = _emit(graph, q, aten.add.Tensor, q, float(zero_point))
+    q = _emit(graph, q, aten.clamp.default, q, 0.0, float(levels))
+    if bits == 8:
+        q = _emit(graph, q, aten._to_copy.default, q, dtype=torch.uint8, name=f"{x.name}_q8")
+        return q, q
+    q = _emit(graph, q, aten._to_copy.default, q, dtype=torch.int32)
+    pairs = _emit(graph, q, aten.reshape.default, q, [-1, 2])  # reshape: the tensor may be a non-contiguous view
+    hi = _emit(graph, pairs, aten.select.int, pairs, 1, 0)
+    lo = _emit(graph, hi, aten.select.int, pairs, 1, 1)
+    packed = _emit(graph, lo, aten.mul.Tensor, hi, 16)
+    packed = _emit(graph, packed, aten.add.Tensor, packed, lo)
+    packed = _emit(graph, packed, aten._to_copy.default, packed, dtype=torch.uint8, name=f"{x.name}_q4")
+    return packed, packed
+
+
+def _dequantize_chain(graph, anchor, sent, original, scale, zero_point, bits):
+    dtype = original.meta["val"].dtype
+    if bits == 8:
+        x = _emit(graph, anchor, aten._to_copy.default, sent, dtype=dtype)
+    else:
+        p = _emit(graph, anchor, aten._to_copy.default, sent, dtype=torch.int32)
+        hi = _emit(graph, p, aten.div.Tensor_mode, p, 16, rounding_mode="floor")
+        lo = _emit(graph, hi, aten.mul.Tensor, hi, 16)
+        lo = _emit(graph, lo, aten.sub.Tensor, p, lo)
+        pairs = _emit(graph, lo, aten.stack.default, [hi, lo], 1)
+        shape = [int(d) for d in original.meta["val"].shape]
+        x = _emit(graph, pairs, aten.view.default, pairs, shape)
+        x = _emit(graph, x, aten._to_copy.default, x, dtype=dtype)
+    x = _emit(graph, x, aten.sub.Tensor, x, float(zero_point))
+    x = _emit(graph, x, aten.mul.Tensor, x, scale, name=f"{original.name}_dq")
+    return x, x
+
+
+def agreement(graph: ModelGraph, quantized: ModelGraph, samples: Sequence[tuple[torch.Tensor, ...]]) -> dict[str, float]:
+    """Top-1 agreement and worst relative error of the quantized graph against the float one."""
+    agree, total, worst = 0, 0, 0.0
+    with torch.no_grad():
+        for sample in samples:
+            a, b = graph.module(*sample), quantized.module(*sample)
+            for x, y in zip(torch.utils._pytree.tree_leaves(a), torch.utils._pytree.tree_leaves(b)):
+                if x.is_floating_point():
+                    worst = max(worst, float((x - y).norm() / (x.norm() or 1.0)))
+                    if x.ndim >= 2 and x.shape[-1] > 1:
+                        agree += int((x.argmax(-1) == y.argmax(-1)).sum())
+                        total += math.prod(x.shape[:-1])
+    return {"top1_agreement": agree / total if total else float("nan"), "max_rel_err": worst}
