@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from splitc.errors import SplitcError, TargetError
+from splitc.errors import PlanError, TargetError
 from splitc.passes.cost_model import compute_ms, transfer_ms
 from splitc.passes.cuts import CutAnalysis
 from splitc.passes.money import (
@@ -35,12 +35,6 @@ from splitc.passes.money import (
 from splitc.targets import Link, Target
 
 OBJECTIVES = ("latency", "cost", "privacy", "energy")
-
-
-class PlanError(SplitcError):
-    """No plan meets the constraints, or the planner's inputs cannot work together."""
-
-    exit_code = 12
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from splitc.cli_serve import export_triton_command, remote_options, run_remote, serve
 from splitc.errors import InputError, SplitcError, VerificationFailed
 
 # Wide enough for the tables when output goes to a CI log rather than a terminal.
@@ -141,15 +142,23 @@ def verify(bundle, json_path, junit_path, no_emulation):
 @click.option("--input", "-i", "inputs", multiple=True, required=True, metavar="[NAME=]FILE",
               help="Input .npy (repeat, in order or as name=file) or one .npz holding all inputs.")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), help="Save outputs to this .npz.")
-def run(bundle, inputs, output):
-    """Run BUNDLE's partitions chained on this host."""
+@remote_options
+def run(bundle, inputs, output, remote, token_file, model_name, remote_timeout, retries, no_fallback):
+    """Run BUNDLE's partitions chained on this host, or the device part here and the rest on --remote."""
     from splitc.runtime import Bundle, SplitSession
 
-    session = SplitSession(Bundle.open(bundle))
-    feed = _read_inputs(inputs, [t.name for t in session.manifest.inputs])
-    outputs = session.run(feed)
-    for index, artifact in session.artifacts.items():
-        console.print(f"[dim]partition {index}: {artifact.path} ({artifact.role})[/dim]")
+    if remote:
+        from splitc.runtime.manifest import read_manifest
+
+        feed = _read_inputs(inputs, [t.name for t in read_manifest(Path(bundle)).inputs])
+        outputs = run_remote(bundle, feed, remote, token_file=token_file, model_name=model_name, remote_timeout=remote_timeout,
+                             retries=retries, no_fallback=no_fallback, echo=lambda m: console.print(escape(m))).outputs
+    else:
+        session = SplitSession(Bundle.open(bundle))
+        feed = _read_inputs(inputs, [t.name for t in session.manifest.inputs])
+        outputs = session.run(feed)
+        for index, artifact in session.artifacts.items():
+            console.print(f"[dim]partition {index}: {artifact.path} ({artifact.role})[/dim]")
     for name, value in outputs.items():
         line = f"{name}: {value.dtype}{list(value.shape)}"
         if value.ndim >= 2 and value.shape[-1] > 1 and np.issubdtype(value.dtype, np.floating):
@@ -404,6 +413,10 @@ def toolchain(arch, cache_dir):
 
     found = provision_aarch64(Path(cache_dir) if cache_dir else None, log=lambda m: console.print(f"[dim]{escape(m)}[/dim]"))
     console.print(f"{arch} toolchain ready at {found.root}")
+
+
+cli.add_command(serve)
+cli.add_command(export_triton_command)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -62,6 +62,18 @@ class ToolchainError(SplitcError):
     exit_code = 11
 
 
+class PlanError(SplitcError):
+    """No placement meets the constraints, or the planner's inputs cannot work together."""
+
+    exit_code = 12
+
+
+class RemoteError(SplitcError):
+    """The remote inference server cannot be reached, refused the request, or answered nonsense."""
+
+    exit_code = 13
+
+
 class VerificationFailed(SplitcError):
     """At least one artifact disagrees with the torch reference beyond its tolerance."""
 

@@ -1,0 +1,130 @@
+"""CLI commands for split deployment: `splitc serve`, `splitc export-triton`, and the `--remote`
+path of `splitc run` (registered by splitc/cli.py):
+
+    from splitc.cli_serve import serve, export_triton_command, remote_options, run_remote
+    cli.add_command(serve)
+    cli.add_command(export_triton_command)       # named "export-triton"
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from splitc.errors import InputError
+
+
+def read_token(token_file: str | None) -> str | None:
+    """The shared secret from a file (or $SPLITC_TOKEN when no file is given)."""
+    if token_file is None:
+        token = os.environ.get("SPLITC_TOKEN")
+        return token.strip() if token and token.strip() else None
+    path = Path(token_file)
+    if not path.is_file():
+        raise InputError(f"token file {path} does not exist; write a secret to it (e.g. `openssl rand -hex 32 > {path}`)")
+    token = path.read_text().strip()
+    if not token:
+        raise InputError(f"token file {path} is empty; write a secret to it (e.g. `openssl rand -hex 32 > {path}`)")
+    if len(token) < 16:
+        raise InputError(f"the token in {path} is {len(token)} characters; use at least 16 (e.g. `openssl rand -hex 32`)")
+    return token
+
+
+@click.command()
+@click.argument("bundle", type=click.Path())
+@click.option("--partition", "-p", type=int, default=None, help="First partition served (default: 1, the cloud side of a 2-tier bundle).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0 for all interfaces).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="Port (0: any free port).")
+@click.option("--token-file", type=click.Path(dir_okay=False), help="Shared secret required as 'Authorization: Bearer <token>' (or $SPLITC_TOKEN).")
+@click.option("--no-auth", is_flag=True, help="Serve without a token (only on a trusted network).")
+@click.option("--name", help="Model name in URLs (default: the bundle's model name).")
+@click.option("--max-body-mb", default=64.0, show_default=True, type=click.FloatRange(0.001, 4096), help="Largest request body accepted.")
+@click.option("--drain-timeout", default=30.0, show_default=True, type=float, help="Seconds to let in-flight requests finish on SIGTERM.")
+@click.option("--verbose", "-v", is_flag=True, help="Log every request to stderr.")
+def serve(bundle, partition, host, port, token_file, no_auth, name, max_body_mb, drain_timeout, verbose):
+    """Serve BUNDLE's partitions from --partition to the end over KServe v2 (Triton-compatible) HTTP."""
+    import logging
+
+    from splitc.runtime import Bundle
+    from splitc.runtime.server import (
+        PartitionServer,
+        make_http_server,
+        serve_until_signalled,
+    )
+
+    token = read_token(token_file)
+    if token is None and not no_auth:
+        raise InputError("serve needs --token-file (or $SPLITC_TOKEN) so only your clients can infer; pass --no-auth to serve without one")
+    if token is not None and no_auth:
+        raise InputError("--no-auth and a token contradict each other; drop one")
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    opened = Bundle.open(bundle)
+    if partition is None:
+        partition = 1 if len(opened.manifest.partitions) > 1 else 0
+    app = PartitionServer(opened, partition, token=token, model_name=name, max_body=int(max_body_mb * (1 << 20)))
+    httpd = make_http_server(app, host, port)
+    url = f"http://{host}:{httpd.port}"
+
+    def ready() -> None:
+        served = ", ".join(str(p.index) for p in opened.manifest.partitions[partition:])
+        click.echo(f"serving {app.name} (partitions {served}, model sha256 {app.sha256[:12]}…) at {url}/v2/models/{app.name}"
+                   f"{'' if token else ' WITHOUT a token'}; SIGTERM or Ctrl-C to stop", err=True)
+
+    finished = serve_until_signalled(httpd, drain_timeout=drain_timeout, on_ready=ready)
+    s = app.stats
+    click.echo(f"stopped: {s['infer']} inferences, {s['errors_4xx']} refused (4xx), {s['errors_5xx']} failed (5xx)"
+               f"{'' if finished else '; some requests were still running at the drain timeout'}", err=True)
+
+
+@click.command("export-triton")
+@click.argument("bundle", type=click.Path())
+@click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="Triton model repository directory.")
+@click.option("--partition", "-p", type=int, default=None, help="Partition to export (default: the last, the cloud tier).")
+@click.option("--name", help="Model name (default: the bundle's model name).")
+@click.option("--format", "fmt", type=click.Choice(["auto", "onnx", "plan"]), default="auto", show_default=True,
+              help="auto: the TensorRT engine when built, else ONNX.")
+@click.option("--instances", default=1, show_default=True, type=click.IntRange(1, 64), help="Triton instance_group count.")
+def export_triton_command(bundle, output, partition, name, fmt, instances):
+    """Write the cloud partition of BUNDLE as a Triton model repository (config.pbtxt + model)."""
+    from splitc.triton import export_triton
+
+    model_dir = export_triton(bundle, output, partition=partition, name=name, fmt=fmt, instances=instances)
+    click.echo(f"wrote {model_dir} (tritonserver --model-repository {Path(output).resolve()})")
+
+
+def remote_options(func):
+    """Options `splitc run` adds for --remote."""
+    func = click.option("--no-fallback", is_flag=True, help="With --remote: fail instead of running the whole model here when the server is unreachable.")(func)
+    func = click.option("--retries", default=3, show_default=True, type=click.IntRange(0, 20), help="With --remote: retries after a network failure or 5xx.")(func)
+    func = click.option("--timeout", "remote_timeout", default=10.0, show_default=True, type=click.FloatRange(0.01, 3600), help="With --remote: seconds allowed for the network, retries included.")(func)
+    func = click.option("--model-name", help="With --remote: the model name on the server (default: the bundle's).")(func)
+    func = click.option("--token-file", type=click.Path(dir_okay=False), help="With --remote: the server's shared secret (or $SPLITC_TOKEN).")(func)
+    func = click.option("--remote", help="Run the device partitions here and the rest on this KServe v2 server, e.g. http://cloud:8000.")(func)
+    return func
+
+
+def run_remote(bundle_path, feed, remote, *, token_file=None, model_name=None, remote_timeout=10.0, retries=3, no_fallback=False,
+               echo=click.echo):
+    """What `splitc run --remote` does: returns the RemoteResult; prints where the answer came from."""
+    from splitc.runtime import Bundle
+    from splitc.runtime.remote import RemoteSession
+
+    session = RemoteSession(Bundle.open(bundle_path), remote, token=read_token(token_file), model_name=model_name,
+                            timeout=remote_timeout, retries=retries, fallback=not no_fallback)
+    try:
+        result = session.infer(feed)
+    finally:
+        session.close()
+    t = result.timings
+    line = (f"answer from {result.source}: local {t.get('local_ms', 0):.1f} ms, network {t.get('remote_ms', 0):.1f} ms, "
+            f"total {t.get('total_ms', 0):.1f} ms, {result.bytes_sent} B sent in {result.attempts} attempt(s)")
+    if result.error:
+        line += f" (server unreachable: {result.error})"
+    echo(line)
+    return result
+
+
+__all__ = ["export_triton_command", "read_token", "remote_options", "run_remote", "serve"]

@@ -1,0 +1,153 @@
+"""Export a bundle's cloud partition as a Triton Inference Server model repository.
+
+    triton-repo/
+      <name>/config.pbtxt       inputs = the boundary tensors, outputs = the model outputs, fixed dims
+      <name>/1/model.onnx       platform onnxruntime_onnx   (or model.plan, platform tensorrt_plan,
+                                                              when the bundle holds a built engine)
+
+The config carries the bundle's model sha256 as a model parameter, so `splitc run --remote` (which
+reads it from Triton's /v2/models/<name>/config) refuses a Triton serving another model. Triton
+speaks the same KServe v2 protocol as `splitc serve`; the edge client is the same.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from splitc.errors import BundleError, InputError
+from splitc.runtime.manifest import (
+    ROLE_DEPLOY,
+    ROLE_PORTABLE,
+    RUNTIME_ONNXRUNTIME,
+    RUNTIME_TENSORRT,
+    PartitionSpec,
+    TensorSpec,
+)
+from splitc.runtime.session import Bundle
+from splitc.runtime.v2protocol import model_name_for, v2_datatype
+
+SHA_PARAMETER = "model_sha256"
+CONFIG_NAME = "config.pbtxt"
+
+
+def _quote(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+def _tensor_block(spec: TensorSpec) -> str:
+    dims = ", ".join(str(int(d)) for d in spec.shape) if spec.shape else ""
+    # A scalar has no dims in Triton; reshape it from [1] as Triton's docs recommend.
+    extra = "\n    reshape: { shape: [ ] }" if not spec.shape else ""
+    dims = dims or "1"
+    return (f"  {{\n    name: {_quote(spec.name)}\n    data_type: TYPE_{v2_datatype(spec.dtype)}\n"
+            f"    dims: [ {dims} ]{extra}\n  }}")
+
+
+def config_pbtxt(name: str, platform: str, partition: PartitionSpec, outputs: tuple[TensorSpec, ...], sha256: str,
+                 kind: str, instances: int = 1) -> str:
+    inputs = ",\n".join(_tensor_block(t) for t in partition.inputs)
+    outs = ",\n".join(_tensor_block(t) for t in outputs)
+    return (
+        f"# Written by `splitc export-triton`: partition {partition.index} ({partition.target}) of the bundle.\n"
+        f"name: {_quote(name)}\n"
+        f"platform: {_quote(platform)}\n"
+        "max_batch_size: 0\n"
+        f"input [\n{inputs}\n]\n"
+        f"output [\n{outs}\n]\n"
+        f"instance_group [\n  {{\n    count: {int(instances)}\n    kind: {kind}\n  }}\n]\n"
+        "version_policy: { latest: { num_versions: 1 } }\n"
+        f"parameters {{\n  key: {_quote(SHA_PARAMETER)}\n  value: {{ string_value: {_quote(sha256)} }}\n}}\n"
+        f"parameters {{\n  key: \"splitc_partition\"\n  value: {{ string_value: \"{partition.index}\" }}\n}}\n"
+    )
+
+
+def _check_servable(bundle: Bundle, index: int) -> PartitionSpec:
+    manifest = bundle.manifest
+    count = len(manifest.partitions)
+    if not 0 <= index < count:
+        raise InputError(f"--partition {index} is out of range: the bundle has partitions 0..{count - 1}")
+    if index != count - 1:
+        raise InputError(
+            f"partition {index} is not the last one ({count - 1}); Triton serves the cloud part as one model, "
+            f"export --partition {count - 1} or serve partitions {index}..{count - 1} with `splitc serve`"
+        )
+    partition = manifest.partitions[index]
+    sent = manifest.inputs if index == 0 else manifest.boundaries[index - 1]
+    if {t.name for t in sent} != {t.name for t in partition.inputs}:
+        raise BundleError(
+            f"the cut before partition {index} carries {', '.join(t.name for t in sent)}, but the partition reads "
+            f"{', '.join(t.name for t in partition.inputs)}; a Triton model cannot pass tensors through, use `splitc serve`"
+        )
+    produced = {t.name for t in partition.outputs}
+    missing = [t.name for t in manifest.outputs if t.name not in produced]
+    if missing:
+        raise BundleError(f"model output(s) {', '.join(missing)} are computed before partition {index}; use `splitc serve` for this bundle")
+    return partition
+
+
+def _check_onnx_names(path: Path, partition: PartitionSpec, outputs: tuple[TensorSpec, ...]) -> None:
+    """The ONNX graph's input/output names must be the config's (Triton matches by name)."""
+    try:
+        import onnx
+    except ImportError:
+        return
+    graph = onnx.load(str(path), load_external_data=False).graph
+    have_in, have_out = [i.name for i in graph.input], [o.name for o in graph.output]
+    initializers = {i.name for i in graph.initializer}
+    have_in = [n for n in have_in if n not in initializers]
+    want_in, want_out = [t.name for t in partition.inputs], [t.name for t in outputs]
+    if sorted(have_in) != sorted(want_in) or not set(want_out) <= set(have_out):
+        raise BundleError(f"{path.name} has inputs {have_in} and outputs {have_out}, the manifest says {want_in} -> {want_out}; recompile the bundle")
+
+
+def export_triton(bundle_path: str | Path, out: str | Path, *, partition: int | None = None, name: str | None = None,
+                  fmt: str = "auto", instances: int = 1) -> Path:
+    """Write (or replace) `<out>/<name>/` and return that model directory."""
+    bundle = Bundle.open(bundle_path)
+    manifest = bundle.manifest
+    index = len(manifest.partitions) - 1 if partition is None else partition
+    spec = _check_servable(bundle, index)
+    model = model_name_for(name or str(manifest.model.get("name") or "model"))
+    engine = next((a for a in spec.artifacts if a.runtime == RUNTIME_TENSORRT and a.role == ROLE_DEPLOY), None)
+    onnx_artifact = next((a for role in (ROLE_DEPLOY, ROLE_PORTABLE) for a in spec.artifacts
+                          if a.role == role and a.runtime == RUNTIME_ONNXRUNTIME), None)
+    if fmt not in ("auto", "onnx", "plan"):
+        raise InputError(f"--format {fmt!r}: use auto, onnx or plan")
+    if fmt == "plan" and engine is None:
+        raise BundleError(f"partition {index} has no built TensorRT engine ({spec.engine.get('status', 'none')}); run `splitc build-engine` on the GPU host first")
+    use_engine = engine is not None and fmt != "onnx"
+    if not use_engine and onnx_artifact is None:
+        raise BundleError(
+            f"partition {index} ({spec.target}, {spec.backend}) has no ONNX or TensorRT artifact for Triton; "
+            "compile the cloud tier for an onnxruntime or tensorrt target (cloud-cpu, a100, h100)"
+        )
+    artifact = engine if use_engine else onnx_artifact
+    source = bundle.file(artifact)
+    if not use_engine:
+        _check_onnx_names(source, spec, manifest.outputs)
+    platform, filename = ("tensorrt_plan", "model.plan") if use_engine else ("onnxruntime_onnx", "model.onnx")
+    kind = "KIND_GPU" if use_engine or spec.backend == "tensorrt" else "KIND_CPU"
+    text = config_pbtxt(model, platform, spec, manifest.outputs, str(manifest.model.get("sha256", "")), kind, instances)
+
+    root = Path(out)
+    if root.exists() and not root.is_dir():
+        raise InputError(f"{root} exists and is not a directory; choose another -o")
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / model
+    if target.exists() and not (target / CONFIG_NAME).is_file():
+        raise InputError(f"{target} exists and is not a Triton model directory; choose another -o or --name")
+    staging = Path(tempfile.mkdtemp(prefix=f".{model}.", suffix=".staging", dir=root))
+    try:
+        (staging / "1").mkdir()
+        shutil.copyfile(source, staging / "1" / filename)
+        (staging / CONFIG_NAME).write_text(text)
+        if target.exists():
+            shutil.rmtree(target)
+        os.rename(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
