@@ -57,20 +57,28 @@ class CutAnalysis:
         self.is_op = np.array([node.op == "call_function" for node in self.order])
         self.is_tensor = np.array([is_tensor_node(node) for node in self.order])
         self.out_bytes = np.array([node.meta.get(OUTPUT_BYTES, 0) for node in self.order], dtype=np.int64)
+        self.is_float = np.array([is_tensor_node(n) and n.meta["val"].is_floating_point() for n in self.order])
         ops = np.flatnonzero(self.is_op)
         self.last_op = int(ops[-1]) if len(ops) else -1
 
     def crossing_nodes(self, position: int) -> list[fx.Node]:
         return [node for i, node in enumerate(self.order[: position + 1]) if self.last_use[i] > position]
 
-    def crossing_bytes(self) -> np.ndarray:
-        """Bytes crossing a cut after each position, for all positions at once (O(n) sweep)."""
+    def crossing_bytes(self, float_bits: int | None = None) -> np.ndarray:
+        """Bytes crossing a cut after each position, for all positions at once (O(n) sweep).
+
+        `float_bits`: what floating-point tensors would take per element once quantized at the cut
+        (8 or 4); None keeps their own size."""
         n = len(self.order)
+        sizes = self.out_bytes
+        if float_bits is not None:
+            elements = np.array([n.meta["val"].numel() if f else 0 for n, f in zip(self.order, self.is_float)], dtype=np.int64)
+            sizes = np.where(self.is_float, -(-elements * float_bits // 8), self.out_bytes)
         delta = np.zeros(n + 1, dtype=np.int64)
         live = self.last_use > np.arange(n)
         starts = np.flatnonzero(live)
-        np.add.at(delta, starts, self.out_bytes[starts])
-        np.add.at(delta, self.last_use[starts], -self.out_bytes[starts])
+        np.add.at(delta, starts, sizes[starts])
+        np.add.at(delta, self.last_use[starts], -sizes[starts])
         return np.cumsum(delta)[:n]
 
     def cut(self, position: int) -> Cut:

@@ -161,6 +161,7 @@ def plan_placements(
     objective: str = "latency",
     constraints: Constraints = Constraints(),
     require_all_tiers: bool = False,
+    quantize_bits: int | None = None,
     max_plans: int = 3_000_000,
 ) -> PlanSet:
     if objective not in OBJECTIVES:
@@ -178,7 +179,7 @@ def plan_placements(
 
     n = len(analysis.order)
     times = [np.asarray(t, dtype=np.float64) for t in node_ms] if node_ms is not None else [compute_ms(analysis.order, t) for t in targets]
-    crossing = analysis.crossing_bytes()
+    crossing = analysis.crossing_bytes(quantize_bits)  # what is sent: quantized when the plan quantizes
     positions = allowed_positions(analysis)
     if require_all_tiers:
         positions = positions[(positions > _inputs_end(analysis)) & (positions < n - 1)]
@@ -195,11 +196,11 @@ def plan_placements(
     front = pareto_front(np.stack(columns, axis=1), group=combos[:, 0])
     front = front[np.lexsort((metrics["cost"][front], metrics["latency"][front]))]
     plans = _plans(analysis, targets, link, workload, times, crossing, combos[front], {k: v[front] for k, v in metrics.items()})
-    if leakage is not None:
-        first = [p for p in plans if p.placement[0] is not None and any(p.placement[1:])]
-        if first and all(crossing[p.positions[0]] >= crossing[_inputs_end(analysis)] for p in first):
-            warnings.append("no device part on the front reduces the data it sends below the input's size: what leaves the device is as large as the raw input")
     chosen = _choose(plans, objective, constraints, link)
+    picked = plans[chosen]
+    if picked.placement[0] is not None and any(picked.placement[1:]) and crossing[picked.positions[0]] >= crossing[_inputs_end(analysis)]:
+        warnings.append(f"the chosen plan's device part (up to {picked.cuts[0]}) has no dimension-reducing layer: it sends "
+                        f"{int(crossing[picked.positions[0]])} bytes, no fewer than the raw input's {int(crossing[_inputs_end(analysis)])}")
     return PlanSet(link, objective, plans, chosen, len(combos), warnings)
 
 

@@ -263,11 +263,13 @@ def inspect(source, targets, link, limit, as_json, input_shapes, example_input, 
 @click.option("--calib", type=click.Path(dir_okay=False), help="Calibration inputs (.npz) to measure leakage per cut.")
 @click.option("--profile", "profiles", multiple=True, type=click.Path(dir_okay=False), help="Measured profile from `splitc profile` (repeat per target).")
 @click.option("--all-tiers", is_flag=True, help="Only plans that give every target some work.")
+@click.option("--quantize", type=click.Choice(["none", "int8", "int4"]), default="none", show_default=True,
+              help="Price transfers as if the tensors at each cut were quantized (compile with the same --quantize).")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan document as JSON (for `compile --plan`).")
 @click.option("--png", type=click.Path(dir_okay=False), help="Write a PNG of the front(s).")
 @_model_options
 def plan(source, targets, link, rate, utilisation, objective, max_latency, max_cost, max_leakage, max_energy, calib, profiles,
-         all_tiers, as_json, png, input_shapes, example_input, trust_pickle):
+         all_tiers, quantize, as_json, png, input_shapes, example_input, trust_pickle):
     """Plan where to cut SOURCE over TARGETS: the Pareto front of latency, money, privacy, energy."""
     from splitc.passes.cost_model import compute_ms
     from splitc.passes.cuts import CutAnalysis
@@ -283,7 +285,7 @@ def plan(source, targets, link, rate, utilisation, objective, max_latency, max_c
     _, graph = _import(source, input_shapes, example_input, trust_pickle)
     analysis = CutAnalysis(graph)
     times = [compute_ms(analysis.order, t) for t in chain]
-    sources: dict = {"latency": {t.name: "analytic" for t in chain}, "leakage": None}
+    sources: dict = {"latency": {t.name: "analytic" for t in chain}, "leakage": None, "quantize": quantize}
     for path in profiles:
         from splitc.profile import Profile
 
@@ -302,7 +304,8 @@ def plan(source, targets, link, rate, utilisation, objective, max_latency, max_c
             leakage = leakage_profile(graph, analysis, load_calibration(calib, graph))
         sources["leakage"] = f"distance correlation on {calib}"
     fronts = [plan_placements(analysis, chain, l, workload, node_ms=times, leakage=leakage, objective=objective,
-                              constraints=constraints, require_all_tiers=all_tiers) for l in links]
+                              constraints=constraints, require_all_tiers=all_tiers,
+                              quantize_bits={"int8": 8, "int4": 4}.get(quantize)) for l in links]
     document = plan_document(graph, [s.strip() for s in targets.split(",")], workload, constraints, fronts, sources)
     if png:
         from splitc.plot import plot_fronts

@@ -207,3 +207,18 @@ def test_bad_planner_input(zoo):
 def test_two_thousand_node_three_tier_front_is_fast_enough_to_report():
     """Not a timed test: the figure is printed by bench/planner_scale.py. Here only the size works."""
     assert math.comb(2001, 2) < 3_000_000
+
+
+def test_quantized_transfers_shrink_bytes_and_move_the_cut_earlier(zoo):
+    analysis = CutAnalysis(zoo.graph("resnet_like"))
+    float_bytes, int8_bytes, int4_bytes = (analysis.crossing_bytes(b) for b in (None, 8, 4))
+    valid = analysis.valid_positions()
+    assert np.all(int8_bytes[valid] * 4 == float_bytes[valid]) and np.all(int4_bytes[valid] * 8 == float_bytes[valid])
+    targets = load_targets("rpi4,a100")
+    chosen = {}
+    for bits in (None, 8):
+        plans = plan_placements(analysis, targets, Link("l", 0.5, 5.0), Workload(10), quantize_bits=bits, require_all_tiers=True)
+        chosen[bits] = plans.plans[plans.chosen]
+        assert sum(t["bytes"] for t in chosen[bits].transfers) == (float_bytes if bits is None else int8_bytes)[chosen[bits].positions[0]]
+    assert chosen[8].latency_ms < chosen[None].latency_ms
+    assert chosen[8].positions[0] <= chosen[None].positions[0]
