@@ -30,6 +30,9 @@ def build_graph(loaded: LoadedModel) -> ModelGraph:
         if node.op == "call_module" and node.users == {}:
             graph.erase_node(node)
     graph.eliminate_dead_code()
+    # Plain positional calling convention (inputs in, tuple of outputs out) instead of export's
+    # pytree wrapper, so passes that add inputs (noise) or rewire outputs keep a callable module.
+    graph._codegen = torch.fx.graph.CodeGen()
     module.recompile()
     annotate(module)
 

@@ -44,25 +44,35 @@ class TensorQuantizer:
         return {**self.__dict__, "shape": list(self.shape)}
 
 
-def calibrate_ranges(graph: ModelGraph, names: Sequence[str], samples: Sequence[tuple[torch.Tensor, ...]]) -> dict[str, tuple[float, float]]:
-    """Min and max of each named node's value over the samples."""
+@dataclass(frozen=True)
+class Observed:
+    lo: float
+    hi: float
+    std: float
+
+
+def observe(graph: ModelGraph, names: Sequence[str], samples: Sequence[tuple[torch.Tensor, ...]]) -> dict[str, Observed]:
+    """Range and standard deviation of each named node's value over all samples."""
     wanted = set(names)
-    ranges: dict[str, tuple[float, float]] = {}
+    seen: dict[str, list[torch.Tensor]] = {name: [] for name in wanted}
 
     class Recorder(fx.Interpreter):
         def run_node(self, node):
             value = super().run_node(node)
             if node.name in wanted and isinstance(value, torch.Tensor):
-                lo, hi = float(value.min()), float(value.max())
-                old = ranges.get(node.name, (lo, hi))
-                ranges[node.name] = (min(lo, old[0]), max(hi, old[1]))
+                seen[node.name].append(value.detach().double().reshape(-1))
             return value
 
     recorder = Recorder(graph.module)
     with torch.no_grad():
         for sample in samples:
             recorder.run(*sample)
-    return ranges
+    result = {}
+    for name, values in seen.items():
+        if values:
+            flat = torch.cat(values)
+            result[name] = Observed(float(flat.min()), float(flat.max()), float(flat.std()) if flat.numel() > 1 else 0.0)
+    return result
 
 
 def affine_params(lo: float, hi: float, bits: int) -> tuple[float, int]:
@@ -84,7 +94,7 @@ def quantize_cuts(graph: ModelGraph, cut_names: Sequence[str], scheme: str,
     current = ModelGraph(graph.name, module, graph.inputs, graph.outputs, graph.source_sha256, graph.source)
     analysis = CutAnalysis(current)
     crossing_names = {t.name for name in cut_names for t in analysis.cut(analysis.resolve(name)).crossing}
-    ranges = calibrate_ranges(current, sorted(crossing_names), samples)
+    observed = observe(current, sorted(crossing_names), samples)
 
     new_cuts, quantizers = [], []
     for name in cut_names:
@@ -98,7 +108,8 @@ def quantize_cuts(graph: ModelGraph, cut_names: Sequence[str], scheme: str,
             if bits == 4 and node.meta["val"].numel() % 2:
                 raise CutError(f"int4 packs two values per byte, but {node.name} crossing the cut after {name} has "
                                f"{node.meta['val'].numel()} elements; use --quantize int8 or cut elsewhere")
-            scale, zero_point = affine_params(*ranges.get(node.name, (0.0, 0.0)), bits)
+            seen = observed.get(node.name)
+            scale, zero_point = affine_params(seen.lo if seen else 0.0, seen.hi if seen else 0.0, bits)
             sent, anchor = _quantize_chain(module.graph, anchor, node, scale, zero_point, bits)
             received[node] = (sent, scale, zero_point)
         cut_after = anchor
@@ -123,7 +134,7 @@ def _returned(module: fx.GraphModule) -> list[fx.Node]:
     return [a for a in torch.utils._pytree.tree_leaves(output.args[0]) if isinstance(a, fx.Node)]
 
 
-def _emit(graph: fx.Graph, anchor: fx.Node, target, *args, name: str | None = None, **kwargs) -> fx.Node:
+def emit(graph: fx.Graph, anchor: fx.Node, target, *args, name: str | None = None, **kwargs) -> fx.Node:
     """Insert `target(*args, **kwargs)` after `anchor`, deriving its FakeTensor the way export
     would: by running the op on the inputs' FakeTensors under their fake mode."""
     with graph.inserting_after(anchor):
@@ -137,47 +148,48 @@ def _emit(graph: fx.Graph, anchor: fx.Node, target, *args, name: str | None = No
 
 def _quantize_chain(graph, anchor, x, scale, zero_point, bits):
     levels = (1 << bits) - 1
-    q = _emit(graph, anchor, aten.div.Tensor, x, scale)
-    q = _emit(graph, q, aten.round.default, q)
-    q = _emit(graph, q, aten.add.Tensor, q, float(zero_point))
-    q = _emit(graph, q, aten.clamp.default, q, 0.0, float(levels))
+    q = emit(graph, anchor, aten.div.Tensor, x, scale)
+    q = emit(graph, q, aten.round.default, q)
+    q = emit(graph, q, aten.add.Tensor, q, float(zero_point))
+    q = emit(graph, q, aten.clamp.default, q, 0.0, float(levels))
     if bits == 8:
-        q = _emit(graph, q, aten._to_copy.default, q, dtype=torch.uint8, name=f"{x.name}_q8")
+        q = emit(graph, q, aten._to_copy.default, q, dtype=torch.uint8, name=f"{x.name}_q8")
         return q, q
-    q = _emit(graph, q, aten._to_copy.default, q, dtype=torch.int32)
-    pairs = _emit(graph, q, aten.reshape.default, q, [-1, 2])  # reshape: the tensor may be a non-contiguous view
-    hi = _emit(graph, pairs, aten.select.int, pairs, 1, 0)
-    lo = _emit(graph, hi, aten.select.int, pairs, 1, 1)
-    packed = _emit(graph, lo, aten.mul.Tensor, hi, 16)
-    packed = _emit(graph, packed, aten.add.Tensor, packed, lo)
-    packed = _emit(graph, packed, aten._to_copy.default, packed, dtype=torch.uint8, name=f"{x.name}_q4")
+    q = emit(graph, q, aten._to_copy.default, q, dtype=torch.int32)
+    pairs = emit(graph, q, aten.reshape.default, q, [-1, 2])  # reshape: the tensor may be a non-contiguous view
+    hi = emit(graph, pairs, aten.select.int, pairs, 1, 0)
+    lo = emit(graph, hi, aten.select.int, pairs, 1, 1)
+    packed = emit(graph, lo, aten.mul.Tensor, hi, 16)
+    packed = emit(graph, packed, aten.add.Tensor, packed, lo)
+    packed = emit(graph, packed, aten._to_copy.default, packed, dtype=torch.uint8, name=f"{x.name}_q4")
     return packed, packed
 
 
 def _dequantize_chain(graph, anchor, sent, original, scale, zero_point, bits):
     dtype = original.meta["val"].dtype
     if bits == 8:
-        x = _emit(graph, anchor, aten._to_copy.default, sent, dtype=dtype)
+        x = emit(graph, anchor, aten._to_copy.default, sent, dtype=dtype)
     else:
-        p = _emit(graph, anchor, aten._to_copy.default, sent, dtype=torch.int32)
-        hi = _emit(graph, p, aten.div.Tensor_mode, p, 16, rounding_mode="floor")
-        lo = _emit(graph, hi, aten.mul.Tensor, hi, 16)
-        lo = _emit(graph, lo, aten.sub.Tensor, p, lo)
-        pairs = _emit(graph, lo, aten.stack.default, [hi, lo], 1)
+        p = emit(graph, anchor, aten._to_copy.default, sent, dtype=torch.int32)
+        hi = emit(graph, p, aten.div.Tensor_mode, p, 16, rounding_mode="floor")
+        lo = emit(graph, hi, aten.mul.Tensor, hi, 16)
+        lo = emit(graph, lo, aten.sub.Tensor, p, lo)
+        pairs = emit(graph, lo, aten.stack.default, [hi, lo], 1)
         shape = [int(d) for d in original.meta["val"].shape]
-        x = _emit(graph, pairs, aten.view.default, pairs, shape)
-        x = _emit(graph, x, aten._to_copy.default, x, dtype=dtype)
-    x = _emit(graph, x, aten.sub.Tensor, x, float(zero_point))
-    x = _emit(graph, x, aten.mul.Tensor, x, scale, name=f"{original.name}_dq")
+        x = emit(graph, pairs, aten.view.default, pairs, shape)
+        x = emit(graph, x, aten._to_copy.default, x, dtype=dtype)
+    x = emit(graph, x, aten.sub.Tensor, x, float(zero_point))
+    x = emit(graph, x, aten.mul.Tensor, x, scale, name=f"{original.name}_dq")
     return x, x
 
 
-def agreement(graph: ModelGraph, quantized: ModelGraph, samples: Sequence[tuple[torch.Tensor, ...]]) -> dict[str, float]:
-    """Top-1 agreement and worst relative error of the quantized graph against the float one."""
+def agreement(graph: ModelGraph, changed: ModelGraph, samples: Sequence[tuple[torch.Tensor, ...]], extra_inputs: int = 0) -> dict[str, float]:
+    """Top-1 agreement and worst relative error of a transformed graph against the original.
+    `extra_inputs`: trailing inputs only the transformed graph takes (noise)."""
     agree, total, worst = 0, 0, 0.0
     with torch.no_grad():
         for sample in samples:
-            a, b = graph.module(*sample), quantized.module(*sample)
+            a, b = graph.module(*sample[: len(sample) - extra_inputs]), changed.module(*sample)
             for x, y in zip(torch.utils._pytree.tree_leaves(a), torch.utils._pytree.tree_leaves(b)):
                 if x.is_floating_point():
                     worst = max(worst, float((x - y).norm() / (x.norm() or 1.0)))

@@ -140,19 +140,9 @@ class RemoteSession:
             return all(self._executor(p.index) is not None for p in self.manifest.partitions)
 
     def bind_inputs(self, inputs: Mapping[str, np.ndarray] | Sequence[np.ndarray]) -> dict[str, np.ndarray]:
-        specs = self.manifest.inputs
-        if not isinstance(inputs, Mapping):
-            inputs = list(inputs)
-            if len(inputs) != len(specs):
-                raise InputError(f"model takes {len(specs)} input(s) ({', '.join(s.name for s in specs)}), got {len(inputs)}")
-            inputs = {spec.name: array for spec, array in zip(specs, inputs)}
-        unknown = sorted(set(inputs) - {s.name for s in specs})
-        if unknown:
-            raise InputError(f"unknown input(s) {', '.join(unknown)}; the model takes {', '.join(s.name for s in specs)}")
-        from splitc.runtime.session import check_inputs
+        from splitc.runtime.session import bind_model_inputs
 
-        check_inputs(specs, inputs, "model")
-        return dict(inputs)
+        return bind_model_inputs(self.manifest, inputs)
 
     # ---------------------------------------------------------------------------- HTTP plumbing
 

@@ -7,6 +7,7 @@ only the tensors of boundary k survive, which is exactly what a networked runtim
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -86,6 +87,47 @@ def check_inputs(specs: Sequence[TensorSpec], arrays: Mapping[str, np.ndarray], 
             raise InputError(f"{where}: input {spec.name!r} has dtype {array.dtype}, expected {spec.dtype}; cast it first")
 
 
+def generated_inputs(manifest: Manifest) -> dict[str, dict]:
+    """Model inputs the runtime draws itself (noise layers), by name, with their distribution."""
+    return dict(manifest.model.get("generated_inputs") or {})
+
+
+def secure_normal(shape: tuple[int, ...]) -> np.ndarray:
+    """Standard normal float32 samples from the operating system's CSPRNG (Box-Muller over
+    os.urandom): noise that defends the sent activations must not be predictable to an attacker,
+    which a seeded PRNG is."""
+    count = int(np.prod(shape, dtype=np.int64))
+    pairs = (count + 1) // 2
+    raw = np.frombuffer(os.urandom(16 * pairs), dtype=np.uint64).reshape(2, pairs)
+    u1 = (raw[0] >> np.uint64(11)).astype(np.float64) * 2.0**-53 + 2.0**-54  # in (0, 1)
+    u2 = (raw[1] >> np.uint64(11)).astype(np.float64) * 2.0**-53
+    radius = np.sqrt(-2.0 * np.log(u1))
+    normal = np.concatenate([radius * np.cos(2 * np.pi * u2), radius * np.sin(2 * np.pi * u2)])[:count]
+    return normal.astype(np.float32).reshape(shape)
+
+
+def bind_model_inputs(manifest: Manifest, inputs: Mapping[str, np.ndarray] | Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+    """Name, check and complete the caller's inputs: positional or by name; generated inputs (noise)
+    are drawn here unless the caller supplies them (verification supplies seeded ones)."""
+    generated = generated_inputs(manifest)
+    specs = manifest.inputs
+    user_specs = [s for s in specs if s.name not in generated]
+    if not isinstance(inputs, Mapping):
+        inputs = list(inputs)
+        if len(inputs) != len(user_specs):
+            raise InputError(f"model takes {len(user_specs)} input(s) ({', '.join(s.name for s in user_specs)}), got {len(inputs)}")
+        inputs = {spec.name: array for spec, array in zip(user_specs, inputs)}
+    unknown = sorted(set(inputs) - {s.name for s in specs})
+    if unknown:
+        raise InputError(f"unknown input(s) {', '.join(unknown)}; the model takes {', '.join(s.name for s in user_specs)}")
+    bound = dict(inputs)
+    for spec in specs:
+        if spec.name in generated and spec.name not in bound:
+            bound[spec.name] = secure_normal(spec.shape).astype(spec.dtype)
+    check_inputs(specs, bound, "model")
+    return bound
+
+
 class SplitSession:
     """Runs a bundle's partitions one after another on this host."""
 
@@ -101,17 +143,7 @@ class SplitSession:
                 self._executors[partition.index] = load_executor(artifact, bundle.file(artifact))
 
     def bind_inputs(self, inputs: Mapping[str, np.ndarray] | Sequence[np.ndarray]) -> dict[str, np.ndarray]:
-        specs = self.manifest.inputs
-        if not isinstance(inputs, Mapping):
-            inputs = list(inputs)
-            if len(inputs) != len(specs):
-                raise InputError(f"model takes {len(specs)} input(s) ({', '.join(s.name for s in specs)}), got {len(inputs)}")
-            inputs = {spec.name: array for spec, array in zip(specs, inputs)}
-        unknown = sorted(set(inputs) - {s.name for s in specs})
-        if unknown:
-            raise InputError(f"unknown input(s) {', '.join(unknown)}; the model takes {', '.join(s.name for s in specs)}")
-        check_inputs(specs, inputs, "model")
-        return dict(inputs)
+        return bind_model_inputs(self.manifest, inputs)
 
     def run_partition(self, index: int, env: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run partition `index` on `env` and return the tensors of the boundary after it."""

@@ -58,9 +58,10 @@ def cli() -> None:
 @click.option("--samples", default=4, show_default=True, type=click.IntRange(1, 64), help="Reference samples stored for verify.")
 @click.option("--quantize", type=click.Choice(["none", "int8", "int4"]), default="none", show_default=True,
               help="Quantize the tensors crossing each cut (affine, per tensor; int4 packs two per byte).")
-@click.option("--calib", type=click.Path(dir_okay=False), help="Calibration inputs (.npz) for quantizer ranges.")
+@click.option("--noise", type=click.FloatRange(min=0, min_open=True), help="Gaussian noise on what leaves the device, as a multiple of each tensor's std.")
+@click.option("--calib", type=click.Path(dir_okay=False), help="Calibration inputs (.npz) for quantizer ranges and noise scale.")
 @_model_options
-def compile(source, targets, plan_path, plan_link, cut, link, output, samples, quantize, calib, input_shapes, example_input, trust_pickle):
+def compile(source, targets, plan_path, plan_link, cut, link, output, samples, quantize, noise, calib, input_shapes, example_input, trust_pickle):
     """Split SOURCE across TARGETS and compile every partition into a bundle."""
     from splitc.compiler import compile_model
     from splitc.plan_file import read_plan
@@ -80,7 +81,7 @@ def compile(source, targets, plan_path, plan_link, cut, link, output, samples, q
     calibration = _calibration_samples(calib, graph) if calib else None
     out = Path(output or f"{graph.name}.splitc")
     result = compile_model(graph, target_list, out, cut=cut, link=link_obj, samples=samples, examples=loaded.example_inputs,
-                           plan_record=record, quantize=quantize, calibration=calibration,
+                           plan_record=record, quantize=quantize, noise=noise, calibration=calibration,
                            log=lambda m: console.print(f"[dim]{escape(m)}[/dim]"))
     manifest = result.manifest
     table = Table(title=f"{out} — {len(graph.value_nodes())} nodes, {graph.total_flops / 1e9:.3f} GFLOP, cut: {manifest.plan['method']}")
@@ -98,6 +99,10 @@ def compile(source, targets, plan_path, plan_link, cut, link, output, samples, q
         sizes = ", ".join(f"{_mb(a)} → {_mb(b)}" for a, b in zip(quantization["bytes_float"], quantization["bytes_sent"]))
         console.print(f"{quantization['scheme']} at the cut: {sizes} per request; top-1 agreement with float "
                       f"{quantization['top1_agreement']:.4f}, max relative error {quantization['max_rel_err']:.2e}")
+    noise_info = manifest.plan.get("noise")
+    if noise_info:
+        console.print(f"noise σ={noise_info['sigma']:g}×std on {len(noise_info['layers'])} tensor(s) leaving the device (drawn by the runtime); "
+                      f"top-1 agreement with the clean model {noise_info['top1_agreement']:.4f}")
     if manifest.plan.get("estimate"):
         console.print(f"estimated latency on {link_obj.name}: {manifest.plan['estimate']['total_ms']:.2f} ms (analytic model)")
     for note in result.notes:

@@ -21,6 +21,7 @@ from splitc.errors import CutError, SplitcError
 from splitc.graph import ModelGraph
 from splitc.passes.cuts import Cut, CutAnalysis, auto_cuts, estimate, resolve_cuts
 from splitc.passes.partition import Partition, assign_tiers, extract_partitions
+from splitc.passes.noise import add_noise
 from splitc.passes.quantize import agreement, quantize_cuts
 from splitc.runtime.manifest import REFERENCE_NAME, Manifest, PartitionSpec, sha256_file
 from splitc.targets import Link, Target
@@ -105,6 +106,40 @@ def reference_data(graph: ModelGraph, partitions: Sequence[Partition], samples: 
     return reference
 
 
+def transform_cuts(graph: ModelGraph, cuts: Sequence[Cut], targets: Sequence[Target], *, noise: float | None,
+                   quantize: str | None, examples, samples: list[tuple[torch.Tensor, ...]]):
+    """The passes that change what crosses a cut, in order: noise on what leaves the device, then
+    quantizers at every cut. Returns the new graph, its analysis and cuts, the example inputs
+    (extended with zero noise), and a record of each pass for the manifest."""
+    noise_record = quantization = None
+    analysis = CutAnalysis(graph)
+    if noise:
+        clean_graph = graph
+        graph, first_cut, layers = add_noise(graph, cuts[0].after, noise, samples)
+        analysis = CutAnalysis(graph)
+        cuts = resolve_cuts(analysis, [first_cut] + [c.after for c in cuts[1:]], targets)
+        # From here on every sample carries noise inputs too: seeded, so references are reproducible.
+        generator = torch.Generator().manual_seed(2)
+        samples = [sample + tuple(torch.randn(layer.shape, generator=generator) for layer in layers) for sample in samples]
+        if examples is not None:
+            examples = tuple(examples) + tuple(torch.zeros(layer.shape) for layer in layers)
+        noise_record = {"sigma": noise, "layers": [layer.to_json() for layer in layers],
+                        **agreement(clean_graph, graph, samples, extra_inputs=len(layers))}
+    if quantize not in (None, "none"):
+        float_graph, float_bytes = graph, [c.nbytes for c in cuts]
+        graph, cut_names, quantizers = quantize_cuts(graph, [c.after for c in cuts], quantize, samples)
+        analysis = CutAnalysis(graph)
+        cuts = resolve_cuts(analysis, cut_names, targets)
+        quantization = {
+            "scheme": quantize,
+            "tensors": [q.to_json() for q in quantizers],
+            "bytes_float": float_bytes,
+            "bytes_sent": [c.nbytes for c in cuts],
+            **agreement(float_graph, graph, samples),
+        }
+    return graph, analysis, cuts, examples, noise_record, quantization
+
+
 def compile_model(
     graph: ModelGraph,
     targets: Sequence[Target],
@@ -116,6 +151,7 @@ def compile_model(
     examples: Sequence[torch.Tensor] | None = None,
     plan_record: dict | None = None,
     quantize: str | None = None,
+    noise: float | None = None,
     calibration: Sequence[tuple[torch.Tensor, ...]] | None = None,
     log: Callable[[str], None] = lambda _: None,
 ) -> CompileResult:
@@ -123,22 +159,13 @@ def compile_model(
     started = time.perf_counter()
     notes: list[str] = []
     analysis, cuts, method = plan_cuts(graph, targets, cut, link)
-    quantization = None
-    if quantize and quantize != "none" and cuts:
-        float_graph, float_bytes = graph, [c.nbytes for c in cuts]
-        ranges_from = calibration or sample_inputs(graph, max(samples, 8), examples, seed=1)
+    quantization = noise_record = None
+    if cuts and (noise or quantize not in (None, "none")):
         if not calibration:
-            notes.append("quantizer ranges calibrated on random inputs; pass --calib data.npz for ranges from real data")
-        graph, cut_names, quantizers = quantize_cuts(graph, [c.after for c in cuts], quantize, ranges_from)
-        analysis = CutAnalysis(graph)
-        cuts = resolve_cuts(analysis, cut_names, targets)
-        quantization = {
-            "scheme": quantize,
-            "tensors": [q.to_json() for q in quantizers],
-            "bytes_float": float_bytes,
-            "bytes_sent": [c.nbytes for c in cuts],
-            **agreement(float_graph, graph, ranges_from),
-        }
+            notes.append("noise and quantizer statistics measured on random inputs; pass --calib data.npz to measure them on real data")
+        graph, analysis, cuts, examples, noise_record, quantization = transform_cuts(
+            graph, cuts, targets, noise=noise, quantize=quantize, examples=examples,
+            samples=list(calibration or sample_inputs(graph, max(samples, 8), examples, seed=1)))
     assign_tiers(analysis, cuts)
     partitions = extract_partitions(graph, analysis, targets)
     backends = [get_backend(p.target) for p in partitions]
@@ -180,7 +207,10 @@ def compile_model(
         estimate_json = estimate(analysis, cuts, targets, link).to_json() if cuts else {}
         manifest = Manifest(
             model={"name": graph.name, "source": graph.source, "sha256": graph.source_sha256,
-                   "flops": graph.total_flops, "param_bytes": graph.param_bytes},
+                   "flops": graph.total_flops, "param_bytes": graph.param_bytes,
+                   **({"generated_inputs": {layer["noise_input"]: {"distribution": "normal", "mean": 0.0, "std": 1.0,
+                                                                     "scaled_to": layer["scale"], "for": layer["tensor"]}
+                                            for layer in noise_record["layers"]}} if noise_record else {})},
             inputs=graph.inputs,
             outputs=graph.outputs,
             targets=tuple(t.summary() for t in targets),
@@ -190,6 +220,7 @@ def compile_model(
                 "method": "planner" if plan_record else method,
                 **({"planned": plan_record} if plan_record else {}),
                 **({"quantization": quantization} if quantization else {}),
+                **({"noise": noise_record} if noise_record else {}),
                 "cuts": [{"after": c.after, "position": c.position, "bytes": c.nbytes, "crossing": [t.name for t in c.crossing]} for c in cuts],
                 "estimate": estimate_json,
             },

@@ -160,7 +160,7 @@ def test_profile_against_eager_module_output(resnet_case):
     """The logits position, recomputed by calling the GraphModule directly (no fx.Interpreter)."""
     graph, analysis, calibration, profile = resnet_case
     with torch.no_grad():
-        logits = np.stack([graph.module(torch.from_numpy(s)).reshape(-1).double().numpy() for s in calibration.inputs[0]])
+        logits = np.stack([graph.module(torch.from_numpy(s))[0].reshape(-1).double().numpy() for s in calibration.inputs[0]])
     x = calibration.inputs[0].reshape(len(calibration), -1)
     assert [n.name for n in analysis.crossing_nodes(analysis.last_op)] == [graph.outputs[0].name]
     assert profile[analysis.last_op] == pytest.approx(distance_correlation(x, logits, bias_corrected=True), abs=1e-8)
