@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from splitc.cli_audit import audit
 from splitc.cli_serve import export_triton_command, remote_options, run_remote, serve
 from splitc.errors import InputError, SplitcError, VerificationFailed
 
@@ -425,6 +426,7 @@ def toolchain(arch, cache_dir):
 
 cli.add_command(serve)
 cli.add_command(export_triton_command)
+cli.add_command(audit)
 
 
 def main(argv: list[str] | None = None) -> None:

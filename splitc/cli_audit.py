@@ -1,0 +1,102 @@
+"""`splitc audit`: attack what a device sends at one or more cuts (registered by splitc/cli.py):
+
+    from splitc.cli_audit import audit
+    cli.add_command(audit)
+
+    splitc audit model.pt2 --cut layer2,layer3 --calib digits.npz [--noise 0.5] [--report audit/]
+
+writes audit/report.json (splitc.audit.audit_report_json) and audit/reconstructions.png, and prints a
+table. `python -m splitc.cli_audit ...` runs the command on its own, with the same error handling.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import warnings
+from pathlib import Path
+
+import click
+
+from splitc.errors import InputError, SplitcError
+
+
+@click.command("audit")
+@click.argument("source")
+@click.option("--cut", "cuts", required=True, help="Cut(s) to audit, comma-separated node names or module paths: layer2,layer3.")
+@click.option("--calib", required=True, type=click.Path(dir_okay=False),
+              help="Calibration .npz: inputs (key x or the input's name) and optional labels (y); a few hundred samples.")
+@click.option("--noise", type=float, help="Also audit with Gaussian noise of std NOISE x the sent tensor's std added before sending.")
+@click.option("--report", "report_dir", default="audit", show_default=True, type=click.Path(file_okay=False),
+              help="Directory for report.json and reconstructions.png.")
+@click.option("--epochs", default=150, show_default=True, type=click.IntRange(1, 10000), help="Epochs of the inverse-network attacker.")
+@click.option("--whitebox-steps", default=300, show_default=True, type=click.IntRange(0, 100000),
+              help="Optimisation steps of the white-box attack (0: skip it).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the attacker/held-out split, the attacks and the noise.")
+@click.option("--trust-pickle", is_flag=True, help="Allow loading a pickled nn.Module (.pt/.pth). Unpickling runs code.")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="SHAPE[:DTYPE]", help="Input shape for a factory or pickle, e.g. 1,1,8,8.")
+def audit(source, cuts, calib, noise, report_dir, epochs, whitebox_steps, seed, trust_pickle, input_shapes):
+    """Measure what an attacker recovers from the tensors SOURCE's device part sends at each --cut."""
+    from rich.console import Console
+
+    from splitc.audit import (
+        DeviceSplit,
+        GaussianNoise,
+        audit_cut,
+        audit_report_json,
+        print_audit_table,
+        write_reconstructions_png,
+    )
+    from splitc.frontend import import_model
+    from splitc.passes.privacy import load_calibration
+
+    console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+    names = [c.strip() for c in cuts.split(",")]
+    if noise is not None and not (math.isfinite(noise) and noise > 0):
+        raise InputError(f"--noise {noise} must be a positive number: the noise std relative to each sent tensor's std (e.g. 0.5)")
+    if len(set(names)) != len(names):
+        raise InputError(f"--cut {cuts} names a cut twice; list each once")
+    report = Path(report_dir)
+    if report.exists() and not report.is_dir():
+        raise InputError(f"--report {report} is a file; give a directory")
+    with console.status(f"exporting {source}"):
+        _, graph = import_model(source, input_shapes=input_shapes, trust_pickle=trust_pickle)
+    calibration = load_calibration(calib, graph)
+    splits = [DeviceSplit(graph, name) for name in names]  # every cut checked before any attack runs
+    settings = [("plain", None)] + ([(f"noise {noise:g}", lambda: GaussianNoise(noise, seed=seed))] if noise is not None else [])
+    audits = []
+    for name, split in zip(names, splits):
+        for label, make in settings:
+            with console.status(f"auditing {name} ({label})"):
+                audits.append(audit_cut(graph, name, calibration, transform=make() if make else None, setting=label, seed=seed,
+                                        epochs=epochs, whitebox=whitebox_steps > 0, whitebox_steps=max(whitebox_steps, 1), split=split))
+    report.mkdir(parents=True, exist_ok=True)
+    (report / "report.json").write_text(json.dumps(audit_report_json(audits), indent=2) + "\n")
+    write_reconstructions_png(audits, report / "reconstructions.png")
+    print_audit_table(audits, console)
+    console.print(f"wrote {report / 'report.json'} and {report / 'reconstructions.png'}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run `audit` alone, mapping SplitcError to one line and its exit code as splitc.cli.main does."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
+    try:
+        audit.main(args=argv, prog_name="splitc audit", standalone_mode=False)
+    except SplitcError as exc:
+        err.print(f"[red]splitc: error:[/red] {escape(str(exc))}", soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        err.print("splitc: aborted")
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()
