@@ -10,37 +10,14 @@ from pathlib import Path
 
 import click
 import numpy as np
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from splitc.cli_audit import audit
 from splitc.cli_serve import export_triton_command, remote_options, run_remote, serve
+from splitc.cli_tune import bench, tune
+from splitc.cli_common import _import, _mb, _model_options, console, err_console
 from splitc.errors import InputError, SplitcError, VerificationFailed
-
-# Wide enough for the tables when output goes to a CI log rather than a terminal.
-console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
-err_console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
-
-
-def _mb(nbytes: float) -> str:
-    return f"{nbytes / 1e6:.3f} MB" if nbytes >= 1e4 else f"{int(nbytes)} B"
-
-
-def _model_options(func):
-    func = click.option("--trust-pickle", is_flag=True, help="Allow loading a pickled nn.Module (.pt/.pth). Unpickling runs code.")(func)
-    func = click.option("--example-input", type=click.Path(dir_okay=False), help="Inputs as .npy (one) or .npz (several, in order).")(func)
-    func = click.option("--input-shape", "input_shapes", multiple=True, metavar="SHAPE[:DTYPE]",
-                        help="Input shape for a factory or pickle, e.g. 1,3,224,224 or 1,128:int64; repeat or use ';' for several.")(func)
-    return func
-
-
-def _import(source, input_shapes, example_input, trust_pickle):
-    from splitc.frontend import import_model
-
-    with console.status(f"exporting {source}"):
-        return import_model(source, input_shapes=input_shapes, example_input=example_input, trust_pickle=trust_pickle)
-
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="splitc")
@@ -427,6 +404,8 @@ def toolchain(arch, cache_dir):
 cli.add_command(serve)
 cli.add_command(export_triton_command)
 cli.add_command(audit)
+cli.add_command(tune)
+cli.add_command(bench)
 
 
 def main(argv: list[str] | None = None) -> None:
