@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
-import torch.fx as fx
 
 from splitc.errors import CutError
 from splitc.frontend.annotate import annotate
