@@ -4,8 +4,6 @@ and mapped to that error's exit code (see splitc/errors.py); a failed verificati
 from __future__ import annotations
 
 import json
-import sys
-import warnings
 from pathlib import Path
 
 import click
@@ -16,8 +14,8 @@ from rich.table import Table
 from splitc.cli_audit import audit
 from splitc.cli_serve import export_triton_command, remote_options, run_remote, serve
 from splitc.cli_tune import bench, tune
-from splitc.cli_common import _import, _mb, _model_options, console, err_console
-from splitc.errors import InputError, SplitcError, VerificationFailed
+from splitc.cli_common import _import, _mb, _model_options, console, err_console, run_command
+from splitc.errors import InputError, VerificationFailed
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="splitc")
@@ -409,19 +407,7 @@ cli.add_command(bench)
 
 
 def main(argv: list[str] | None = None) -> None:
-    # torch.export's pytree deprecations are not the user's concern.
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    try:
-        cli.main(args=argv, prog_name="splitc", standalone_mode=False)
-    except SplitcError as exc:
-        err_console.print(f"[red]splitc: error:[/red] {escape(str(exc))}", soft_wrap=True)
-        sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
-        err_console.print("splitc: aborted")
-        sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
+    run_command(cli, argv, "splitc")
 
 
 if __name__ == "__main__":

@@ -14,12 +14,11 @@ from __future__ import annotations
 import json
 import math
 import sys
-import warnings
 from pathlib import Path
 
 import click
 
-from splitc.errors import InputError, SplitcError
+from splitc.errors import InputError
 
 
 @click.command("audit")
@@ -79,23 +78,10 @@ def audit(source, cuts, calib, noise, report_dir, epochs, whitebox_steps, seed, 
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run `audit` alone, mapping SplitcError to one line and its exit code as splitc.cli.main does."""
-    from rich.console import Console
-    from rich.markup import escape
+    """Run `audit` alone, with the same error handling as `splitc`."""
+    from splitc.cli_common import run_command
 
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
-    try:
-        audit.main(args=argv, prog_name="splitc audit", standalone_mode=False)
-    except SplitcError as exc:
-        err.print(f"[red]splitc: error:[/red] {escape(str(exc))}", soft_wrap=True)
-        sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
-        err.print("splitc: aborted")
-        sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
+    run_command(audit, argv, "splitc audit")
 
 
 if __name__ == "__main__":

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import sys
+import warnings
 
 import click
 from rich.console import Console
+from rich.markup import escape
+
+from splitc.errors import SplitcError
 
 # Wide enough for the tables when output goes to a CI log rather than a terminal.
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
@@ -29,3 +33,21 @@ def _import(source, input_shapes, example_input, trust_pickle):
 
     with console.status(f"exporting {source}"):
         return import_model(source, input_shapes=input_shapes, example_input=example_input, trust_pickle=trust_pickle)
+
+
+def run_command(command: click.Command, argv: list[str] | None, prog_name: str) -> None:
+    """Run a click command the CI-grade way: a SplitcError is one line on stderr and its own exit
+    code, Ctrl-C exits 130, usage errors exit 2."""
+    # torch.export's pytree deprecations are not the user's concern.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        command.main(args=argv, prog_name=prog_name, standalone_mode=False)
+    except SplitcError as exc:
+        err_console.print(f"[red]splitc: error:[/red] {escape(str(exc))}", soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        err_console.print("splitc: aborted")
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
