@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 from pathlib import Path
 
@@ -37,25 +38,16 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--cuts", default="conv1,conv2", help="module paths or node names to cut after, one at a time")
     args = parser.parse_args()
-    from sklearn.datasets import load_digits
-
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for examples/
+    from examples.digits import load_digits_arrays, train_classifier
     from splitc.frontend import import_model
     from splitc.passes.cuts import CutAnalysis
     from splitc.passes.quantize import agreement, quantize_cuts
 
-    digits = load_digits()
-    images = (digits.images / 16.0).astype(np.float32)[:, None]
-    labels = digits.target
+    images, labels = load_digits_arrays()
     train, held = slice(0, 1200), slice(1200, None)
     torch.manual_seed(0)
-    model = DigitsCNN()
-    optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
-    x, y = torch.from_numpy(images[train]), torch.from_numpy(labels[train])
-    for _ in range(60):
-        optimiser.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        optimiser.step()
-    model.eval()
+    model = train_classifier(DigitsCNN(), images[train], labels[train], steps=60)
     work = Path(tempfile.mkdtemp(prefix="splitc-digits-"))
     torch.export.save(torch.export.export(model, (torch.from_numpy(images[:1]),)), work / "digits.pt2")
     _, graph = import_model(work / "digits.pt2")

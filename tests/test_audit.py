@@ -31,6 +31,7 @@ from splitc.audit import (
     write_reconstructions_png,
 )
 from splitc.errors import CutError, InputError
+from examples.digits import load_digits_arrays, train_classifier
 from tests.models import save_pt2
 
 
@@ -51,25 +52,11 @@ class DigitsCNN(nn.Module):
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
-    datasets = pytest.importorskip("sklearn.datasets")
-    data = datasets.load_digits()
-    images = (data.images / 16.0).astype(np.float32)[:, None]  # (1797, 1, 8, 8)
-    labels = data.target
+    pytest.importorskip("sklearn.datasets")
+    images, labels = load_digits_arrays()
     train, held = slice(0, 1000), slice(1000, None)
     torch.manual_seed(0)
-    model = DigitsCNN()
-    optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
-    x, y = torch.from_numpy(images[train]), torch.from_numpy(labels[train])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops: extra threads only spin on a loaded 2-core host
-    try:
-        for _ in range(60):
-            optimiser.zero_grad()
-            nn.functional.nll_loss(model(x), y).backward()
-            optimiser.step()
-    finally:
-        torch.set_num_threads(threads)
-    model.eval()
+    model = train_classifier(DigitsCNN(), images[train], labels[train], steps=60, loss=nn.functional.nll_loss)
     with torch.no_grad():
         accuracy = (model(torch.from_numpy(images[held])).argmax(1).numpy() == labels[held]).mean()
     assert accuracy > 0.8, f"the digits CNN did not train (held-out accuracy {accuracy:.2f})"

@@ -234,21 +234,13 @@ class DigitsCNN(nn.Module):
 
 
 def test_digits_leakage_falls_from_first_conv_to_logits(tmp_path):
-    datasets = pytest.importorskip("sklearn.datasets")
-    digits = datasets.load_digits()
-    images = (digits.images / 16.0).astype(np.float32)[:, None]  # (1797, 1, 8, 8)
-    labels = digits.target
-    train, held = slice(0, 1200), slice(1200, None)
+    pytest.importorskip("sklearn.datasets")
+    from examples.digits import load_digits_arrays, train_classifier
 
+    images, labels = load_digits_arrays()  # (1797, 1, 8, 8)
+    train, held = slice(0, 1200), slice(1200, None)
     torch.manual_seed(0)
-    model = DigitsCNN()
-    optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
-    x, y = torch.from_numpy(images[train]), torch.from_numpy(labels[train])
-    for _ in range(40):
-        optimiser.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        optimiser.step()
-    model.eval()
+    model = train_classifier(DigitsCNN(), images[train], labels[train], steps=40)
     with torch.no_grad():
         accuracy = (model(torch.from_numpy(images[held])).argmax(1).numpy() == labels[held]).mean()
     assert accuracy > 0.8, f"the digits CNN did not train (held-out accuracy {accuracy:.2f})"
