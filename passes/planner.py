@@ -223,7 +223,7 @@ def _score(analysis, targets, link, workload, times, crossing, leakage, combos) 
             transfer = np.zeros(count)
             for s in range(k):
                 uplink = targets[s].uplink or link
-                transfer = np.where(sender == s, uplink.rtt_ms + sent * (8e3 / (uplink.mbit_s * 1e6)), transfer)
+                transfer = np.where(sender == s, transfer_ms(sent, uplink), transfer)
             latency += np.where(active, transfer, 0.0)
             sender = np.where(active, k, sender)
         if has_price(target) and target.tier == "cloud":

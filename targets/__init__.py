@@ -25,9 +25,6 @@ class Link:
     mbit_s: float
     rtt_ms: float
 
-    def transfer_ms(self, nbytes: int) -> float:
-        return self.rtt_ms + nbytes * 8 / (self.mbit_s * 1e6) * 1e3
-
 
 @dataclass(frozen=True)
 class Target:
