@@ -13,7 +13,7 @@ import torch
 import torch.fx as fx
 
 from splitc.backends.base import CompiledArtifact, CompiledPartition
-from splitc.errors import BackendError
+from splitc.errors import BackendError, first_line
 from splitc.passes.partition import Partition
 from splitc.runtime.manifest import ROLE_DEPLOY, RUNTIME_ONNXRUNTIME
 
@@ -54,10 +54,7 @@ def export_onnx(partition: Partition, path: Path) -> Path:
             )
             program.save(str(path))
     except Exception as exc:
-        text = str(exc).strip().splitlines()
-        raise BackendError(
-            f"ONNX export of partition {partition.index} for {partition.target.name} failed: {text[0][:300] if text else type(exc).__name__}"
-        ) from exc
+        raise BackendError(f"ONNX export of partition {partition.index} for {partition.target.name} failed: {first_line(exc)}") from exc
     return path
 
 

@@ -26,7 +26,7 @@ from splitc.runtime.executors import host_arch
 from splitc.runtime.manifest import ROLE_DEPLOY, ROLE_HOST_TWIN, RUNTIME_TVM
 from torch import fx
 
-from splitc.errors import BackendError, ToolchainError
+from splitc.errors import BackendError, ToolchainError, first_line
 
 _HOST_TRIPLES = {"x86_64": "x86_64-linux-gnu", "aarch64": "aarch64-linux-gnu"}
 
@@ -56,7 +56,7 @@ class TVMBackend:
         try:
             mod = from_exported_program(partition.export(), keep_params_as_input=False)
         except Exception as exc:
-            raise BackendError(f"TVM could not import partition {partition.index} for {target.name}: {_first_line(exc)}") from exc
+            raise BackendError(f"TVM could not import partition {partition.index} for {target.name}: {first_line(exc)}") from exc
 
         workdir.mkdir(parents=True, exist_ok=True)
         target_json = tuning.resolve_target(target_json)
@@ -80,7 +80,7 @@ class TVMBackend:
         try:
             prepared, cov = tuning.best_variant(mod, target_json, directory)
         except Exception as exc:
-            raise BackendError(f"TVM could not prepare partition {partition.index} for tuning records: {_first_line(exc)}") from exc
+            raise BackendError(f"TVM could not prepare partition {partition.index} for tuning records: {first_line(exc)}") from exc
         info.update(tasks=cov.tasks, tasks_with_record=cov.with_record, prepack=cov.prepack)
         where = f"partition {partition.index} ({partition.target.name})"
         if cov.with_record == 0:
@@ -105,7 +105,7 @@ class TVMBackend:
         try:
             executable = tvm.compile(mod, target=tvm.target.Target(target_json))
         except Exception as exc:
-            raise BackendError(f"TVM failed to build for {target_json}: {_first_line(exc)}") from exc
+            raise BackendError(f"TVM failed to build for {target_json}: {first_line(exc)}") from exc
         if arch != host_arch():
             compiler = cross_compiler or f"{arch}-linux-gnu-gcc"
             if shutil.which(compiler) is None:
@@ -127,15 +127,10 @@ def _time_module(mod, target_json: dict, partition: Partition) -> float:
     try:
         executable = tvm.compile(mod, target=tvm.target.Target(target_json))
     except Exception as exc:
-        raise BackendError(f"TVM failed to build partition {partition.index} with its tuning records: {_first_line(exc)}") from exc
+        raise BackendError(f"TVM failed to build partition {partition.index} with its tuning records: {first_line(exc)}") from exc
     vm = relax.VirtualMachine(executable, tvm.cpu())
     rng = np.random.default_rng(0)
     args = [tvm.runtime.tensor(rng.standard_normal(t.shape).astype(t.dtype) if np.dtype(t.dtype).kind == "f"
                                else np.zeros(t.shape, dtype=t.dtype)) for t in partition.inputs]
     main = vm["main"]
     return time_callable(lambda: main(*args), warmup=2, repeats=10, min_seconds=0.2, max_seconds=5.0).median_ms
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:300]

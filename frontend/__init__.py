@@ -7,7 +7,7 @@ from typing import Sequence
 
 import torch
 
-from splitc.errors import ModelLoadError
+from splitc.errors import ModelLoadError, first_line
 from splitc.frontend.annotate import annotate
 from splitc.frontend.loader import LoadedModel, load_model, parse_input_shapes, read_example_inputs
 from splitc.graph import ModelGraph, is_tensor_node, tensor_spec
@@ -21,7 +21,7 @@ def build_graph(loaded: LoadedModel) -> ModelGraph:
     try:
         program = loaded.program.run_decompositions()
     except Exception as exc:
-        raise ModelLoadError(f"decomposing {loaded.source} to core ATen failed: {str(exc).splitlines()[0][:300]}") from exc
+        raise ModelLoadError(f"decomposing {loaded.source} to core ATen failed: {first_line(exc)}") from exc
     module = program.module()
     graph = module.graph
     # `ExportedProgram.module()` adds a call that re-checks export's input guards; splitc checks

@@ -19,7 +19,7 @@ from typing import Sequence
 
 import torch
 
-from splitc.errors import InputError, ModelLoadError
+from splitc.errors import InputError, ModelLoadError, first_line
 from splitc.runtime.arrays import read_arrays
 
 _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
@@ -79,7 +79,7 @@ def load_model(
             program = torch.export.load(str(path))
         except Exception as exc:
             raise ModelLoadError(
-                f"cannot read {source} as a torch.export program ({_first_line(exc)}); write it with torch.export.save"
+                f"cannot read {source} as a torch.export program ({first_line(exc)}); write it with torch.export.save"
             ) from exc
         return LoadedModel(program, path.stem, str(path), _sha256(path.read_bytes()), examples)
     if path.suffix in _PICKLE_SUFFIXES:
@@ -93,7 +93,7 @@ def load_model(
         try:
             module = torch.load(str(path), weights_only=False, map_location="cpu")
         except Exception as exc:
-            raise ModelLoadError(f"cannot unpickle {source} ({_first_line(exc)})") from exc
+            raise ModelLoadError(f"cannot unpickle {source} ({first_line(exc)})") from exc
         if not isinstance(module, torch.nn.Module):
             raise ModelLoadError(f"{source} holds a {type(module).__name__}, not an nn.Module; save the whole module, or a .pt2 program")
         inputs = _inputs_for(source, input_shapes, examples)
@@ -119,7 +119,7 @@ def _call_factory(source: str):
     try:
         obj = importlib.import_module(module_name)
     except Exception as exc:
-        raise ModelLoadError(f"cannot import {module_name} for {source} ({_first_line(exc)}); check the module path and PYTHONPATH") from exc
+        raise ModelLoadError(f"cannot import {module_name} for {source} ({first_line(exc)}); check the module path and PYTHONPATH") from exc
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise ModelLoadError(f"{module_name} has no attribute {attr!r}; check the factory name in {source}")
@@ -131,7 +131,7 @@ def _call_factory(source: str):
     try:
         built = obj()
     except Exception as exc:
-        raise ModelLoadError(f"factory {source} failed: {_first_line(exc)}") from exc
+        raise ModelLoadError(f"factory {source} failed: {first_line(exc)}") from exc
     if not isinstance(built, (torch.nn.Module, torch.export.ExportedProgram)):
         raise ModelLoadError(f"factory {source} returned a {type(built).__name__}; it must return an nn.Module")
     return built
@@ -156,12 +156,9 @@ def _export(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], source: s
         with torch.no_grad():
             return torch.export.export(module, inputs)
     except Exception as exc:
-        raise ModelLoadError(f"torch.export failed on {source}: {_first_line(exc)}") from exc
+        raise ModelLoadError(f"torch.export failed on {source}: {first_line(exc)}") from exc
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
 
 
 def _sha256(data: bytes) -> str:

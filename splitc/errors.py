@@ -8,6 +8,13 @@ Stdlib only: the runtime raises these too.
 from __future__ import annotations
 
 
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (its type name when the message is empty), cut to
+    `limit` characters: what a one-line error quotes from a library's multi-line traceback text."""
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:limit]
+
+
 class SplitcError(Exception):
     """Base class. `exit_code` is what the CLI exits with."""
 

@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from splitc.errors import BackendError, InputError, SplitcError, TargetError, ToolchainError
+from splitc.errors import BackendError, InputError, SplitcError, TargetError, ToolchainError, first_line
 from splitc.graph import TIER, ModelGraph
 from splitc.passes.cost_model import compute_ms
 from splitc.passes.cuts import CutAnalysis
@@ -437,7 +437,7 @@ class _RemoteTVM:
             self.session = tvm_rpc.connect(host, port)
         except Exception as exc:  # TVM raises its own error types
             raise TargetError(
-                f"cannot reach the TVM RPC server at {self.address} ({_first_line(exc)}); start `python -m tvm.exec.rpc_server --host 0.0.0.0 --port {port}` on the device"
+                f"cannot reach the TVM RPC server at {self.address} ({first_line(exc)}); start `python -m tvm.exec.rpc_server --host 0.0.0.0 --port {port}` on the device"
             ) from exc
 
     def time(self, path: Path, name: str, inputs: list[np.ndarray], *, warmup: int, repeats: int, min_seconds: float, max_seconds: float) -> Timing:
@@ -448,7 +448,7 @@ class _RemoteTVM:
             self.session.upload(str(path), target=name)
             module = self.session.load_module(name)
         except Exception as exc:
-            raise BackendError(f"the device at {self.address} cannot load {path.name} ({_first_line(exc)}); is it the target's ISA, with a matching TVM runtime?") from exc
+            raise BackendError(f"the device at {self.address} cannot load {path.name} ({first_line(exc)}); is it the target's ISA, with a matching TVM runtime?") from exc
         try:
             device = self.session.cpu()
             vm = VirtualMachine(module, device)
@@ -463,15 +463,10 @@ class _RemoteTVM:
         except SplitcError:
             raise
         except Exception as exc:
-            raise BackendError(f"timing {path.name} on {self.address} failed: {_first_line(exc)}") from exc
+            raise BackendError(f"timing {path.name} on {self.address} failed: {first_line(exc)}") from exc
         finally:
             try:
                 self.session.remove(name)
             except Exception:
                 pass
         return Timing.from_samples(np.asarray(samples, dtype=np.float64) * 1e3, warmup)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:300]

@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from splitc.errors import SplitcError
+from splitc.errors import SplitcError, first_line
 from splitc.runtime.executors import can_run_here, load_executor
 from splitc.runtime.manifest import ROLE_DEPLOY, ROLE_HOST_TWIN, ROLE_PORTABLE, RUNTIME_TENSORRT, RUNTIME_TVM, Artifact, PartitionSpec
 from splitc.runtime.session import Bundle
@@ -226,7 +226,7 @@ def verify_bundle(path: str | Path, *, emulate: bool = True, log: Callable[[str]
             batch = isolated if chain_broken else isolated + [[env[t.name] for t in partition.inputs] for env in chained]
             results = runner.run(batch)
         except Exception as exc:  # a backend crash is a verification failure, reported, not a traceback
-            check.note = f"running {runner.artifact.path} failed: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__}"
+            check.note = f"running {runner.artifact.path} failed: {first_line(exc)}"
             check.seconds = time.perf_counter() - tick
             report.checks.append(check)
             chain_broken = chain_broken or f"partition {partition.index} failed to run"
