@@ -177,15 +177,16 @@ class _Handler(BaseHTTPRequestHandler):
         if self.close_connection or self.server.draining.is_set():
             self.close_connection = True
             self.send_header("Connection", "close")
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
+        # Counted before the response leaves: a client that has its answer must see it in the stats.
         app = self.server.app
         app.count("requests")
         if 400 <= status < 500:
             app.count("errors_4xx")
         elif status >= 500:
             app.count("errors_5xx")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
 
     def _json(self, status: int, payload: Any) -> None:
         self._send(status, json.dumps(payload).encode())
