@@ -18,20 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
-
-
-class DigitsCNN(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 16, 3, padding=1)
-        self.conv2 = nn.Conv2d(16, 32, 3, stride=2, padding=1)
-        self.fc = nn.Linear(32 * 4 * 4, 10)
-
-    def forward(self, x):
-        x = torch.relu(self.conv1(x))
-        x = torch.relu(self.conv2(x))
-        return self.fc(torch.flatten(x, 1))
 
 
 def main() -> None:
@@ -39,10 +25,11 @@ def main() -> None:
     parser.add_argument("--cuts", default="conv1,conv2", help="module paths or node names to cut after, one at a time")
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for examples/
-    from examples.digits import load_digits_arrays, train_classifier
     from splitc.frontend import import_model
     from splitc.passes.cuts import CutAnalysis
     from splitc.passes.quantize import agreement, quantize_cuts
+
+    from examples.digits import DigitsCNN, load_digits_arrays, train_classifier
 
     images, labels = load_digits_arrays()
     train, held = slice(0, 1200), slice(1200, None)

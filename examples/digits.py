@@ -32,3 +32,26 @@ def train_classifier(model: nn.Module, images: np.ndarray, labels: np.ndarray, *
     finally:
         torch.set_num_threads(threads)
     return model.eval()
+
+
+class DigitsCNN(nn.Module):
+    """Two convolutions and a classifier for 8x8 digits: `width` channels in the first conv, twice
+    that in the second; `hidden` > 0 adds a hidden fully connected layer; `log_softmax` ends in
+    log-probabilities (for an NLL loss) instead of logits."""
+
+    def __init__(self, width: int = 8, hidden: int = 0, log_softmax: bool = False):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, width, 3, padding=1)
+        self.conv2 = nn.Conv2d(width, 2 * width, 3, stride=2, padding=1)
+        features = 2 * width * 4 * 4
+        self.fc1 = nn.Linear(features, hidden) if hidden else None
+        self.fc2 = nn.Linear(hidden or features, 10)
+        self.log_softmax = log_softmax
+
+    def forward(self, x):
+        x = torch.relu(self.conv1(x))
+        x = torch.flatten(torch.relu(self.conv2(x)), 1)
+        if self.fc1 is not None:
+            x = torch.relu(self.fc1(x))
+        x = self.fc2(x)
+        return torch.log_softmax(x, dim=1) if self.log_softmax else x

@@ -19,7 +19,7 @@ from typing import Sequence
 
 import torch
 
-from splitc.errors import InputError, ModelLoadError, first_line
+from splitc.errors import InputError, ModelLoadError, SplitcError, first_line
 from splitc.runtime.arrays import read_arrays
 
 _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
@@ -112,18 +112,29 @@ def load_model(
     )
 
 
-def _call_factory(source: str):
+def is_reference(text: str) -> bool:
+    """Whether `text` has the `package.module:attribute` form."""
+    return bool(_FACTORY.match(text))
+
+
+def resolve_reference(source: str, error: type[SplitcError] = ModelLoadError):
+    """The object a `package.module:attribute` names (the user's project directory importable)."""
     module_name, _, attr = source.partition(":")
     if "" not in sys.path and str(Path.cwd()) not in sys.path:
         sys.path.insert(0, str(Path.cwd()))  # factories usually live in the user's project
     try:
         obj = importlib.import_module(module_name)
     except Exception as exc:
-        raise ModelLoadError(f"cannot import {module_name} for {source} ({first_line(exc)}); check the module path and PYTHONPATH") from exc
+        raise error(f"cannot import {module_name} for {source} ({first_line(exc)}); check the module path and PYTHONPATH") from exc
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise ModelLoadError(f"{module_name} has no attribute {attr!r}; check the factory name in {source}")
+            raise error(f"{module_name} has no attribute {attr!r}; check the name after ':' in {source}")
         obj = getattr(obj, part)
+    return obj
+
+
+def _call_factory(source: str):
+    obj = resolve_reference(source)
     if isinstance(obj, (torch.nn.Module, torch.export.ExportedProgram)):
         return obj
     if not callable(obj):

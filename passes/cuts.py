@@ -19,7 +19,7 @@ import numpy as np
 import torch.fx as fx
 
 from splitc.errors import CutError
-from splitc.graph import OUTPUT_BYTES, ModelGraph, is_tensor_node, tensor_spec
+from splitc.graph import EXIT, OUTPUT_BYTES, ModelGraph, is_tensor_node, tensor_spec
 from splitc.passes.cost_model import compute_ms, transfer_ms
 from splitc.runtime.manifest import TensorSpec
 from splitc.targets import Link, Target
@@ -51,7 +51,8 @@ class CutAnalysis:
         for i, node in enumerate(self.order):
             for user in node.users:
                 if user.op == "output":
-                    self.last_use[i] = n
+                    # An exit head's logits are answered on the tier that computes them: never sent on.
+                    self.last_use[i] = max(self.last_use[i], i) if EXIT in node.meta else n
                 elif user in self.index:
                     self.last_use[i] = max(self.last_use[i], self.index[user])
         self.is_op = np.array([node.op == "call_function" for node in self.order])
@@ -112,10 +113,11 @@ class CutAnalysis:
     def candidates(self) -> list[Cut]:
         return [self.cut(int(p)) for p in self.valid_positions()]
 
-    def resolve(self, name: str) -> int:
-        """Position of the cut named `name`: a node name, or a module path (cut after its last node)."""
+    def resolve(self, name: str, flag: str = "--cut") -> int:
+        """Position of the cut named `name`: a node name, or a module path (cut after its last node).
+        `flag` names the option the user wrote it in, for the error message."""
         if not name.strip():
-            raise CutError("--cut has an empty name; give one node name or module path per boundary, e.g. layer2,layer3")
+            raise CutError(f"{flag} has an empty name; give node names or module paths, e.g. layer2,layer3")
         for node in self.order:
             if node.name == name:
                 return self.index[node]
@@ -124,7 +126,7 @@ class CutAnalysis:
             return max(owned)
         close = sorted({n.name for n in self.order if name in n.name})[:5]
         hint = f" (similar: {', '.join(close)})" if close else ""
-        raise CutError(f"--cut {name!r} names no node or module of {self.graph.name}{hint}; `splitc inspect` lists the candidates")
+        raise CutError(f"{flag} {name!r} names no node or module of {self.graph.name}{hint}; `splitc inspect` lists the candidates")
 
 
 def placed_nodes(module: fx.GraphModule) -> list[fx.Node]:

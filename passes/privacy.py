@@ -16,6 +16,7 @@ numpy + torch, no global state.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +24,8 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from splitc.errors import InputError
+from splitc.errors import InputError, first_line
+from splitc.frontend.loader import is_reference, resolve_reference
 from splitc.graph import ModelGraph, is_tensor_node
 from splitc.passes.cuts import CutAnalysis
 from splitc.runtime.manifest import TensorSpec
@@ -207,6 +209,8 @@ def load_calibration(path: str | Path, graph: ModelGraph) -> Calibration:
     where the spec says float32, any other dtype mismatch is refused. Every problem is an InputError
     with a one-line message naming the file and key.
     """
+    if not Path(path).is_file() and is_reference(str(path)):
+        return calibration_from_callable(str(path), graph)
     path = Path(path)
     where = str(path)
     if not path.is_file():
@@ -223,7 +227,28 @@ def load_calibration(path: str | Path, graph: ModelGraph) -> Calibration:
             arrays = {k: npz[k] for k in keys}
         except Exception as exc:
             raise InputError(f"calibration file {where} has an unreadable array ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+    return calibration_from_arrays(arrays, graph, where)
 
+
+def calibration_from_callable(source: str, graph: ModelGraph) -> Calibration:
+    """`package.module:callable` returning the calibration set: a mapping with the .npz keys, or a
+    pair (inputs, labels) for a single-input model."""
+    fn = resolve_reference(source, InputError)
+    try:
+        data = fn() if callable(fn) else fn
+    except Exception as exc:
+        raise InputError(f"calibration callable {source} failed: {first_line(exc)}") from exc
+    if isinstance(data, tuple) and len(data) == 2 and len(graph.inputs) == 1:
+        data = {"x": data[0], "y": data[1]}
+    if not isinstance(data, Mapping):
+        raise InputError(f"calibration callable {source} returned a {type(data).__name__}; return a dict of arrays (keys as in the .npz) or (inputs, labels)")
+    return calibration_from_arrays({str(k): np.asarray(v) for k, v in data.items()}, graph, source)
+
+
+def calibration_from_arrays(arrays: dict[str, np.ndarray], graph: ModelGraph, where: str) -> Calibration:
+    """Check named arrays (the keys load_calibration documents) against `graph` and return them as
+    a Calibration; `where` names their origin in error messages."""
+    keys = list(arrays)
     found = ", ".join(repr(k) for k in keys) or "none"
     inputs = []
     for spec in graph.inputs:

@@ -190,7 +190,9 @@ def agreement(graph: ModelGraph, changed: ModelGraph, samples: Sequence[tuple[to
     with torch.no_grad():
         for sample in samples:
             a, b = graph.module(*sample[: len(sample) - extra_inputs]), changed.module(*sample)
-            for x, y in zip(torch.utils._pytree.tree_leaves(a), torch.utils._pytree.tree_leaves(b)):
+            # The model's own outputs only: exit heads' logits are extra graph outputs past them.
+            kept = len(graph.outputs)
+            for x, y in zip(torch.utils._pytree.tree_leaves(a)[:kept], torch.utils._pytree.tree_leaves(b)[:kept]):
                 if x.is_floating_point():
                     worst = max(worst, float((x - y).norm() / (x.norm() or 1.0)))
                     if x.ndim >= 2 and x.shape[-1] > 1:

@@ -6,6 +6,6 @@
 """
 
 from splitc.runtime.manifest import Manifest, PartitionSpec, TensorSpec
-from splitc.runtime.session import Bundle, SplitSession
+from splitc.runtime.session import Answer, Bundle, SplitSession
 
-__all__ = ["Bundle", "Manifest", "PartitionSpec", "SplitSession", "TensorSpec"]
+__all__ = ["Answer", "Bundle", "Manifest", "PartitionSpec", "SplitSession", "TensorSpec"]

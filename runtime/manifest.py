@@ -133,6 +133,33 @@ class PartitionSpec:
 
 
 @dataclass(frozen=True)
+class ExitSpec:
+    """An early-exit head: after partition `partition` runs, if the softmax maximum of `output`
+    reaches `threshold`, its answer stands in for `replaces` and later partitions do not run."""
+
+    index: int
+    partition: int
+    output: TensorSpec       # the head's logits, produced by `partition`, never sent on
+    replaces: str            # the model output (final classifier logits) it answers for
+    threshold: float
+    exit_rate: float = 0.0   # share of held-out calibration inputs it answered
+    at: str = ""             # graph node the head reads
+    kind: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "output": self.output.to_json()}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ExitSpec:
+        threshold = float(data["threshold"])
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"exit threshold {threshold} is not a softmax confidence in [0, 1]")
+        return cls(index=int(data["index"]), partition=int(data["partition"]), output=TensorSpec.from_json(data["output"]),
+                   replaces=str(data["replaces"]), threshold=threshold, exit_rate=float(data.get("exit_rate") or 0.0),
+                   at=str(data.get("at") or ""), kind=str(data.get("kind") or ""))
+
+
+@dataclass(frozen=True)
 class Manifest:
     model: dict[str, Any]              # name, sha256 of the source, source description
     inputs: tuple[TensorSpec, ...]     # model inputs, in call order
@@ -142,6 +169,7 @@ class Manifest:
     boundaries: tuple[tuple[TensorSpec, ...], ...]  # tensors crossing cut k (between tier k and k+1)
     plan: dict[str, Any]
     reference: dict[str, Any]          # path, sha256, samples
+    exits: tuple[ExitSpec, ...] = ()   # early-exit heads, in the order the runtime checks them
     splitc_version: str = ""
     schema_version: int = SCHEMA_VERSION
 
@@ -157,6 +185,7 @@ class Manifest:
             "plan": self.plan,
             "boundaries": [[t.to_json() for t in b] for b in self.boundaries],
             "partitions": [p.to_json() for p in self.partitions],
+            "exits": [e.to_json() for e in self.exits],
             "reference": self.reference,
         }
 
@@ -180,6 +209,7 @@ class Manifest:
                 boundaries=tuple(tuple(TensorSpec.from_json(t) for t in b) for b in data["boundaries"]),
                 plan=dict(data.get("plan") or {}),
                 reference=dict(data.get("reference") or {}),
+                exits=tuple(ExitSpec.from_json(e) for e in data.get("exits") or ()),
                 splitc_version=str(data.get("splitc_version", "")),
                 schema_version=int(version),
             )

@@ -8,19 +8,18 @@ only the tensors of boundary k survive, which is exactly what a networked runtim
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
-
-from splitc.errors import BundleError, InputError
 from splitc.runtime.executors import Executor, can_run_here, load_executor
 from splitc.runtime.manifest import (
     ROLE_DEPLOY,
     ROLE_HOST_TWIN,
     ROLE_PORTABLE,
     Artifact,
+    ExitSpec,
     Manifest,
     PartitionSpec,
     TensorSpec,
@@ -28,6 +27,8 @@ from splitc.runtime.manifest import (
     check_file,
     read_manifest,
 )
+
+from splitc.errors import BundleError, InputError
 
 # What to run for a partition on this host, best first: the artifact the target itself runs, then
 # the same code built for this ISA, then the portable ONNX form.
@@ -145,8 +146,8 @@ class SplitSession:
     def bind_inputs(self, inputs: Mapping[str, np.ndarray] | Sequence[np.ndarray]) -> dict[str, np.ndarray]:
         return bind_model_inputs(self.manifest, inputs)
 
-    def run_partition(self, index: int, env: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run partition `index` on `env` and return the tensors of the boundary after it."""
+    def execute(self, index: int, env: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run partition `index` on `env`; return `env` plus everything the partition produced."""
         partition = self.manifest.partitions[index]
         check_inputs(partition.inputs, env, f"partition {index}")
         outputs = self._executors[index]([env[t.name] for t in partition.inputs])
@@ -154,11 +155,61 @@ class SplitSession:
             raise BundleError(f"partition {index} returned {len(outputs)} tensors, its manifest declares {len(partition.outputs)}")
         merged = dict(env)
         merged.update({spec.name: array for spec, array in zip(partition.outputs, outputs)})
-        keep = self.manifest.boundaries[index] if index < len(self.manifest.boundaries) else self.manifest.outputs
-        return {t.name: merged[t.name] for t in keep}
+        return merged
 
-    def run(self, inputs: Mapping[str, np.ndarray] | Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+    def boundary(self, index: int, env: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The tensors that leave partition `index`: boundary `index`, or the model outputs."""
+        keep = self.manifest.boundaries[index] if index < len(self.manifest.boundaries) else self.manifest.outputs
+        return {t.name: env[t.name] for t in keep}
+
+    def run_partition(self, index: int, env: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run partition `index` on `env` and return the tensors of the boundary after it."""
+        return self.boundary(index, self.execute(index, env))
+
+    def infer(self, inputs: Mapping[str, np.ndarray] | Sequence[np.ndarray], *, exits: bool = True) -> Answer:
+        """Chain the partitions; with `exits`, stop at the first exit head confident enough."""
         env = self.bind_inputs(inputs)
         for partition in self.manifest.partitions:
-            env = self.run_partition(partition.index, env)
-        return {t.name: env[t.name] for t in self.manifest.outputs}
+            produced = self.execute(partition.index, env)
+            taken = confident_exit(self.manifest, partition.index, produced) if exits else None
+            if taken is not None:
+                return exit_answer(self.manifest, taken, produced, partition.index + 1)
+            env = self.boundary(partition.index, produced)
+        return Answer({t.name: env[t.name] for t in self.manifest.outputs}, len(self.manifest.partitions))
+
+    def run(self, inputs: Mapping[str, np.ndarray] | Sequence[np.ndarray], *, exits: bool = True) -> dict[str, np.ndarray]:
+        return self.infer(inputs, exits=exits).outputs
+
+
+@dataclass(frozen=True)
+class Answer:
+    outputs: dict[str, np.ndarray]
+    partitions_run: int
+    exit: int | None = None          # index of the exit head that answered; None: the final classifier
+    confidence: float | None = None  # that head's softmax maximum
+
+
+def softmax_max(logits: np.ndarray) -> float:
+    """The softmax's largest probability over the last axis (the worst over a batch)."""
+    z = logits.astype(np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    return float((1.0 / np.exp(z).sum(axis=-1)).min())
+
+
+def confident_exit(manifest: Manifest, partition: int, env: Mapping[str, np.ndarray]) -> tuple[ExitSpec, float] | None:
+    """The first exit head computed by `partition` whose confidence reaches its threshold."""
+    for spec in manifest.exits:
+        if spec.partition == partition and spec.output.name in env:
+            confidence = softmax_max(env[spec.output.name])
+            if confidence >= spec.threshold:
+                return spec, confidence
+    return None
+
+
+def exit_answer(manifest: Manifest, taken: tuple[ExitSpec, float], env: Mapping[str, np.ndarray], partitions_run: int) -> Answer:
+    spec, confidence = taken
+    outputs = {t.name: env[spec.output.name] if t.name == spec.replaces else None for t in manifest.outputs}
+    missing = [name for name, value in outputs.items() if value is None]
+    if missing:  # the compiler only adds exits to single-output classifiers; a hand-edited manifest could differ
+        raise BundleError(f"exit {spec.index} answers {spec.replaces!r} but the model also returns {', '.join(missing)}; recompile the bundle")
+    return Answer(outputs, partitions_run, spec.index, confidence)

@@ -35,9 +35,13 @@ def cli() -> None:
 @click.option("--quantize", type=click.Choice(["none", "int8", "int4"]), default="none", show_default=True,
               help="Quantize the tensors crossing each cut (affine, per tensor; int4 packs two per byte).")
 @click.option("--noise", type=click.FloatRange(min=0, min_open=True), help="Gaussian noise on what leaves the device, as a multiple of each tensor's std.")
-@click.option("--calib", type=click.Path(dir_okay=False), help="Calibration inputs (.npz) for quantizer ranges and noise scale.")
+@click.option("--calib", help="Calibration data: an .npz (inputs, labels as y) or package.module:callable; for exit heads, quantizer ranges and noise scale.")
+@click.option("--exits", help="Early-exit heads: 'auto' (one at each cut) or node names / module paths; trained on --calib.")
+@click.option("--max-accuracy-drop", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="Exit thresholds keep accuracy within this many points of the final classifier (on held-out --calib data).")
 @_model_options
-def compile(source, targets, plan_path, plan_link, cut, link, output, samples, quantize, noise, calib, input_shapes, example_input, trust_pickle):
+def compile(source, targets, plan_path, plan_link, cut, link, output, samples, quantize, noise, calib, exits, max_accuracy_drop,
+            input_shapes, example_input, trust_pickle):
     """Split SOURCE across TARGETS and compile every partition into a bundle."""
     from splitc.compiler import compile_model
     from splitc.plan_file import read_plan
@@ -54,10 +58,11 @@ def compile(source, targets, plan_path, plan_link, cut, link, output, samples, q
         if targets and [t.name for t in target_list] != [t.name for t in load_targets(chosen.targets)]:
             raise InputError(f"--targets {targets} differs from the plan's active targets {','.join(chosen.targets)}; drop --targets")
         target_list, cut, record = load_targets(chosen.targets), (chosen.cuts or "auto"), chosen.record
-    calibration = _calibration_samples(calib, graph) if calib else None
+    calibration, labels = _calibration_samples(calib, graph) if calib else (None, None)
     out = Path(output or f"{graph.name}.splitc")
     result = compile_model(graph, target_list, out, cut=cut, link=link_obj, samples=samples, examples=loaded.example_inputs,
-                           plan_record=record, quantize=quantize, noise=noise, calibration=calibration,
+                           plan_record=record, quantize=quantize, noise=noise, calibration=calibration, labels=labels,
+                           exits=exits, max_accuracy_drop=max_accuracy_drop,
                            log=lambda m: console.print(f"[dim]{escape(m)}[/dim]"))
     manifest = result.manifest
     table = Table(title=f"{out} — {len(graph.value_nodes())} nodes, {graph.total_flops / 1e9:.3f} GFLOP, cut: {manifest.plan['method']}")
@@ -75,6 +80,14 @@ def compile(source, targets, plan_path, plan_link, cut, link, output, samples, q
         sizes = ", ".join(f"{_mb(a)} → {_mb(b)}" for a, b in zip(quantization["bytes_float"], quantization["bytes_sent"]))
         console.print(f"{quantization['scheme']} at the cut: {sizes} per request; top-1 agreement with float "
                       f"{quantization['top1_agreement']:.4f}, max relative error {quantization['max_rel_err']:.2e}")
+    exits_info = manifest.plan.get("exits")
+    if exits_info:
+        for head in manifest.exits:
+            console.print(f"exit {head.index} after [bold]{escape(head.at)}[/bold] ({head.kind}) on partition {head.partition}: "
+                          f"answers {head.exit_rate:.1%} of held-out inputs at confidence ≥ {head.threshold:.3f}")
+        console.print(f"accuracy on {exits_info['held_out']} held-out samples: {exits_info['final_accuracy']:.2%} without exits, "
+                      f"{exits_info['accuracy_with_exits']:.2%} with them (allowed drop {exits_info['max_accuracy_drop_points']:g} points; "
+                      f"labels: {exits_info['labels']})")
     noise_info = manifest.plan.get("noise")
     if noise_info:
         console.print(f"noise σ={noise_info['sigma']:g}×std on {len(noise_info['layers'])} tensor(s) leaving the device (drawn by the runtime); "
@@ -137,9 +150,13 @@ def run(bundle, inputs, output, remote, token_file, model_name, remote_timeout, 
     else:
         session = SplitSession(Bundle.open(bundle))
         feed = _read_inputs(inputs, [t.name for t in session.manifest.inputs])
-        outputs = session.run(feed)
+        answer = session.infer(feed)
+        outputs = answer.outputs
         for index, artifact in session.artifacts.items():
-            console.print(f"[dim]partition {index}: {artifact.path} ({artifact.role})[/dim]")
+            ran = "" if index < answer.partitions_run else ", not run"
+            console.print(f"[dim]partition {index}: {artifact.path} ({artifact.role}{ran})[/dim]")
+        if answer.exit is not None:
+            console.print(f"answered by exit {answer.exit} after partition {answer.partitions_run - 1} (confidence {answer.confidence:.3f})")
     for name, value in outputs.items():
         line = f"{name}: {value.dtype}{list(value.shape)}"
         if value.ndim >= 2 and value.shape[-1] > 1 and np.issubdtype(value.dtype, np.floating):
@@ -151,13 +168,13 @@ def run(bundle, inputs, output, remote, token_file, model_name, remote_timeout, 
 
 
 def _calibration_samples(path, graph):
-    """Calibration .npz as a list of per-sample input tuples (torch), checked against the model."""
+    """Calibration data as per-sample input tuples (torch) and labels (or None), checked against the model."""
     import torch
 
     from splitc.passes.privacy import load_calibration
 
     data = load_calibration(path, graph)
-    return [tuple(torch.from_numpy(np.ascontiguousarray(x[i])) for x in data.inputs) for i in range(len(data))]
+    return [tuple(torch.from_numpy(np.ascontiguousarray(x[i])) for x in data.inputs) for i in range(len(data))], data.labels
 
 
 def _read_inputs(specs, names) -> dict[str, np.ndarray]:

@@ -7,9 +7,9 @@ cuts, operator support) runs before the first backend compiles anything.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -17,13 +17,20 @@ import torch
 import splitc
 from splitc.backends.base import check_support, get_backend
 from splitc.bundle import record_artifact, staged_directory, write_manifest
-from splitc.errors import CutError, SplitcError
+from splitc.errors import CutError, InputError, SplitcError
 from splitc.graph import ModelGraph
 from splitc.passes.cuts import Cut, CutAnalysis, auto_cuts, estimate, resolve_cuts
-from splitc.passes.partition import Partition, assign_tiers, extract_partitions
+from splitc.passes.exits import ExitPlan, classifier_output, plan_exits
 from splitc.passes.noise import add_noise
+from splitc.passes.partition import Partition, assign_tiers, extract_partitions
 from splitc.passes.quantize import agreement, quantize_cuts
-from splitc.runtime.manifest import REFERENCE_NAME, Manifest, PartitionSpec, sha256_file
+from splitc.runtime.manifest import (
+    REFERENCE_NAME,
+    ExitSpec,
+    Manifest,
+    PartitionSpec,
+    sha256_file,
+)
 from splitc.targets import Link, Target
 
 # Agreement between the torch graph and its torch partitions: they run the same kernels, so any
@@ -106,6 +113,30 @@ def reference_data(graph: ModelGraph, partitions: Sequence[Partition], samples: 
     return reference
 
 
+def exit_points(exits: Sequence[str] | str, cuts: Sequence[Cut]) -> list[str]:
+    """`--exits auto`: one head at every cut (on the tier before it); else the named points."""
+    names = [e.strip() for e in exits.split(",")] if isinstance(exits, str) else list(exits)
+    if names == ["auto"]:
+        if not cuts:
+            raise CutError("--exits auto puts a head at each cut, and this compile has none; name exit points or add a target")
+        return [c.after for c in cuts]
+    if "auto" in names:
+        raise CutError("--exits takes 'auto' or node names / module paths, not both")
+    return names
+
+
+def exit_plan_specs(plan: ExitPlan, graph: ModelGraph, partitions: Sequence[Partition]) -> tuple[ExitSpec, ...]:
+    """Where each inserted head landed, for the runtime: the partition that computes its logits."""
+    final = graph.outputs[classifier_output(graph)].name
+    specs = []
+    for head in plan.heads:
+        partition = next(p for p in partitions if any(t.name == head.output for t in p.outputs))
+        output = next(t for t in partition.outputs if t.name == head.output)
+        specs.append(ExitSpec(index=head.index, partition=partition.index, output=output, replaces=final,
+                              threshold=float(head.threshold), exit_rate=head.exit_rate, at=head.at, kind=head.kind))
+    return tuple(specs)
+
+
 def transform_cuts(graph: ModelGraph, cuts: Sequence[Cut], targets: Sequence[Target], *, noise: float | None,
                    quantize: str | None, examples, samples: list[tuple[torch.Tensor, ...]]):
     """The passes that change what crosses a cut, in order: noise on what leaves the device, then
@@ -153,13 +184,28 @@ def compile_model(
     quantize: str | None = None,
     noise: float | None = None,
     calibration: Sequence[tuple[torch.Tensor, ...]] | None = None,
+    labels: np.ndarray | None = None,
+    exits: Sequence[str] | str | None = None,
+    max_accuracy_drop: float = 1.0,
     log: Callable[[str], None] = lambda _: None,
 ) -> CompileResult:
     seconds: dict[str, float] = {}
     started = time.perf_counter()
     notes: list[str] = []
     analysis, cuts, method = plan_cuts(graph, targets, cut, link)
-    quantization = noise_record = None
+    quantization = noise_record = exit_plan = None
+    if exits:
+        if not calibration:
+            raise InputError("--exits trains exit heads on data: pass --calib data.npz with inputs and labels (y)")
+        if labels is None:
+            notes.append("the calibration data has no labels: exit heads learned the final classifier's answers, and the accuracy budget is agreement with it")
+        points = exit_points(exits, cuts)
+        log(f"training exit heads at {', '.join(points)} on {len(calibration)} calibration samples")
+        graph, exit_plan = plan_exits(graph, points, calibration, labels, max_accuracy_drop)
+        analysis = CutAnalysis(graph)
+        cuts = resolve_cuts(analysis, [exit_plan.cut_renames.get(c.after, c.after) for c in cuts], targets)
+        if not exit_plan.heads:
+            notes.append(f"no exit head answers any input within a {max_accuracy_drop:g}-point accuracy drop; none was inserted")
     if cuts and (noise or quantize not in (None, "none")):
         if not calibration:
             notes.append("noise and quantizer statistics measured on random inputs; pass --calib data.npz to measure them on real data")
@@ -168,6 +214,7 @@ def compile_model(
             samples=list(calibration or sample_inputs(graph, max(samples, 8), examples, seed=1)))
     assign_tiers(analysis, cuts)
     partitions = extract_partitions(graph, analysis, targets)
+    exit_specs = exit_plan_specs(exit_plan, graph, partitions) if exit_plan else ()
     backends = [get_backend(p.target) for p in partitions]
     for partition, backend in zip(partitions, backends):
         check_support(partition, backend)
@@ -221,10 +268,12 @@ def compile_model(
                 **({"planned": plan_record} if plan_record else {}),
                 **({"quantization": quantization} if quantization else {}),
                 **({"noise": noise_record} if noise_record else {}),
+                **({"exits": exit_plan.report} if exit_plan else {}),
                 "cuts": [{"after": c.after, "position": c.position, "bytes": c.nbytes, "crossing": [t.name for t in c.crossing]} for c in cuts],
                 "estimate": estimate_json,
             },
             reference={"path": REFERENCE_NAME, "sha256": sha256_file(reference_path), "samples": samples},
+            exits=exit_specs,
             splitc_version=splitc.__version__,
         )
         write_manifest(staging, manifest)

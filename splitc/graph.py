@@ -21,6 +21,7 @@ FLOPS = "splitc_flops"                # floating-point operations of the node
 PARAM_BYTES = "splitc_param_bytes"    # bytes of parameters/constants first read by this node
 MEMORY_BYTES = "splitc_memory_bytes"  # bytes moved: inputs + outputs + parameters (roofline model)
 TIER = "splitc_tier"                  # index of the target the node is placed on (set by partitioning)
+EXIT = "splitc_exit"                  # on an exit head's logits: the head's index (an output that never crosses a cut)
 
 
 @dataclass

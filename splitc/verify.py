@@ -24,7 +24,7 @@ import numpy as np
 from splitc.errors import SplitcError, first_line
 from splitc.runtime.executors import can_run_here, load_executor
 from splitc.runtime.manifest import ROLE_DEPLOY, ROLE_HOST_TWIN, ROLE_PORTABLE, RUNTIME_TENSORRT, RUNTIME_TVM, Artifact, PartitionSpec
-from splitc.runtime.session import Bundle
+from splitc.runtime.session import Bundle, softmax_max
 
 Batch = list[list[np.ndarray]]
 BatchRunner = Callable[[Batch], Batch]
@@ -197,6 +197,29 @@ def _compare(check: Check, got: Sequence[Sequence[np.ndarray]], expected: Sequen
     return check
 
 
+# An exit decision may flip between torch and an artifact only when torch's confidence is this close
+# to the threshold (float reassociation moves the softmax by ~1e-6); anywhere else a flip is a bug.
+_EXIT_MARGIN = 1e-4
+
+
+def _exit_checks(manifest, chained: list[dict[str, np.ndarray]], reference: dict[str, np.ndarray], count: int) -> list[Check]:
+    """Per exit head: the chained artifacts take the same exit decisions as torch on every sample."""
+    checks = []
+    for head in manifest.exits:
+        target = manifest.partitions[head.partition].target
+        flips = 0
+        for i, env in enumerate(chained):
+            want = softmax_max(reference[f"s{i}/{head.output.name}"])
+            got = softmax_max(env[head.output.name])
+            if (want >= head.threshold) != (got >= head.threshold) and abs(want - head.threshold) > _EXIT_MARGIN:
+                flips += 1
+        taken = sum(softmax_max(reference[f"s{i}/{head.output.name}"]) >= head.threshold for i in range(count))
+        checks.append(Check(f"exit {head.index} decisions (threshold {head.threshold:.3f})", head.partition, target, None, "chained",
+                            "pass" if flips == 0 else "fail", samples=count,
+                            note=f"{taken}/{count} reference samples exit here; {flips} decision(s) differ from torch"))
+    return checks
+
+
 def verify_bundle(path: str | Path, *, emulate: bool = True, log: Callable[[str], None] = lambda _: None) -> VerifyReport:
     started = time.perf_counter()
     bundle = Bundle.open(path)  # refuses a tampered bundle before running anything
@@ -254,5 +277,7 @@ def verify_bundle(path: str | Path, *, emulate: bool = True, log: Callable[[str]
         want = [[reference[f"s{i}/{t.name}"] for t in manifest.outputs] for i in range(count)]
         _compare(end, got, want, with_top1=True)
     report.checks.append(end)
+    if not chain_broken:
+        report.checks.extend(_exit_checks(manifest, chained, reference, count))
     report.seconds = time.perf_counter() - started
     return report

@@ -19,6 +19,7 @@ import torch
 from splitc.passes.privacy import Calibration, load_calibration
 from torch import nn
 
+from examples.digits import DigitsCNN, load_digits_arrays, train_classifier
 from splitc.audit import (
     DEFAULT_DFIL_SIGMA,
     DeviceSplit,
@@ -31,23 +32,7 @@ from splitc.audit import (
     write_reconstructions_png,
 )
 from splitc.errors import CutError, InputError
-from examples.digits import load_digits_arrays, train_classifier
 from tests.models import save_pt2
-
-
-class DigitsCNN(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
-        self.conv2 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
-        self.fc1 = nn.Linear(16 * 4 * 4, 32)
-        self.fc2 = nn.Linear(32, 10)
-
-    def forward(self, x):
-        x = torch.relu(self.conv1(x))
-        x = torch.relu(self.conv2(x))
-        x = torch.relu(self.fc1(torch.flatten(x, 1)))
-        return torch.log_softmax(self.fc2(x), dim=1)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +41,7 @@ def digits(tmp_path_factory):
     images, labels = load_digits_arrays()
     train, held = slice(0, 1000), slice(1000, None)
     torch.manual_seed(0)
-    model = train_classifier(DigitsCNN(), images[train], labels[train], steps=60, loss=nn.functional.nll_loss)
+    model = train_classifier(DigitsCNN(hidden=32, log_softmax=True), images[train], labels[train], steps=60, loss=nn.functional.nll_loss)
     with torch.no_grad():
         accuracy = (model(torch.from_numpy(images[held])).argmax(1).numpy() == labels[held]).mean()
     assert accuracy > 0.8, f"the digits CNN did not train (held-out accuracy {accuracy:.2f})"

@@ -10,11 +10,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.fx as fx
-from torch import nn
-
-from splitc.errors import InputError
-from splitc.graph import is_tensor_node
 from splitc.passes.cuts import CutAnalysis
 from splitc.passes.privacy import (
     Calibration,
@@ -23,6 +18,10 @@ from splitc.passes.privacy import (
     leakage_profile,
     load_calibration,
 )
+from torch import fx
+
+from splitc.errors import InputError
+from splitc.graph import is_tensor_node
 from tests.models import save_pt2
 
 # --------------------------------------------------------------------------------------- reference dCor
@@ -220,22 +219,9 @@ def test_dimension_reduced(resnet_case):
 # --------------------------------------------------------------------------------------- real data
 
 
-class DigitsCNN(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
-        self.conv2 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
-        self.fc = nn.Linear(16 * 4 * 4, 10)
-
-    def forward(self, x):
-        x = torch.relu(self.conv1(x))
-        x = torch.relu(self.conv2(x))
-        return self.fc(torch.flatten(x, 1))
-
-
 def test_digits_leakage_falls_from_first_conv_to_logits(tmp_path):
     pytest.importorskip("sklearn.datasets")
-    from examples.digits import load_digits_arrays, train_classifier
+    from examples.digits import DigitsCNN, load_digits_arrays, train_classifier
 
     images, labels = load_digits_arrays()  # (1797, 1, 8, 8)
     train, held = slice(0, 1200), slice(1200, None)

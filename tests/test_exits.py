@@ -1,0 +1,176 @@
+"""Early-exit heads (splitc.passes.exits) end to end on real data.
+
+A digits CNN is trained inside the test; a head is trained at the cut on half the calibration data
+(the backbone frozen) and its threshold calibrated on the other part. The bundle is compiled for
+TVM (device) and ONNX Runtime (cloud), verified, and run: inputs the head is confident about are
+answered after partition 0 and the cloud partition is never called for them; the accuracy the
+manifest promises holds on samples the compiler never saw.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from examples.digits import DigitsCNN, load_digits_arrays, train_classifier
+from splitc.cli import cli
+from splitc.compiler import compile_model
+from splitc.errors import CutError, InputError, UnsupportedOperatorError
+from splitc.passes.exits import calibrate_thresholds, cascade_predictions, plan_exits
+from splitc.runtime import Bundle, SplitSession
+from splitc.targets import load_link, load_targets
+from tests.models import save_pt2
+from tests.test_cli import run_cli
+
+CUT = "relu_1"  # after the second convolution: (1, 16, 4, 4) crosses
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    pytest.importorskip("sklearn.datasets")
+    images, labels = load_digits_arrays()
+    torch.manual_seed(0)
+    model = train_classifier(DigitsCNN(width=8), images[:900], labels[:900], steps=120)
+    from splitc.frontend import import_model
+
+    root = tmp_path_factory.mktemp("exits")
+    pt2 = save_pt2(model, (torch.from_numpy(images[:1]),), root / "digits.pt2")
+    _, graph = import_model(pt2)
+    # The compiler sees `calib`; `test` is unseen. Both are drawn from the same shuffled pool: a
+    # threshold calibrated on one distribution promises nothing on another (the digits file is
+    # ordered by writer group, so contiguous slices differ).
+    pool = 900 + np.random.default_rng(0).permutation(len(images) - 900)
+    calib, test = pool[:600], pool[600:]
+    np.savez(root / "calib.npz", x=images[calib], y=labels[calib])
+    samples = [(torch.from_numpy(images[i:i + 1]),) for i in calib]
+    return {"graph": graph, "pt2": pt2, "root": root, "samples": samples, "labels": labels[calib],
+            "test_x": images[test], "test_y": labels[test]}
+
+
+@pytest.fixture(scope="module")
+def bundle(digits):
+    out = digits["root"] / "exits.splitc"
+    result = compile_model(digits["graph"], load_targets("x86,cloud-cpu"), out, cut=CUT, link=load_link("4g"),
+                           calibration=digits["samples"], labels=digits["labels"], exits="auto", max_accuracy_drop=1.0)
+    return result
+
+
+# ------------------------------------------------------------------------------------ thresholds
+
+
+def test_thresholds_take_the_budget_in_order_and_never_exceed_it():
+    rng = np.random.default_rng(0)
+    n, classes = 400, 5
+    labels = rng.integers(0, classes, n)
+    final = np.where(rng.random(n) < 0.9, labels, (labels + 1) % classes)  # 90% accurate
+
+    def head(accuracy, sharp):
+        pred = np.where(rng.random(n) < accuracy, labels, (labels + 2) % classes)
+        logits = rng.normal(0, 1, (n, classes))
+        logits[np.arange(n), pred] += sharp * rng.random(n)
+        e = np.exp(logits - logits.max(1, keepdims=True))
+        return e / e.sum(1, keepdims=True)
+
+    probs = [head(0.8, 6.0), head(0.88, 6.0)]
+    for drop in (0.0, 1.0, 5.0):
+        thresholds, rates = calibrate_thresholds(probs, final, labels, drop)
+        accuracy = (cascade_predictions(probs, final, thresholds) == labels).mean()
+        assert accuracy >= (final == labels).mean() - drop / 100 - 1e-12  # the standard-error margin only tightens it
+        assert all(0 <= r <= 1 for r in rates) and sum(rates) <= 1 + 1e-12
+    loose, _ = calibrate_thresholds(probs, final, labels, 5.0)
+    tight, _ = calibrate_thresholds(probs, final, labels, 0.0)
+    assert loose[0] is not None and (tight[0] is None or tight[0] >= loose[0])  # a bigger budget never raises it
+
+    # A head that is always wrong answers nothing within a zero budget.
+    wrong = np.zeros((n, classes))
+    wrong[np.arange(n), (labels + 1) % classes] = 1.0
+    thresholds, rates = calibrate_thresholds([wrong], labels.copy(), labels, 0.0)
+    assert thresholds == [None] and rates == [0.0]
+
+
+# ------------------------------------------------------------------------------------ end to end
+
+
+def test_manifest_records_heads_thresholds_and_rates(bundle, digits):
+    manifest = bundle.manifest
+    assert len(manifest.exits) == 1
+    head = manifest.exits[0]
+    assert head.partition == 0 and head.at == CUT and head.kind in ("pool-linear", "pool2x2-linear")
+    assert 0.0 < head.threshold <= 1.0 and 0.2 < head.exit_rate <= 1.0
+    report = manifest.plan["exits"]
+    assert report["labels"] == "labels" and report["held_out"] + report["trained_on"] == len(digits["samples"])
+    assert report["accuracy_with_exits"] >= report["final_accuracy"] - 0.01 - 1e-12
+    # The head's logits stay on the device: they are an output of partition 0, not of the boundary.
+    assert head.output.name in [t.name for t in manifest.partitions[0].outputs]
+    assert head.output.name not in [t.name for t in manifest.boundaries[0]]
+    assert [t.name for t in manifest.outputs] == [head.replaces]
+    on_disk = json.loads((bundle.bundle / "manifest.json").read_text())
+    assert on_disk["exits"][0]["threshold"] == pytest.approx(head.threshold)
+
+
+def test_runtime_exits_early_and_keeps_the_promised_accuracy(bundle, digits):
+    session = SplitSession(Bundle.open(bundle.bundle))
+    cloud_calls = []
+    cloud = session._executors[1]
+    session._executors[1] = lambda inputs: cloud_calls.append(1) or cloud(inputs)  # counts calls, runs ORT
+    exits = correct = correct_full = 0
+    x, y = digits["test_x"], digits["test_y"]
+    for i in range(len(x)):
+        answer = session.infer([x[i:i + 1]])
+        full = session.run([x[i:i + 1]], exits=False)
+        name = session.manifest.outputs[0].name
+        if answer.exit is not None:
+            exits += 1
+            assert answer.partitions_run == 1 and answer.confidence >= session.manifest.exits[0].threshold
+        correct += int(answer.outputs[name].argmax() == y[i])
+        correct_full += int(full[name].argmax() == y[i])
+    n = len(x)
+    assert len(cloud_calls) == (n - exits) + n  # exited inputs never reached the cloud partition
+    assert exits / n > 0.2
+    # Unseen data: the calibrated budget (1 point) plus sampling slack for ~300 samples.
+    assert correct / n >= correct_full / n - 0.035
+
+
+def test_verify_passes_with_exit_heads(bundle):
+    from splitc.verify import verify_bundle
+
+    report = verify_bundle(bundle.bundle, emulate=False)
+    assert report.ok, report.failures
+
+
+def test_cli_compile_prints_exit_figures(digits, tmp_path):
+    out = tmp_path / "cli.splitc"
+    result = CliRunner().invoke(cli, ["compile", str(digits["pt2"]), "--targets", "x86,cloud-cpu", "--cut", CUT,
+                                      "--calib", str(digits["root"] / "calib.npz"), "--exits", "auto",
+                                      "--max-accuracy-drop", "2", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "exit 0 after relu_1" in result.output and "held-out" in result.output
+    assert Bundle.open(out).manifest.exits[0].threshold > 0
+
+
+# ------------------------------------------------------------------------------------ bad input
+
+
+def test_bad_exit_requests_are_one_line_errors(digits, multi_io_graph, tmp_path, capsys):
+    graph, samples, labels = digits["graph"], digits["samples"], digits["labels"]
+    with pytest.raises(CutError, match="names no node"):
+        plan_exits(graph, ["no_such_node"], samples, labels, 1.0)
+    with pytest.raises(InputError, match="classes"):
+        plan_exits(graph, [CUT], samples, labels + 10, 1.0)
+    with pytest.raises(InputError, match="labels"):
+        plan_exits(graph, [CUT], samples, labels[:-3], 1.0)
+    with pytest.raises(InputError, match="at least"):
+        plan_exits(graph, [CUT], samples[:5], labels[:5], 1.0)
+    with pytest.raises(UnsupportedOperatorError, match="one output"):
+        plan_exits(multi_io_graph, ["x"], samples, labels, 1.0)
+    with pytest.raises(InputError, match="--calib"):
+        compile_model(graph, load_targets("x86,cloud-cpu"), tmp_path / "x.splitc", cut=CUT, link=load_link("4g"), exits="auto")
+    assert not (tmp_path / "x.splitc").exists()
+    code, _, err = run_cli("compile", digits["pt2"], "--targets", "x86,cloud-cpu", "--cut", CUT, "--calib", digits["root"] / "calib.npz",
+                           "--exits", "nope", "-o", tmp_path / "y", capsys=capsys)
+    assert code == CutError.exit_code and "--exits 'nope' names no node" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "y").exists()
