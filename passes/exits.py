@@ -37,7 +37,7 @@ from splitc.passes.quantize import emit
 from torch import fx
 
 from splitc.errors import CutError, InputError, UnsupportedOperatorError
-from splitc.graph import EXIT, ModelGraph
+from splitc.graph import EXIT, ModelGraph, returning
 
 aten = torch.ops.aten
 
@@ -226,12 +226,7 @@ class _Fitted:
 
 def _features(graph: ModelGraph, nodes: Sequence[fx.Node], samples) -> tuple[dict[str, torch.Tensor], np.ndarray]:
     """Each exit point's activation and the final logits on every sample (batch 1, as exported)."""
-    module = copy.deepcopy(graph.module)
-    output = next(n for n in module.graph.nodes if n.op == "output")
-    by_name = {n.name: n for n in module.graph.nodes}
-    returned = tuple(output.args[0]) if isinstance(output.args[0], (tuple, list)) else (output.args[0],)
-    output.args = (returned[:1] + tuple(by_name[n.name] for n in nodes),)
-    module.recompile()
+    module = returning(graph.module, [n.name for n in nodes])
     collected: list[list[torch.Tensor]] = [[] for _ in range(len(nodes) + 1)]
     with torch.no_grad():
         for sample in samples:

@@ -14,12 +14,14 @@ import copy
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
-from splitc.errors import CutError
+from splitc.errors import CutError, PlanError
 from splitc.frontend.annotate import annotate
-from splitc.graph import ModelGraph, tensor_spec
+from splitc.graph import ModelGraph, returning, tensor_spec
 from splitc.passes.cuts import CutAnalysis
+from splitc.passes.privacy import distance_correlation
 from splitc.passes.quantize import emit, observe
 
 aten = torch.ops.aten
@@ -73,3 +75,72 @@ def add_noise(graph: ModelGraph, cut_name: str, sigma: float, samples: Sequence[
     annotate(module)
     inputs = graph.inputs + tuple(tensor_spec(p) for p in placeholders)
     return ModelGraph(graph.name, module, inputs, graph.outputs, graph.source_sha256, graph.source), anchor.name, layers
+
+
+# ------------------------------------------------------------------------------- choosing sigma
+
+# σ candidates for `--noise auto`, relative to each tensor's std: fine steps where accuracy usually
+# starts to fall (0.1-2), coarse beyond.
+SIGMA_GRID = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 8.0)
+# `--noise auto`'s default target: bias-corrected dCor between the input and what is sent. NoPeek-style
+# defences report useful privacy from about 0.5 down; 1 is an invertible copy of the input.
+DEFAULT_MAX_LEAKAGE = 0.5
+LEAKAGE_SAMPLES = 128   # dCor is O(n^2) in memory and time; 128 samples resolve it to ~0.02
+
+
+@dataclass(frozen=True)
+class NoiseTrial:
+    sigma: float
+    leakage: float        # bias-corrected dCor(model input, what crosses), noise included
+    accuracy: float       # top-1 on the calibration samples (against labels, or the clean model's answers)
+    drop_points: float    # accuracy lost against the clean model, in percentage points
+
+    def to_json(self) -> dict[str, float]:
+        return dict(self.__dict__)
+
+
+def noise_trial(graph: ModelGraph, cut_name: str, sigma: float, samples: Sequence[tuple[torch.Tensor, ...]],
+                labels: np.ndarray | None, *, seed: int = 0) -> NoiseTrial:
+    """Leakage and accuracy of the model with noise σ at the cut, measured with seeded noise."""
+    noisy, _, layers = add_noise(graph, cut_name, sigma, samples)
+    sent = [layer.noisy for layer in layers]
+    capture = returning(noisy.module, sent)
+    generator = torch.Generator().manual_seed(seed)
+    clean_pred, noisy_pred, inputs, crossing = [], [], [], []
+    with torch.no_grad():
+        for i, sample in enumerate(samples):
+            clean_pred.append(int(_first(graph.module(*sample)).argmax()))
+            draws = tuple(torch.randn(layer.shape, generator=generator) for layer in layers)
+            values = capture(*sample, *draws)
+            noisy_pred.append(int(values[0].argmax()))
+            if i < LEAKAGE_SAMPLES:
+                inputs.append(np.concatenate([t.float().reshape(-1).numpy() for t in sample]))
+                crossing.append(np.concatenate([v.float().reshape(-1).numpy() for v in values[1:]]))
+    truth = np.asarray(labels) if labels is not None else np.asarray(clean_pred)
+    clean = float((np.asarray(clean_pred) == truth).mean())
+    accuracy = float((np.asarray(noisy_pred) == truth).mean())
+    leakage = distance_correlation(np.stack(inputs), np.stack(crossing), bias_corrected=True)
+    return NoiseTrial(float(sigma), float(leakage), accuracy, 100.0 * (clean - accuracy))
+
+
+def choose_sigma(graph: ModelGraph, cut_name: str, samples, labels, *, max_leakage: float, max_drop_points: float,
+                 grid: Sequence[float] = SIGMA_GRID) -> tuple[NoiseTrial, list[NoiseTrial]]:
+    """`--noise auto`: the smallest σ on the grid whose leakage meets `max_leakage`; refused, with
+    the figures, when that σ costs more than `max_drop_points` of accuracy (or none meets it)."""
+    trials = []
+    for sigma in grid:
+        trial = noise_trial(graph, cut_name, sigma, samples, labels)
+        trials.append(trial)
+        if trial.leakage <= max_leakage:
+            if trial.drop_points > max_drop_points:
+                raise PlanError(
+                    f"--noise auto: σ={sigma:g} is the least noise that brings leakage to {trial.leakage:.3f} ≤ {max_leakage:g}, "
+                    f"but it costs {trial.drop_points:.1f} accuracy points (> --max-accuracy-drop {max_drop_points:g}); "
+                    "cut deeper, or relax --max-leakage or --max-accuracy-drop")
+            return trial, trials
+    last = trials[-1]
+    raise PlanError(f"--noise auto: even σ={last.sigma:g} leaves leakage {last.leakage:.3f} > --max-leakage {max_leakage:g}; cut deeper or relax it")
+
+
+def _first(value):
+    return value[0] if isinstance(value, (tuple, list)) else value

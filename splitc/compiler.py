@@ -17,11 +17,11 @@ import torch
 import splitc
 from splitc.backends.base import check_support, get_backend
 from splitc.bundle import record_artifact, staged_directory, write_manifest
-from splitc.errors import CutError, InputError, SplitcError
+from splitc.errors import CutError, InputError, PlanError, SplitcError
 from splitc.graph import ModelGraph
 from splitc.passes.cuts import Cut, CutAnalysis, auto_cuts, estimate, resolve_cuts
 from splitc.passes.exits import ExitPlan, classifier_output, plan_exits
-from splitc.passes.noise import add_noise
+from splitc.passes.noise import DEFAULT_MAX_LEAKAGE, add_noise, choose_sigma, noise_trial
 from splitc.passes.partition import Partition, assign_tiers, extract_partitions
 from splitc.passes.quantize import agreement, quantize_cuts
 from splitc.runtime.manifest import (
@@ -137,6 +137,27 @@ def exit_plan_specs(plan: ExitPlan, graph: ModelGraph, partitions: Sequence[Part
     return tuple(specs)
 
 
+def resolve_noise(graph: ModelGraph, cut_after: str, noise: float | str, calibration, labels, *, max_leakage: float,
+                  max_accuracy_drop: float, log: Callable[[str], None]) -> tuple[float, dict | None]:
+    """σ for the noise layers: `auto` searches for the least noise meeting `max_leakage`; a given σ
+    is checked against the accuracy budget when there is real data to measure it on."""
+    if noise == "auto":
+        if not calibration:
+            raise InputError("--noise auto measures leakage and accuracy on data: pass --calib data.npz (inputs, labels as y)")
+        log(f"choosing noise: least σ with leakage (dCor) ≤ {max_leakage:g} on {len(calibration)} calibration samples")
+        chosen, trials = choose_sigma(graph, cut_after, calibration, labels, max_leakage=max_leakage, max_drop_points=max_accuracy_drop)
+        return chosen.sigma, {"auto": {"max_leakage": max_leakage, "chosen": chosen.to_json(), "trials": [t.to_json() for t in trials]}}
+    sigma = float(noise)
+    if not calibration:
+        return sigma, None
+    trial = noise_trial(graph, cut_after, sigma, calibration, labels)
+    if trial.drop_points > max_accuracy_drop:
+        raise PlanError(f"--noise {sigma:g} costs {trial.drop_points:.1f} accuracy points on the calibration data "
+                        f"({100 * (trial.accuracy + trial.drop_points / 100):.1f}% → {100 * trial.accuracy:.1f}%), more than "
+                        f"--max-accuracy-drop {max_accuracy_drop:g}; lower σ, cut deeper, or raise the allowed drop")
+    return sigma, {"measured": trial.to_json()}
+
+
 def transform_cuts(graph: ModelGraph, cuts: Sequence[Cut], targets: Sequence[Target], *, noise: float | None,
                    quantize: str | None, examples, samples: list[tuple[torch.Tensor, ...]]):
     """The passes that change what crosses a cut, in order: noise on what leaves the device, then
@@ -182,11 +203,12 @@ def compile_model(
     examples: Sequence[torch.Tensor] | None = None,
     plan_record: dict | None = None,
     quantize: str | None = None,
-    noise: float | None = None,
+    noise: float | str | None = None,
     calibration: Sequence[tuple[torch.Tensor, ...]] | None = None,
     labels: np.ndarray | None = None,
     exits: Sequence[str] | str | None = None,
     max_accuracy_drop: float = 1.0,
+    max_leakage: float = DEFAULT_MAX_LEAKAGE,
     log: Callable[[str], None] = lambda _: None,
 ) -> CompileResult:
     seconds: dict[str, float] = {}
@@ -206,6 +228,12 @@ def compile_model(
         cuts = resolve_cuts(analysis, [exit_plan.cut_renames.get(c.after, c.after) for c in cuts], targets)
         if not exit_plan.heads:
             notes.append(f"no exit head answers any input within a {max_accuracy_drop:g}-point accuracy drop; none was inserted")
+    noise_choice = None
+    if noise and cuts:
+        noise, noise_choice = resolve_noise(graph, cuts[0].after, noise, calibration, labels,
+                                            max_leakage=max_leakage, max_accuracy_drop=max_accuracy_drop, log=log)
+    elif noise:
+        raise CutError("--noise defends what leaves the device, and this compile has no cut; add a target or drop --noise")
     if cuts and (noise or quantize not in (None, "none")):
         if not calibration:
             notes.append("noise and quantizer statistics measured on random inputs; pass --calib data.npz to measure them on real data")
@@ -267,7 +295,7 @@ def compile_model(
                 "method": "planner" if plan_record else method,
                 **({"planned": plan_record} if plan_record else {}),
                 **({"quantization": quantization} if quantization else {}),
-                **({"noise": noise_record} if noise_record else {}),
+                **({"noise": {**noise_record, **(noise_choice or {})}} if noise_record else {}),
                 **({"exits": exit_plan.report} if exit_plan else {}),
                 "cuts": [{"after": c.after, "position": c.position, "bytes": c.nbytes, "crossing": [t.name for t in c.crossing]} for c in cuts],
                 "estimate": estimate_json,

@@ -90,3 +90,30 @@ def model_files(tmp_path_factory) -> dict[str, Path]:
     with torch.no_grad():
         np.save(root / "y.npy", model(x).numpy())
     return {"pt2": root / "m.pt2", "x": root / "x.npy", "y": root / "y.npy", "root": root}
+
+
+@pytest.fixture(scope="session")
+def digits_split(tmp_path_factory):
+    """A digits CNN trained on 900 images, as a .pt2 and a graph; 600 calibration images (calib.npz,
+    `samples`, `labels`) and 297 unseen test images drawn from the same shuffled pool."""
+    pytest.importorskip("sklearn.datasets")
+    from examples.digits import DigitsCNN, load_digits_arrays, train_classifier
+    from tests.models import save_pt2
+
+    images, labels = load_digits_arrays()
+    torch.manual_seed(0)
+    model = train_classifier(DigitsCNN(width=8), images[:900], labels[:900], steps=120)
+    from splitc.frontend import import_model
+
+    root = tmp_path_factory.mktemp("exits")
+    pt2 = save_pt2(model, (torch.from_numpy(images[:1]),), root / "digits.pt2")
+    _, graph = import_model(pt2)
+    # The compiler sees `calib`; `test` is unseen. Both are drawn from the same shuffled pool: a
+    # threshold calibrated on one distribution promises nothing on another (the digits file is
+    # ordered by writer group, so contiguous slices differ).
+    pool = 900 + np.random.default_rng(0).permutation(len(images) - 900)
+    calib, test = pool[:600], pool[600:]
+    np.savez(root / "calib.npz", x=images[calib], y=labels[calib])
+    samples = [(torch.from_numpy(images[i:i + 1]),) for i in calib]
+    return {"graph": graph, "pt2": pt2, "root": root, "samples": samples, "labels": labels[calib],
+            "test_x": images[test], "test_y": labels[test]}

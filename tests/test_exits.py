@@ -13,49 +13,24 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 
-from examples.digits import DigitsCNN, load_digits_arrays, train_classifier
 from splitc.cli import cli
 from splitc.compiler import compile_model
 from splitc.errors import CutError, InputError, UnsupportedOperatorError
 from splitc.passes.exits import calibrate_thresholds, cascade_predictions, plan_exits
 from splitc.runtime import Bundle, SplitSession
 from splitc.targets import load_link, load_targets
-from tests.models import save_pt2
 from tests.test_cli import run_cli
 
 CUT = "relu_1"  # after the second convolution: (1, 16, 4, 4) crosses
 
 
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    pytest.importorskip("sklearn.datasets")
-    images, labels = load_digits_arrays()
-    torch.manual_seed(0)
-    model = train_classifier(DigitsCNN(width=8), images[:900], labels[:900], steps=120)
-    from splitc.frontend import import_model
-
-    root = tmp_path_factory.mktemp("exits")
-    pt2 = save_pt2(model, (torch.from_numpy(images[:1]),), root / "digits.pt2")
-    _, graph = import_model(pt2)
-    # The compiler sees `calib`; `test` is unseen. Both are drawn from the same shuffled pool: a
-    # threshold calibrated on one distribution promises nothing on another (the digits file is
-    # ordered by writer group, so contiguous slices differ).
-    pool = 900 + np.random.default_rng(0).permutation(len(images) - 900)
-    calib, test = pool[:600], pool[600:]
-    np.savez(root / "calib.npz", x=images[calib], y=labels[calib])
-    samples = [(torch.from_numpy(images[i:i + 1]),) for i in calib]
-    return {"graph": graph, "pt2": pt2, "root": root, "samples": samples, "labels": labels[calib],
-            "test_x": images[test], "test_y": labels[test]}
-
-
-@pytest.fixture(scope="module")
-def bundle(digits):
-    out = digits["root"] / "exits.splitc"
-    result = compile_model(digits["graph"], load_targets("x86,cloud-cpu"), out, cut=CUT, link=load_link("4g"),
-                           calibration=digits["samples"], labels=digits["labels"], exits="auto", max_accuracy_drop=1.0)
+def bundle(digits_split):
+    out = digits_split["root"] / "exits.splitc"
+    result = compile_model(digits_split["graph"], load_targets("x86,cloud-cpu"), out, cut=CUT, link=load_link("4g"),
+                           calibration=digits_split["samples"], labels=digits_split["labels"], exits="auto", max_accuracy_drop=1.0)
     return result
 
 
@@ -95,14 +70,14 @@ def test_thresholds_take_the_budget_in_order_and_never_exceed_it():
 # ------------------------------------------------------------------------------------ end to end
 
 
-def test_manifest_records_heads_thresholds_and_rates(bundle, digits):
+def test_manifest_records_heads_thresholds_and_rates(bundle, digits_split):
     manifest = bundle.manifest
     assert len(manifest.exits) == 1
     head = manifest.exits[0]
     assert head.partition == 0 and head.at == CUT and head.kind in ("pool-linear", "pool2x2-linear")
     assert 0.0 < head.threshold <= 1.0 and 0.2 < head.exit_rate <= 1.0
     report = manifest.plan["exits"]
-    assert report["labels"] == "labels" and report["held_out"] + report["trained_on"] == len(digits["samples"])
+    assert report["labels"] == "labels" and report["held_out"] + report["trained_on"] == len(digits_split["samples"])
     assert report["accuracy_with_exits"] >= report["final_accuracy"] - 0.01 - 1e-12
     # The head's logits stay on the device: they are an output of partition 0, not of the boundary.
     assert head.output.name in [t.name for t in manifest.partitions[0].outputs]
@@ -112,13 +87,13 @@ def test_manifest_records_heads_thresholds_and_rates(bundle, digits):
     assert on_disk["exits"][0]["threshold"] == pytest.approx(head.threshold)
 
 
-def test_runtime_exits_early_and_keeps_the_promised_accuracy(bundle, digits):
+def test_runtime_exits_early_and_keeps_the_promised_accuracy(bundle, digits_split):
     session = SplitSession(Bundle.open(bundle.bundle))
     cloud_calls = []
     cloud = session._executors[1]
     session._executors[1] = lambda inputs: cloud_calls.append(1) or cloud(inputs)  # counts calls, runs ORT
     exits = correct = correct_full = 0
-    x, y = digits["test_x"], digits["test_y"]
+    x, y = digits_split["test_x"], digits_split["test_y"]
     for i in range(len(x)):
         answer = session.infer([x[i:i + 1]])
         full = session.run([x[i:i + 1]], exits=False)
@@ -142,10 +117,10 @@ def test_verify_passes_with_exit_heads(bundle):
     assert report.ok, report.failures
 
 
-def test_cli_compile_prints_exit_figures(digits, tmp_path):
+def test_cli_compile_prints_exit_figures(digits_split, tmp_path):
     out = tmp_path / "cli.splitc"
-    result = CliRunner().invoke(cli, ["compile", str(digits["pt2"]), "--targets", "x86,cloud-cpu", "--cut", CUT,
-                                      "--calib", str(digits["root"] / "calib.npz"), "--exits", "auto",
+    result = CliRunner().invoke(cli, ["compile", str(digits_split["pt2"]), "--targets", "x86,cloud-cpu", "--cut", CUT,
+                                      "--calib", str(digits_split["root"] / "calib.npz"), "--exits", "auto",
                                       "--max-accuracy-drop", "2", "-o", str(out)])
     assert result.exit_code == 0, result.output
     assert "exit 0 after relu_1" in result.output and "held-out" in result.output
@@ -155,8 +130,8 @@ def test_cli_compile_prints_exit_figures(digits, tmp_path):
 # ------------------------------------------------------------------------------------ bad input
 
 
-def test_bad_exit_requests_are_one_line_errors(digits, multi_io_graph, tmp_path, capsys):
-    graph, samples, labels = digits["graph"], digits["samples"], digits["labels"]
+def test_bad_exit_requests_are_one_line_errors(digits_split, multi_io_graph, tmp_path, capsys):
+    graph, samples, labels = digits_split["graph"], digits_split["samples"], digits_split["labels"]
     with pytest.raises(CutError, match="names no node"):
         plan_exits(graph, ["no_such_node"], samples, labels, 1.0)
     with pytest.raises(InputError, match="classes"):
@@ -170,7 +145,7 @@ def test_bad_exit_requests_are_one_line_errors(digits, multi_io_graph, tmp_path,
     with pytest.raises(InputError, match="--calib"):
         compile_model(graph, load_targets("x86,cloud-cpu"), tmp_path / "x.splitc", cut=CUT, link=load_link("4g"), exits="auto")
     assert not (tmp_path / "x.splitc").exists()
-    code, _, err = run_cli("compile", digits["pt2"], "--targets", "x86,cloud-cpu", "--cut", CUT, "--calib", digits["root"] / "calib.npz",
+    code, _, err = run_cli("compile", digits_split["pt2"], "--targets", "x86,cloud-cpu", "--cut", CUT, "--calib", digits_split["root"] / "calib.npz",
                            "--exits", "nope", "-o", tmp_path / "y", capsys=capsys)
     assert code == CutError.exit_code and "--exits 'nope' names no node" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "y").exists()

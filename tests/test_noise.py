@@ -8,13 +8,15 @@ import pytest
 import torch
 
 from splitc.compiler import compile_model
-from splitc.errors import CutError
+from splitc.errors import CutError, InputError, PlanError
 from splitc.passes.cuts import CutAnalysis
-from splitc.passes.noise import add_noise
+from splitc.passes.noise import add_noise, choose_sigma, noise_trial
 from splitc.runtime import Bundle, SplitSession
+from splitc.runtime.manifest import read_manifest
 from splitc.runtime.session import secure_normal
 from splitc.targets import load_link, load_targets
 from splitc.verify import verify_bundle
+from tests.test_cli import run_cli
 
 
 def test_noise_pass_adds_an_input_and_sends_the_noisy_tensor(zoo):
@@ -69,3 +71,42 @@ def test_noise_must_be_positive(zoo):
     cut = CutAnalysis(graph).candidates()[3].after
     with pytest.raises(CutError, match="positive"):
         add_noise(graph, cut, 0.0, [zoo.inputs("resnet_like")])
+
+
+# ------------------------------------------------------------------------- choosing σ on real data
+
+
+def test_noise_trial_trades_leakage_for_accuracy(digits_split):
+    graph, samples, labels = digits_split["graph"], digits_split["samples"][:200], digits_split["labels"][:200]
+    low, high = (noise_trial(graph, "relu", sigma, samples, labels) for sigma in (0.1, 4.0))
+    assert high.leakage < low.leakage - 0.2  # more noise, less of the input in what is sent
+    assert high.drop_points > low.drop_points + 10  # ... and less accuracy: the model was not trained with it
+    assert 0.0 <= high.accuracy <= 1.0 and abs(low.drop_points) < 3
+
+
+def test_noise_auto_picks_the_least_sigma_meeting_the_target(digits_split, tmp_path):
+    graph, samples, labels = digits_split["graph"], digits_split["samples"][:200], digits_split["labels"][:200]
+    chosen, trials = choose_sigma(graph, "relu", samples, labels, max_leakage=0.8, max_drop_points=100)
+    assert chosen.leakage <= 0.8 and all(t.leakage > 0.8 for t in trials[:-1]) and trials[-1] == chosen
+    with pytest.raises(PlanError, match=r"costs .* accuracy points"):
+        choose_sigma(graph, "relu", samples, labels, max_leakage=0.8, max_drop_points=chosen.drop_points / 2)
+    with pytest.raises(PlanError, match="even σ"):
+        choose_sigma(graph, "relu", samples, labels, max_leakage=0.01, max_drop_points=100, grid=(0.1, 0.2))
+
+
+def test_cli_refuses_noise_that_costs_too_much_accuracy(digits_split, tmp_path, capsys):
+    common = ["compile", digits_split["pt2"], "--targets", "x86,cloud-cpu", "--cut", "relu", "--calib", digits_split["root"] / "calib.npz"]
+    code, _, err = run_cli(*common, "--noise", "3", "-o", tmp_path / "a", capsys=capsys)
+    assert code == PlanError.exit_code and "--noise 3 costs" in err and len(err.strip().splitlines()) == 1, err
+    code, _, err = run_cli(*common, "--noise", "auto", "-o", tmp_path / "b", capsys=capsys)
+    assert code == PlanError.exit_code and "--noise auto" in err and "accuracy points" in err, err
+    code, _, err = run_cli("compile", digits_split["pt2"], "--targets", "x86,cloud-cpu", "--cut", "relu", "--noise", "auto",
+                           "-o", tmp_path / "c", capsys=capsys)
+    assert code == InputError.exit_code and "--calib" in err, err
+    assert not any((tmp_path / name).exists() for name in "abc")
+    code, out, err = run_cli(*common, "--noise", "auto", "--max-leakage", "0.9", "--max-accuracy-drop", "100", "-o", tmp_path / "d",
+                             capsys=capsys)
+    assert code == 0, err
+    record = read_manifest(tmp_path / "d").plan["noise"]
+    assert record["auto"]["chosen"]["leakage"] <= 0.9 and record["sigma"] == record["auto"]["chosen"]["sigma"]
+    assert "noise auto: σ=" in out
