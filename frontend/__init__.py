@@ -16,6 +16,13 @@ __all__ = ["LoadedModel", "ModelGraph", "annotate", "build_graph", "import_model
            "parse_input_shapes", "read_example_inputs"]
 
 
+_EXPORT_ASSERTIONS = {
+    torch.ops.aten._assert_tensor_metadata.default,
+    torch.ops.aten._assert_scalar.default,
+    torch.ops.aten.sym_constrain_range_for_size.default,
+}
+
+
 def build_graph(loaded: LoadedModel) -> ModelGraph:
     """Decompose to core ATen (the op set every backend imports), unlift, and annotate."""
     try:
@@ -28,6 +35,10 @@ def build_graph(loaded: LoadedModel) -> ModelGraph:
     # inputs against the manifest itself, and the call would otherwise land in a partition.
     for node in list(graph.nodes):
         if node.op == "call_module" and node.users == {}:
+            graph.erase_node(node)
+        # Export's own run-time assertions (dtype/shape metadata of a cast, symbolic ranges): the
+        # shapes are static and checked against the manifest, and no backend has a kernel for them.
+        elif node.op == "call_function" and node.target in _EXPORT_ASSERTIONS and not node.users:
             graph.erase_node(node)
     graph.eliminate_dead_code()
     # Plain positional calling convention (inputs in, tuple of outputs out) instead of export's

@@ -140,7 +140,8 @@ def emit(graph: fx.Graph, anchor: fx.Node, target, *args, name: str | None = Non
     with graph.inserting_after(anchor):
         node = graph.create_node("call_function", target, args, kwargs, name=name)
     fake_args, fake_kwargs = fx.map_arg((args, kwargs), lambda n: n.meta["val"])
-    fake = next(a.meta["val"] for a in node.all_input_nodes)
+    leaves = torch.utils._pytree.tree_leaves([a.meta["val"] for a in node.all_input_nodes])  # a tuple for getitem
+    fake = next(v for v in leaves if isinstance(v, torch.Tensor))
     with fake.fake_mode:
         node.meta["val"] = target(*fake_args, **fake_kwargs)
     return node

