@@ -180,6 +180,10 @@ def plan_placements(
     n = len(analysis.order)
     times = [np.asarray(t, dtype=np.float64) for t in node_ms] if node_ms is not None else [compute_ms(analysis.order, t) for t in targets]
     crossing = analysis.crossing_bytes(quantize_bits)  # what is sent: quantized when the plan quantizes
+    if quantize_bits is not None and _inputs_end(analysis) >= 0:
+        # Sending the raw input (a tier running the whole model remotely) is no cut the quantizer
+        # pass touches: it goes at its own size.
+        crossing[_inputs_end(analysis)] = analysis.crossing_bytes()[_inputs_end(analysis)]
     positions = allowed_positions(analysis)
     if require_all_tiers:
         positions = positions[(positions > _inputs_end(analysis)) & (positions < n - 1)]

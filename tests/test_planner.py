@@ -222,3 +222,14 @@ def test_quantized_transfers_shrink_bytes_and_move_the_cut_earlier(zoo):
         assert sum(t["bytes"] for t in chosen[bits].transfers) == (float_bytes if bits is None else int8_bytes)[chosen[bits].positions[0]]
     assert chosen[8].latency_ms < chosen[None].latency_ms
     assert chosen[8].positions[0] <= chosen[None].positions[0]
+
+
+def test_quantized_plans_price_the_raw_input_at_its_own_size(zoo):
+    """Cloud-only sends the model input as it is (no quantizer pass applies there), so the planner
+    must not price it quantized; otherwise cloud-only looks 4x cheaper on the wire than it is."""
+    analysis = CutAnalysis(zoo.graph("resnet_like"))
+    input_bytes = sum(t.nbytes for t in zoo.graph("resnet_like").inputs)
+    plans = plan_placements(analysis, load_targets("rpi4,a100"), Link("l", 0.5, 5.0), Workload(10), quantize_bits=8)
+    cloud_only = [p for p in plans.plans if p.placement[0] is None]
+    assert cloud_only, "cloud-only must be among the candidates"
+    assert all(sum(t["bytes"] for t in p.transfers) == input_bytes for p in cloud_only)
