@@ -29,7 +29,7 @@ their batch size: samples are batched with torch.func.vmap (checked against a di
 first sample; a per-sample loop is the fallback).
 
 Limits: one floating-point model input (what is reconstructed); images are (..., H, W) with the leading
-dims taken as channels; SSIM needs H, W >= 3.
+dims taken as channels; SSIM needs H, W >= 3. Token-id inputs: splitc/audit_text.py (token recovery).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -208,7 +209,7 @@ class DeviceSplit:
                 out = tuple(torch.cat([p[k] for p in parts]) for k in range(len(parts[0])))
                 if self._vmap_ok is None:
                     direct = fn(*(a[0] for a in args))
-                    self._vmap_ok = all(torch.allclose(o[0], d, rtol=1e-4, atol=1e-5) for o, d in zip(out, direct))
+                    self._vmap_ok = all(_batched_close(o[0], d) for o, d in zip(out, direct))
                 if self._vmap_ok:
                     return out
             except Exception:  # noqa: BLE001 - vmap refuses unsupported ops with assorted types; the loop is exact
@@ -216,13 +217,46 @@ class DeviceSplit:
         results = [fn(*(a[i] for a in args)) for i in range(n)]
         return tuple(torch.stack([r[k] for r in results]) for k in range(len(results[0])))
 
-    def send(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def send(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The crossing tensors for a batch of samples of every model input (in graph order)."""
         with torch.no_grad():
-            return self.batched(self.device_fn, x)
+            return self.batched(self.device_fn, *inputs)
 
-    def finish(self, x: torch.Tensor, sent: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    def finish(self, x: torch.Tensor | Sequence[torch.Tensor], sent: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """The model outputs from the model inputs (one tensor, or one per input) and what was sent."""
+        inputs = tuple(x) if isinstance(x, (tuple, list)) else (x,)
+        k = len(inputs)
         with torch.no_grad():
-            return self.batched(lambda xi, *si: self.server_fn((xi,), si), x, *sent)
+            return self.batched(lambda *a: self.server_fn(a[:k], a[k:]), *inputs, *sent)
+
+
+def _batched_close(batched: torch.Tensor, direct: torch.Tensor) -> bool:
+    """Whether vmap's value for one sample is the direct call's: exact for integers; for floats within 1e-4 of
+    the tensor's largest finite magnitude (batched kernels accumulate in another order, and after six
+    transformer layers that moves small entries by ~1e-4 absolute; a wrong batching rule moves them by O(1))."""
+    if batched.shape != direct.shape or batched.dtype != direct.dtype:
+        return False
+    if not direct.is_floating_point():
+        return torch.equal(batched, direct)
+    finite = direct[torch.isfinite(direct)]
+    scale = float(finite.abs().max()) if finite.numel() else 0.0
+    return torch.allclose(batched, direct, rtol=0.0, atol=1e-4 * scale + 1e-5, equal_nan=True)
+
+
+@contextmanager
+def audit_threads(graph: ModelGraph, threads: int | None = None):
+    """torch intra-op threads while auditing `graph` (restored after): `threads`, or by default 1 for small
+    inputs (<= 4,096 values a sample: 8x8 images, token ids), where the attacks run many small ops and extra
+    threads only spin (10-20x slower on a loaded 2-core host), and torch's setting otherwise."""
+    if threads is None and graph.inputs and int(np.prod(graph.inputs[0].shape, dtype=np.int64)) <= 4096:
+        threads = 1
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 # --------------------------------------------------------------------------------------- metrics
@@ -442,16 +476,9 @@ def audit_cut(graph: ModelGraph, cut_name: str, calibration: Calibration, *, tra
     (<= 4,096 values a sample), where the attacks run many tiny ops and extra threads only spin (10-20x
     slower on a loaded 2-core host); torch's setting otherwise.
     """
-    if threads is None and graph.inputs and int(np.prod(graph.inputs[0].shape, dtype=np.int64)) <= 4096:
-        threads = 1
-    previous = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
+    with audit_threads(graph, threads):
         return _audit_cut(graph, cut_name, calibration, transform, setting, seed, epochs, whitebox, whitebox_samples,
                           whitebox_steps, tv_weight, dfil_samples, dfil_probes, dcor_samples, n_examples, split)
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _audit_cut(graph, cut_name, calibration, transform, setting, seed, epochs, whitebox, whitebox_samples, whitebox_steps,

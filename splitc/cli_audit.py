@@ -6,7 +6,10 @@
     splitc audit model.pt2 --cut layer2,layer3 --calib digits.npz [--noise 0.5] [--report audit/]
 
 writes audit/report.json (splitc.audit.audit_report_json) and audit/reconstructions.png, and prints a
-table. `python -m splitc.cli_audit ...` runs the command on its own, with the same error handling.
+table. A model whose input is token ids feeding an embedding gets the token-recovery audit instead
+(splitc.audit_text: report.json in its own schema, no PNG); its --calib holds the inputs by name
+(input_ids, attention_mask) and optional labels y. `python -m splitc.cli_audit ...` runs the command on
+its own, with the same error handling.
 """
 
 from __future__ import annotations
@@ -25,18 +28,23 @@ from splitc.errors import InputError
 @click.argument("source")
 @click.option("--cut", "cuts", required=True, help="Cut(s) to audit, comma-separated node names or module paths: layer2,layer3.")
 @click.option("--calib", required=True, type=click.Path(dir_okay=False),
-              help="Calibration .npz: inputs (key x or the input's name) and optional labels (y); a few hundred samples.")
+              help="Calibration .npz: inputs (key x or the input's name; token models: input_ids, attention_mask) and "
+                   "optional labels (y); a few hundred samples.")
 @click.option("--noise", type=float, help="Also audit with Gaussian noise of std NOISE x the sent tensor's std added before sending.")
 @click.option("--report", "report_dir", default="audit", show_default=True, type=click.Path(file_okay=False),
               help="Directory for report.json and reconstructions.png.")
-@click.option("--epochs", default=150, show_default=True, type=click.IntRange(1, 10000), help="Epochs of the inverse-network attacker.")
+@click.option("--epochs", type=click.IntRange(1, 10000),
+              help="Epochs of the inverse-network attacker [default: 150 for images, 10 for token inputs].")
 @click.option("--whitebox-steps", default=300, show_default=True, type=click.IntRange(0, 100000),
-              help="Optimisation steps of the white-box attack (0: skip it).")
+              help="Optimisation steps of the white-box attack (0: skip it; image inputs only).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the attacker/held-out split, the attacks and the noise.")
 @click.option("--trust-pickle", is_flag=True, help="Allow loading a pickled nn.Module (.pt/.pth). Unpickling runs code.")
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="SHAPE[:DTYPE]", help="Input shape for a factory or pickle, e.g. 1,1,8,8.")
 def audit(source, cuts, calib, noise, report_dir, epochs, whitebox_steps, seed, trust_pickle, input_shapes):
-    """Measure what an attacker recovers from the tensors SOURCE's device part sends at each --cut."""
+    """Measure what an attacker recovers from the tensors SOURCE's device part sends at each --cut.
+
+    A model whose input is token ids feeding an embedding gets the token-recovery audit (exact tokens
+    read back from the sent hidden states) instead of the image attacks."""
     from rich.console import Console
 
     from splitc.audit import (
@@ -47,6 +55,7 @@ def audit(source, cuts, calib, noise, report_dir, epochs, whitebox_steps, seed, 
         print_audit_table,
         write_reconstructions_png,
     )
+    from splitc.audit_text import token_inputs
     from splitc.frontend import import_model
     from splitc.passes.privacy import load_calibration
 
@@ -64,17 +73,48 @@ def audit(source, cuts, calib, noise, report_dir, epochs, whitebox_steps, seed, 
     calibration = load_calibration(calib, graph)
     splits = [DeviceSplit(graph, name) for name in names]  # every cut checked before any attack runs
     settings = [("plain", None)] + ([(f"noise {noise:g}", lambda: GaussianNoise(noise, seed=seed))] if noise is not None else [])
+    if token_inputs(graph):
+        _audit_tokens(graph, names, splits, calibration, settings, seed, epochs or 10, report, console)
+        return
     audits = []
     for name, split in zip(names, splits):
         for label, make in settings:
             with console.status(f"auditing {name} ({label})"):
                 audits.append(audit_cut(graph, name, calibration, transform=make() if make else None, setting=label, seed=seed,
-                                        epochs=epochs, whitebox=whitebox_steps > 0, whitebox_steps=max(whitebox_steps, 1), split=split))
+                                        epochs=epochs or 150, whitebox=whitebox_steps > 0, whitebox_steps=max(whitebox_steps, 1),
+                                        split=split))
     report.mkdir(parents=True, exist_ok=True)
     (report / "report.json").write_text(json.dumps(audit_report_json(audits), indent=2) + "\n")
     write_reconstructions_png(audits, report / "reconstructions.png")
     print_audit_table(audits, console)
     console.print(f"wrote {report / 'report.json'} and {report / 'reconstructions.png'}")
+
+
+def _audit_tokens(graph, names, splits, calibration, settings, seed, epochs, report, console) -> None:
+    """The token-recovery audit of every cut and setting; report.json, a table, no PNG."""
+    from splitc.audit_text import (
+        per_token_tensors,
+        print_token_table,
+        sent_tensors,
+        token_recovery,
+        token_report_json,
+    )
+
+    for split in splits:  # every cut checked before any attack runs
+        per_token_tensors(split)
+    audits = []
+    for name, split in zip(names, splits):
+        with console.status(f"running the device part to {name}"):
+            clean = sent_tensors(split, calibration)
+        for label, make in settings:
+            with console.status(f"auditing {name} ({label})"):
+                audits.append(token_recovery(graph, name, calibration, transform=make() if make else None, setting=label,
+                                             seed=seed, epochs=epochs, split=split, clean=clean))
+    report.mkdir(parents=True, exist_ok=True)
+    (report / "report.json").write_text(json.dumps(token_report_json(audits), indent=2) + "\n")
+    print_token_table(audits, console)
+    console.print(f"wrote {report / 'report.json'}; reconstructions.png not applicable to token inputs "
+                  f"(report.json lists recovered token ids)")
 
 
 def main(argv: list[str] | None = None) -> None:
