@@ -1,6 +1,6 @@
 """Noise layers at the cut: Gaussian noise on what leaves the device, against model inversion.
 
-For every floating-point tensor crossing the first cut, `x + scale * n` is inserted on the device
+For every floating-point activation crossing the first cut, `x + scale * n` is inserted on the device
 side, where `scale = sigma x std(x)` (std measured on calibration samples, so sigma is relative to
 the activation's spread) and `n` is a new model input of the tensor's shape. The runtime draws `n`
 from the OS's secure generator on every request; nothing random is baked into the artifact, so
@@ -40,6 +40,22 @@ class NoiseLayer:
         return {**self.__dict__, "shape": list(self.shape)}
 
 
+def data_carrying(module) -> set:
+    """Nodes computed from a floating-point model input or from the weights: the activations.
+
+    Float tensors built from integer inputs and literals alone (a transformer's additive attention
+    mask holds 0 and -3.4e38; position ids) are no activation: noise scaled to their spread would
+    be ~1e38 and destroy the model, and what they reveal (which positions are padding) is not what
+    the noise defends. They cross unchanged."""
+    carrying = set()
+    for node in module.graph.nodes:
+        if node.op == "get_attr" or (node.op == "placeholder" and node.meta["val"].is_floating_point()):
+            carrying.add(node)
+        elif node.op == "call_function" and any(a in carrying for a in node.all_input_nodes):
+            carrying.add(node)
+    return carrying
+
+
 def add_noise(graph: ModelGraph, cut_name: str, sigma: float, samples: Sequence[tuple[torch.Tensor, ...]]) -> tuple[ModelGraph, str, list[NoiseLayer]]:
     if not sigma > 0:
         raise CutError(f"--noise {sigma} must be a positive multiple of the activation's standard deviation")
@@ -47,9 +63,11 @@ def add_noise(graph: ModelGraph, cut_name: str, sigma: float, samples: Sequence[
     current = ModelGraph(graph.name, module, graph.inputs, graph.outputs, graph.source_sha256, graph.source)
     analysis = CutAnalysis(current)
     position = analysis.resolve(cut_name)
-    crossing = [n for n in analysis.crossing_nodes(position) if n.meta["val"].is_floating_point()]
+    floats = [n for n in analysis.crossing_nodes(position) if n.meta["val"].is_floating_point()]
+    carries = data_carrying(module)
+    crossing = [n for n in floats if n in carries]
     if not crossing:
-        raise CutError(f"nothing floating-point crosses the cut after {cut_name}; there is nothing to add noise to")
+        raise CutError(f"nothing floating-point computed from the data crosses the cut after {cut_name}; there is nothing to add noise to")
     stats = observe(current, [n.name for n in crossing], samples)
     later = set(analysis.order[position + 1:]) | {n for n in module.graph.nodes if n.op == "output"}
     first_op = next(n for n in module.graph.nodes if n.op not in ("placeholder", "get_attr"))

@@ -110,3 +110,38 @@ def test_cli_refuses_noise_that_costs_too_much_accuracy(digits_split, tmp_path, 
     record = read_manifest(tmp_path / "d").plan["noise"]
     assert record["auto"]["chosen"]["leakage"] <= 0.9 and record["sigma"] == record["auto"]["chosen"]["sigma"]
     assert "noise auto: σ=" in out
+
+
+def test_noise_leaves_attention_masks_alone(tmp_path):
+    """A BERT layer sends its additive attention mask (0 / -3.4e38, built from the integer mask
+    input) beside the hidden states: only the hidden states get noise, at a finite scale."""
+    transformers = pytest.importorskip("transformers")
+    from splitc.frontend import import_model
+
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=16, attn_implementation="eager")
+    torch.manual_seed(0)
+
+    class Classifier(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bert = transformers.BertModel(config).eval()
+
+        def forward(self, input_ids, attention_mask):
+            return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, 0, :4]
+
+    ids = torch.randint(0, 100, (1, 8))
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0, 0, 0]])
+    torch.export.save(torch.export.export(Classifier(), (ids, mask)), tmp_path / "bert.pt2")
+    _, graph = import_model(tmp_path / "bert.pt2")
+    analysis = CutAnalysis(graph)
+    cut = analysis.cut(analysis.resolve("bert.encoder.layer.0"))
+    floats = {t.name for t in cut.crossing if t.dtype.startswith("float")}
+    assert len(floats) >= 2, f"expected the hidden states and the float mask to cross, got {floats}"
+    noisy, _, layers = add_noise(graph, cut.after, 1.0, [(ids, mask)])
+    noised = {layer.tensor for layer in layers}
+    assert noised and noised < floats
+    assert all(np.isfinite(layer.scale) and 0 < layer.scale < 1e3 for layer in layers)
+    with torch.no_grad():
+        out = noisy.module(ids, mask, *(torch.randn(layer.shape) for layer in layers))
+    assert torch.isfinite(out[0] if isinstance(out, (tuple, list)) else out).all()
