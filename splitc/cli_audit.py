@@ -72,12 +72,13 @@ def audit(source, cuts, calib, noise, report_dir, epochs, whitebox_steps, seed, 
         _, graph = import_model(source, input_shapes=input_shapes, trust_pickle=trust_pickle)
     calibration = load_calibration(calib, graph)
     splits = [DeviceSplit(graph, name) for name in names]  # every cut checked before any attack runs
-    settings = [("plain", None)] + ([(f"noise {noise:g}", lambda: GaussianNoise(noise, seed=seed))] if noise is not None else [])
     if token_inputs(graph):
+        settings = [("plain", None)] + ([(f"noise {noise:g}", lambda: GaussianNoise(noise, seed=seed))] if noise is not None else [])
         _audit_tokens(graph, names, splits, calibration, settings, seed, epochs or 10, report, console)
         return
     audits = []
     for name, split in zip(names, splits):
+        settings = [("plain", None)] + ([compiled_noise(graph, name, calibration, noise, seed)] if noise is not None else [])
         for label, make in settings:
             with console.status(f"auditing {name} ({label})"):
                 audits.append(audit_cut(graph, name, calibration, transform=make() if make else None, setting=label, seed=seed,
@@ -88,6 +89,28 @@ def audit(source, cuts, calib, noise, report_dir, epochs, whitebox_steps, seed, 
     write_reconstructions_png(audits, report / "reconstructions.png")
     print_audit_table(audits, console)
     console.print(f"wrote {report / 'report.json'} and {report / 'reconstructions.png'}")
+
+
+def compiled_noise(graph, cut: str, calibration, sigma: float, seed: int):
+    """The noise `splitc compile --noise SIGMA` would put at this cut: std = σ x the sent tensor's
+    std over the calibration samples (passes/noise.py), the same for every request. A cut that sends
+    several activations falls back to σ x each sample's own std, and the label says so."""
+    import torch
+
+    from splitc.audit import GaussianNoise
+    from splitc.passes.cuts import CutAnalysis
+    from splitc.passes.noise import data_carrying
+    from splitc.passes.quantize import observe
+
+    analysis = CutAnalysis(graph)
+    carrying = data_carrying(graph.module)
+    sent = [n for n in analysis.crossing_nodes(analysis.resolve(cut)) if n.meta["val"].is_floating_point() and n in carrying]
+    if len(sent) != 1:
+        return f"noise {sigma:g} (x each sample's std)", lambda: GaussianNoise(sigma, seed=seed)
+    count = min(len(calibration), 256)
+    samples = [tuple(torch.from_numpy(x[i]) for x in calibration.inputs) for i in range(count)]
+    scale = sigma * observe(graph, [sent[0].name], samples)[sent[0].name].std
+    return f"noise {sigma:g} (as compiled: std {scale:.3g})", lambda: GaussianNoise(scale, relative=False, seed=seed)
 
 
 def _audit_tokens(graph, names, splits, calibration, settings, seed, epochs, report, console) -> None:
