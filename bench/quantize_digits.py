@@ -53,11 +53,13 @@ def main() -> None:
         cut = analysis.cut(analysis.resolve(name))
         row = {"cut": f"{name} ({cut.after})", "float32_bytes": cut.nbytes, "float32_accuracy": round(base_accuracy, 4)}
         for scheme in ("int8", "int4"):
-            quantized, (new_cut,), _ = quantize_cuts(graph, [cut.after], scheme, calibrate)
-            q_analysis = CutAnalysis(quantized)
-            row[f"{scheme}_bytes"] = q_analysis.cut(q_analysis.resolve(new_cut)).nbytes
-            row[f"{scheme}_top1_agreement"] = round(agreement(graph, quantized, evaluate)["top1_agreement"], 4)
-            row[f"{scheme}_accuracy"] = round(accuracy(quantized), 4)
+            for per_channel in (False, True):
+                key = scheme + ("_per_channel" if per_channel else "")
+                quantized, (new_cut,), _ = quantize_cuts(graph, [cut.after], scheme, calibrate, per_channel=per_channel)
+                q_analysis = CutAnalysis(quantized)
+                row[f"{key}_bytes"] = q_analysis.cut(q_analysis.resolve(new_cut)).nbytes
+                row[f"{key}_top1_agreement"] = round(agreement(graph, quantized, evaluate)["top1_agreement"], 4)
+                row[f"{key}_accuracy"] = round(accuracy(quantized), 4)
         rows.append(row)
     print(json.dumps({"model": "DigitsCNN trained on 1200 sklearn digits, evaluated on 597 held out", "rows": rows}, indent=2))
 

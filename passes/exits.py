@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from splitc.frontend.annotate import annotate
 from splitc.passes.cuts import CutAnalysis
-from splitc.passes.quantize import emit
+from splitc.passes.quantize import add_constant, emit
 from torch import fx
 
 from splitc.errors import CutError, InputError, UnsupportedOperatorError
@@ -318,15 +318,9 @@ def _insert_head(module: fx.GraphModule, at: str, fit: _Fitted, output_name: str
     """Emit the fitted head as core-ATen nodes right after `at`; return its logits node's name."""
     graph = module.graph
     node = next(n for n in graph.nodes if n.name == at)
-    fake_mode = node.meta["val"].fake_mode
 
     def constant(name: str, value: torch.Tensor, anchor: fx.Node) -> fx.Node:
-        attr = f"exit{index}_{name}"
-        module.register_buffer(attr, value.detach().clone().contiguous())
-        with graph.inserting_after(anchor):
-            got = graph.get_attr(attr)
-        got.meta["val"] = fake_mode.from_tensor(getattr(module, attr), static_shapes=True)
-        return got
+        return add_constant(module, f"exit{index}_{name}", value, anchor)
 
     x, anchor = node, node
     if fit.kind == "pool-linear":

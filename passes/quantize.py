@@ -7,8 +7,9 @@ for int8, and for int4 two values packed per byte.
 
 The quantizers are plain ops (div, round, add, clamp, casts; int4 packing with integer arithmetic)
 because TVM's importer has no quantize ops and bit shifts fail in both TVM and the ONNX export
-(../shared/TOOLCHAIN.md); this form compiles bit-exactly through both. Affine, per tensor, with
-ranges calibrated on data. Graph in, graph out: the input ModelGraph is not modified.
+(../shared/TOOLCHAIN.md); this form compiles bit-exactly through both. Affine, per tensor or per
+channel (scales and zero points then travel as constants in both partitions), with ranges
+calibrated on data. Graph in, graph out: the input ModelGraph is not modified.
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 import torch.fx as fx
 
 from splitc.errors import CutError
 from splitc.frontend.annotate import annotate
-from splitc.graph import ModelGraph, tensor_spec
+from splitc.graph import ModelGraph, returning, tensor_spec
 from splitc.passes.cuts import CutAnalysis
 
 aten = torch.ops.aten
@@ -36,12 +38,15 @@ class TensorQuantizer:
     sent: str             # the integer tensor that crosses instead
     received: str         # the dequantized tensor the later tier reads
     bits: int
-    scale: float
-    zero_point: int
+    scale: float | tuple[float, ...]        # one per tensor, or one per channel along `axis`
+    zero_point: int | tuple[int, ...]
     shape: tuple[int, ...]
+    axis: int | None = None                 # the channel axis of per-channel parameters
 
     def to_json(self) -> dict[str, Any]:
-        return {**self.__dict__, "shape": list(self.shape)}
+        return {**self.__dict__, "shape": list(self.shape),
+                "scale": list(self.scale) if isinstance(self.scale, tuple) else self.scale,
+                "zero_point": list(self.zero_point) if isinstance(self.zero_point, tuple) else self.zero_point}
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,27 @@ def observe(graph: ModelGraph, names: Sequence[str], samples: Sequence[tuple[tor
     return result
 
 
+def channel_axis(shape: Sequence[int]) -> int:
+    """The channel axis of an activation: 1 for feature maps (N, C, H, W), the last otherwise
+    (hidden size of (N, T, D) token sequences, features of (N, D))."""
+    return 1 if len(shape) == 4 else len(shape) - 1
+
+
+def observe_channels(graph: ModelGraph, names: Sequence[str], samples: Sequence[tuple[torch.Tensor, ...]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per-channel minimum and maximum (along channel_axis) of each named node over all samples."""
+    capture = returning(graph.module, list(names))
+    lo: dict[str, torch.Tensor] = {}
+    hi: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for sample in samples:
+            for name, value in zip(names, capture(*sample)[1:]):
+                axis = channel_axis(value.shape)
+                flat = value.detach().double().movedim(axis, 0).reshape(value.shape[axis], -1)
+                lo[name] = torch.minimum(lo[name], flat.min(1).values) if name in lo else flat.min(1).values
+                hi[name] = torch.maximum(hi[name], flat.max(1).values) if name in hi else flat.max(1).values
+    return {name: (lo[name].numpy(), hi[name].numpy()) for name in lo}
+
+
 def affine_params(lo: float, hi: float, bits: int) -> tuple[float, int]:
     """Scale and zero point mapping [lo, hi] (widened to include 0) onto [0, 2^bits - 1]."""
     levels = (1 << bits) - 1
@@ -84,9 +110,10 @@ def affine_params(lo: float, hi: float, bits: int) -> tuple[float, int]:
     return scale, zero_point
 
 
-def quantize_cuts(graph: ModelGraph, cut_names: Sequence[str], scheme: str,
-                  samples: Sequence[tuple[torch.Tensor, ...]]) -> tuple[ModelGraph, list[str], list[TensorQuantizer]]:
-    """Insert quantizers at each cut; return the new graph, the new cut names, and what was inserted."""
+def quantize_cuts(graph: ModelGraph, cut_names: Sequence[str], scheme: str, samples: Sequence[tuple[torch.Tensor, ...]], *,
+                  per_channel: bool = False) -> tuple[ModelGraph, list[str], list[TensorQuantizer]]:
+    """Insert quantizers at each cut; return the new graph, the new cut names, and what was inserted.
+    `per_channel`: one scale and zero point per channel (channel_axis) instead of per tensor."""
     if scheme not in BITS:
         raise CutError(f"--quantize {scheme!r} is not supported; use one of {', '.join(BITS)} or none")
     bits = BITS[scheme]
@@ -95,6 +122,7 @@ def quantize_cuts(graph: ModelGraph, cut_names: Sequence[str], scheme: str,
     analysis = CutAnalysis(current)
     crossing_names = {t.name for name in cut_names for t in analysis.cut(analysis.resolve(name)).crossing}
     observed = observe(current, sorted(crossing_names), samples)
+    channels = observe_channels(current, sorted(crossing_names), samples) if per_channel else {}
 
     new_cuts, quantizers = [], []
     for name in cut_names:
@@ -108,18 +136,30 @@ def quantize_cuts(graph: ModelGraph, cut_names: Sequence[str], scheme: str,
             if bits == 4 and node.meta["val"].numel() % 2:
                 raise CutError(f"int4 packs two values per byte, but {node.name} crossing the cut after {name} has "
                                f"{node.meta['val'].numel()} elements; use --quantize int8 or cut elsewhere")
-            seen = observed.get(node.name)
-            scale, zero_point = affine_params(seen.lo if seen else 0.0, seen.hi if seen else 0.0, bits)
-            sent, anchor = _quantize_chain(module.graph, anchor, node, scale, zero_point, bits)
-            received[node] = (sent, scale, zero_point)
+            shape = tuple(int(d) for d in node.meta["val"].shape)
+            if node.name in channels:
+                axis = channel_axis(shape)
+                pairs = [affine_params(float(a), float(b), bits) for a, b in zip(*channels[node.name])]
+                scale, zero_point = tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
+                view = [1] * len(shape)
+                view[axis] = shape[axis]
+                scale_arg = add_constant(module, f"{node.name}_qscale", torch.tensor(scale, dtype=node.meta["val"].dtype).reshape(view), anchor)
+                zero_arg = add_constant(module, f"{node.name}_qzero", torch.tensor(zero_point, dtype=node.meta["val"].dtype).reshape(view), scale_arg)
+                anchor = zero_arg
+            else:
+                seen = observed.get(node.name)
+                axis = None
+                scale, zero_point = affine_params(seen.lo if seen else 0.0, seen.hi if seen else 0.0, bits)
+                scale_arg, zero_arg = scale, float(zero_point)
+            sent, anchor = _quantize_chain(module.graph, anchor, node, scale_arg, zero_arg, bits)
+            received[node] = (sent, scale, zero_point, scale_arg, zero_arg, shape, axis)
         cut_after = anchor
-        for node, (sent, scale, zero_point) in received.items():  # dequantize right after the new cut
-            restored, anchor = _dequantize_chain(module.graph, anchor, sent, node, scale, zero_point, bits)
+        for node, (sent, scale, zero_point, scale_arg, zero_arg, shape, axis) in received.items():  # dequantize right after the new cut
+            restored, anchor = _dequantize_chain(module.graph, anchor, sent, node, scale_arg, zero_arg, bits)
             for user in list(node.users):
                 if user in later:
                     user.replace_input_with(node, restored)
-            quantizers.append(TensorQuantizer(node.name, sent.name, restored.name, bits, scale, zero_point,
-                                              tuple(int(d) for d in node.meta["val"].shape)))
+            quantizers.append(TensorQuantizer(node.name, sent.name, restored.name, bits, scale, zero_point, shape, axis))
         module.graph.lint()
         module.recompile()
         annotate(module)
@@ -147,11 +187,23 @@ def emit(graph: fx.Graph, anchor: fx.Node, target, *args, name: str | None = Non
     return node
 
 
+def add_constant(module: fx.GraphModule, name: str, value: torch.Tensor, anchor: fx.Node) -> fx.Node:
+    """Register `value` as a buffer of `module` and read it with a get_attr node after `anchor`
+    (with the FakeTensor export would give it). Partitions that read it get their own copy."""
+    module.register_buffer(name, value.detach().clone().contiguous())
+    with module.graph.inserting_after(anchor):
+        node = module.graph.get_attr(name)
+    fake = next(v for v in torch.utils._pytree.tree_leaves(anchor.meta["val"]) if isinstance(v, torch.Tensor))
+    node.meta["val"] = fake.fake_mode.from_tensor(getattr(module, name), static_shapes=True)
+    return node
+
+
 def _quantize_chain(graph, anchor, x, scale, zero_point, bits):
+    """`scale` and `zero_point`: Python numbers (per tensor) or get_attr nodes (per channel)."""
     levels = (1 << bits) - 1
     q = emit(graph, anchor, aten.div.Tensor, x, scale)
     q = emit(graph, q, aten.round.default, q)
-    q = emit(graph, q, aten.add.Tensor, q, float(zero_point))
+    q = emit(graph, q, aten.add.Tensor, q, zero_point)
     q = emit(graph, q, aten.clamp.default, q, 0.0, float(levels))
     if bits == 8:
         q = emit(graph, q, aten._to_copy.default, q, dtype=torch.uint8, name=f"{x.name}_q8")
@@ -179,7 +231,7 @@ def _dequantize_chain(graph, anchor, sent, original, scale, zero_point, bits):
         shape = [int(d) for d in original.meta["val"].shape]
         x = emit(graph, pairs, aten.view.default, pairs, shape)
         x = emit(graph, x, aten._to_copy.default, x, dtype=dtype)
-    x = emit(graph, x, aten.sub.Tensor, x, float(zero_point))
+    x = emit(graph, x, aten.sub.Tensor, x, zero_point)
     x = emit(graph, x, aten.mul.Tensor, x, scale, name=f"{original.name}_dq")
     return x, x
 

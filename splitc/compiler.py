@@ -159,7 +159,7 @@ def resolve_noise(graph: ModelGraph, cut_after: str, noise: float | str, calibra
 
 
 def transform_cuts(graph: ModelGraph, cuts: Sequence[Cut], targets: Sequence[Target], *, noise: float | None,
-                   quantize: str | None, examples, samples: list[tuple[torch.Tensor, ...]]):
+                   quantize: str | None, examples, samples: list[tuple[torch.Tensor, ...]], per_channel: bool = False):
     """The passes that change what crosses a cut, in order: noise on what leaves the device, then
     quantizers at every cut. Returns the new graph, its analysis and cuts, the example inputs
     (extended with zero noise), and a record of each pass for the manifest."""
@@ -179,11 +179,12 @@ def transform_cuts(graph: ModelGraph, cuts: Sequence[Cut], targets: Sequence[Tar
                         **agreement(clean_graph, graph, samples, extra_inputs=len(layers))}
     if quantize not in (None, "none"):
         float_graph, float_bytes = graph, [c.nbytes for c in cuts]
-        graph, cut_names, quantizers = quantize_cuts(graph, [c.after for c in cuts], quantize, samples)
+        graph, cut_names, quantizers = quantize_cuts(graph, [c.after for c in cuts], quantize, samples, per_channel=per_channel)
         analysis = CutAnalysis(graph)
         cuts = resolve_cuts(analysis, cut_names, targets)
         quantization = {
             "scheme": quantize,
+            "granularity": "channel" if per_channel else "tensor",
             "tensors": [q.to_json() for q in quantizers],
             "bytes_float": float_bytes,
             "bytes_sent": [c.nbytes for c in cuts],
@@ -203,6 +204,7 @@ def compile_model(
     examples: Sequence[torch.Tensor] | None = None,
     plan_record: dict | None = None,
     quantize: str | None = None,
+    per_channel: bool = False,
     noise: float | str | None = None,
     calibration: Sequence[tuple[torch.Tensor, ...]] | None = None,
     labels: np.ndarray | None = None,
@@ -238,7 +240,7 @@ def compile_model(
         if not calibration:
             notes.append("noise and quantizer statistics measured on random inputs; pass --calib data.npz to measure them on real data")
         graph, analysis, cuts, examples, noise_record, quantization = transform_cuts(
-            graph, cuts, targets, noise=noise, quantize=quantize, examples=examples,
+            graph, cuts, targets, noise=noise, quantize=quantize, examples=examples, per_channel=per_channel,
             samples=list(calibration or sample_inputs(graph, max(samples, 8), examples, seed=1)))
     assign_tiers(analysis, cuts)
     partitions = extract_partitions(graph, analysis, targets)
