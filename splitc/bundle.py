@@ -16,12 +16,15 @@ from pathlib import Path
 from typing import Iterator
 
 from splitc.errors import BundleError
+from splitc.runtime.adaptive import VARIANTS_NAME
 from splitc.runtime.manifest import MANIFEST_NAME, Artifact, Manifest, sha256_file
 
 
 def check_output_path(out: Path) -> None:
-    """Refuse to replace anything that is not a splitc bundle (a user's directory, a file)."""
-    if out.exists() and not (out.is_dir() and (out / MANIFEST_NAME).is_file()):
+    """Refuse to replace anything that is not a splitc bundle or variant directory (a user's
+    directory, a file)."""
+    ours = out.is_dir() and ((out / MANIFEST_NAME).is_file() or (out / VARIANTS_NAME).is_file())
+    if out.exists() and not ours:
         raise BundleError(f"{out} exists and is not a splitc bundle; choose another -o path or remove it")
 
 

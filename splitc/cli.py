@@ -14,8 +14,26 @@ from rich.table import Table
 from splitc.cli_audit import audit
 from splitc.cli_serve import export_triton_command, remote_options, run_remote, serve
 from splitc.cli_tune import bench, tune
+from splitc.cli_variants import variants_option
 from splitc.cli_common import _import, _mb, _model_options, console, err_console, run_command
 from splitc.errors import InputError, VerificationFailed
+
+class NoiseLevel(click.ParamType):
+    """`--noise`: a positive float, or 'auto'."""
+
+    name = "SIGMA|auto"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, float) or value == "auto":
+            return value
+        try:
+            sigma = float(value)
+        except ValueError:
+            self.fail(f"{value!r} is neither a number nor 'auto'", param, ctx)
+        if not sigma > 0:
+            self.fail(f"{value!r} must be > 0 (a multiple of each tensor's std)", param, ctx)
+        return sigma
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="splitc")
@@ -33,15 +51,20 @@ def cli() -> None:
 @click.option("--output", "-o", type=click.Path(file_okay=False), help="Bundle directory (default: <model>.splitc).")
 @click.option("--samples", default=4, show_default=True, type=click.IntRange(1, 64), help="Reference samples stored for verify.")
 @click.option("--quantize", type=click.Choice(["none", "int8", "int4"]), default="none", show_default=True,
-              help="Quantize the tensors crossing each cut (affine, per tensor; int4 packs two per byte).")
-@click.option("--noise", type=click.FloatRange(min=0, min_open=True), help="Gaussian noise on what leaves the device, as a multiple of each tensor's std.")
+              help="Quantize the tensors crossing each cut (affine; int4 packs two per byte).")
+@click.option("--per-channel", is_flag=True, help="With --quantize: one scale and zero point per channel instead of per tensor.")
+@click.option("--noise", type=NoiseLevel(), help="Gaussian noise on what leaves the device: σ as a multiple of each tensor's std, "
+              "or 'auto' (least σ meeting --max-leakage; needs --calib).")
+@click.option("--max-leakage", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="With --noise auto: distance correlation (bias-corrected) allowed between the input and what is sent.")
 @click.option("--calib", help="Calibration data: an .npz (inputs, labels as y) or package.module:callable; for exit heads, quantizer ranges and noise scale.")
 @click.option("--exits", help="Early-exit heads: 'auto' (one at each cut) or node names / module paths; trained on --calib.")
 @click.option("--max-accuracy-drop", type=click.FloatRange(min=0), default=1.0, show_default=True,
               help="Exit thresholds keep accuracy within this many points of the final classifier (on held-out --calib data).")
+@variants_option
 @_model_options
-def compile(source, targets, plan_path, plan_link, cut, link, output, samples, quantize, noise, calib, exits, max_accuracy_drop,
-            input_shapes, example_input, trust_pickle):
+def compile(source, targets, plan_path, plan_link, cut, link, output, samples, quantize, per_channel, noise, max_leakage, calib, exits,
+            max_accuracy_drop, input_shapes, example_input, trust_pickle):
     """Split SOURCE across TARGETS and compile every partition into a bundle."""
     from splitc.compiler import compile_model
     from splitc.plan_file import read_plan
@@ -61,8 +84,8 @@ def compile(source, targets, plan_path, plan_link, cut, link, output, samples, q
     calibration, labels = _calibration_samples(calib, graph) if calib else (None, None)
     out = Path(output or f"{graph.name}.splitc")
     result = compile_model(graph, target_list, out, cut=cut, link=link_obj, samples=samples, examples=loaded.example_inputs,
-                           plan_record=record, quantize=quantize, noise=noise, calibration=calibration, labels=labels,
-                           exits=exits, max_accuracy_drop=max_accuracy_drop,
+                           plan_record=record, quantize=quantize, per_channel=per_channel, noise=noise, calibration=calibration, labels=labels,
+                           exits=exits, max_accuracy_drop=max_accuracy_drop, max_leakage=max_leakage,
                            log=lambda m: console.print(f"[dim]{escape(m)}[/dim]"))
     manifest = result.manifest
     table = Table(title=f"{out} — {len(graph.value_nodes())} nodes, {graph.total_flops / 1e9:.3f} GFLOP, cut: {manifest.plan['method']}")
@@ -89,6 +112,10 @@ def compile(source, targets, plan_path, plan_link, cut, link, output, samples, q
                       f"{exits_info['accuracy_with_exits']:.2%} with them (allowed drop {exits_info['max_accuracy_drop_points']:g} points; "
                       f"labels: {exits_info['labels']})")
     noise_info = manifest.plan.get("noise")
+    if noise_info and "auto" in noise_info:
+        chosen = noise_info["auto"]["chosen"]
+        console.print(f"noise auto: σ={chosen['sigma']:g} is the least on the grid with leakage {chosen['leakage']:.3f} ≤ "
+                      f"{noise_info['auto']['max_leakage']:g}; accuracy {chosen['accuracy']:.2%} ({chosen['drop_points']:.1f} points lost)")
     if noise_info:
         console.print(f"noise σ={noise_info['sigma']:g}×std on {len(noise_info['layers'])} tensor(s) leaving the device (drawn by the runtime); "
                       f"top-1 agreement with the clean model {noise_info['top1_agreement']:.4f}")
@@ -106,9 +133,12 @@ def compile(source, targets, plan_path, plan_link, cut, link, output, samples, q
 @click.option("--no-emulation", is_flag=True, help="Check the host twin of aarch64 artifacts instead of emulating them.")
 def verify(bundle, json_path, junit_path, no_emulation):
     """Run every artifact of BUNDLE and compare with the torch reference; exit 10 on any mismatch."""
+    from splitc.runtime.adaptive import is_variant_dir
+    from splitc.variants import verify_variants
     from splitc.verify import verify_bundle
 
-    report = verify_bundle(bundle, emulate=not no_emulation, log=lambda m: err_console.print(f"[dim]{escape(m)}[/dim]"))
+    check_all = verify_variants if is_variant_dir(bundle) else verify_bundle  # a variant directory: every variant
+    report = check_all(bundle, emulate=not no_emulation, log=lambda m: err_console.print(f"[dim]{escape(m)}[/dim]"))
     table = Table(title=f"verify {bundle}")
     for column in ("check", "artifact", "mode", "rel err", "rtol", "top-1", "status"):
         table.add_column(column)
@@ -140,15 +170,14 @@ def verify(bundle, json_path, junit_path, no_emulation):
 def run(bundle, inputs, output, remote, token_file, model_name, remote_timeout, retries, no_fallback):
     """Run BUNDLE's partitions chained on this host, or the device part here and the rest on --remote."""
     from splitc.runtime import Bundle, SplitSession
+    from splitc.runtime.adaptive import local_bundle_path, read_any_manifest
 
-    if remote:
-        from splitc.runtime.manifest import read_manifest
-
-        feed = _read_inputs(inputs, [t.name for t in read_manifest(Path(bundle)).inputs])
+    if remote:  # a variant directory runs adaptively (splitc.runtime.adaptive), a bundle as it is split
+        feed = _read_inputs(inputs, [t.name for t in read_any_manifest(bundle).inputs])
         outputs = run_remote(bundle, feed, remote, token_file=token_file, model_name=model_name, remote_timeout=remote_timeout,
                              retries=retries, no_fallback=no_fallback, echo=lambda m: console.print(escape(m))).outputs
     else:
-        session = SplitSession(Bundle.open(bundle))
+        session = SplitSession(Bundle.open(local_bundle_path(bundle)))  # a variant directory: its variant 0
         feed = _read_inputs(inputs, [t.name for t in session.manifest.inputs])
         answer = session.infer(feed)
         outputs = answer.outputs

@@ -45,14 +45,19 @@ def read_token(token_file: str | None) -> str | None:
 @click.option("--drain-timeout", default=30.0, show_default=True, type=float, help="Seconds to let in-flight requests finish on SIGTERM.")
 @click.option("--verbose", "-v", is_flag=True, help="Log every request to stderr.")
 def serve(bundle, partition, host, port, token_file, no_auth, name, max_body_mb, drain_timeout, verbose):
-    """Serve BUNDLE's partitions from --partition to the end over KServe v2 (Triton-compatible) HTTP."""
+    """Serve BUNDLE's partitions from --partition to the end over KServe v2 (Triton-compatible) HTTP.
+
+    A variant directory (`compile --variants`) serves every variant's cloud part, each as model
+    <name>-v<k>, on this one server."""
     import logging
 
     from splitc.runtime import Bundle
+    from splitc.runtime.adaptive import is_variant_dir
     from splitc.runtime.server import (
         PartitionServer,
         make_http_server,
         serve_until_signalled,
+        variant_servers,
     )
 
     token = read_token(token_file)
@@ -61,6 +66,13 @@ def serve(bundle, partition, host, port, token_file, no_auth, name, max_body_mb,
     if token is not None and no_auth:
         raise InputError("--no-auth and a token contradict each other; drop one")
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    if is_variant_dir(bundle):
+        if partition is not None or name:
+            raise InputError("a variant directory serves each variant from its first cloud partition, named <model>-v<k> "
+                             "as its variants.json says (what the adaptive runtime asks for); drop --partition and --name")
+        apps = variant_servers(bundle, token=token, max_body=int(max_body_mb * (1 << 20)))
+        _serve_apps(apps, host, port, token, drain_timeout)
+        return
     opened = Bundle.open(bundle)
     if partition is None:
         partition = 1 if len(opened.manifest.partitions) > 1 else 0
@@ -76,6 +88,27 @@ def serve(bundle, partition, host, port, token_file, no_auth, name, max_body_mb,
     finished = serve_until_signalled(httpd, drain_timeout=drain_timeout, on_ready=ready)
     s = app.stats
     click.echo(f"stopped: {s['infer']} inferences, {s['errors_4xx']} refused (4xx), {s['errors_5xx']} failed (5xx)"
+               f"{'' if finished else '; some requests were still running at the drain timeout'}", err=True)
+
+
+def _serve_apps(apps, host, port, token, drain_timeout) -> None:
+    from splitc.runtime.server import make_http_server, serve_until_signalled
+
+    httpd = make_http_server(apps, host, port)
+    url = f"http://{host}:{httpd.port}"
+
+    def ready() -> None:
+        for app in apps:
+            served = ", ".join(str(p.index) for p in app.manifest.partitions[app.first:])
+            click.echo(f"  {app.name}: partitions {served} at {url}/v2/models/{app.name}", err=True)
+        click.echo(f"serving {len(apps)} variant model(s) (model sha256 {apps[0].sha256[:12]}…) at {url}"
+                   f"{'' if token else ' WITHOUT a token'}; SIGTERM or Ctrl-C to stop", err=True)
+
+    finished = serve_until_signalled(httpd, drain_timeout=drain_timeout, on_ready=ready)
+    infer = sum(a.stats["infer"] for a in apps)
+    refused = sum(a.stats["errors_4xx"] for a in apps)
+    failed = sum(a.stats["errors_5xx"] for a in apps)
+    click.echo(f"stopped: {infer} inferences, {refused} refused (4xx), {failed} failed (5xx)"
                f"{'' if finished else '; some requests were still running at the drain timeout'}", err=True)
 
 
@@ -108,9 +141,15 @@ def remote_options(func):
 
 def run_remote(bundle_path, feed, remote, *, token_file=None, model_name=None, remote_timeout=10.0, retries=3, no_fallback=False,
                echo=click.echo):
-    """What `splitc run --remote` does: returns the RemoteResult; prints where the answer came from."""
+    """What `splitc run --remote` does: returns the RemoteResult (an AdaptiveResult for a variant
+    directory); prints where the answer came from."""
     from splitc.runtime import Bundle
+    from splitc.runtime.adaptive import is_variant_dir
     from splitc.runtime.remote import RemoteSession
+
+    if is_variant_dir(bundle_path):
+        return _run_adaptive(bundle_path, feed, remote, token_file=token_file, model_name=model_name, remote_timeout=remote_timeout,
+                             retries=retries, no_fallback=no_fallback, echo=echo)
 
     session = RemoteSession(Bundle.open(bundle_path), remote, token=read_token(token_file), model_name=model_name,
                             timeout=remote_timeout, retries=retries, fallback=not no_fallback)
@@ -121,6 +160,25 @@ def run_remote(bundle_path, feed, remote, *, token_file=None, model_name=None, r
     t = result.timings
     line = (f"answer from {result.source}: local {t.get('local_ms', 0):.1f} ms, network {t.get('remote_ms', 0):.1f} ms, "
             f"total {t.get('total_ms', 0):.1f} ms, {result.bytes_sent} B sent in {result.attempts} attempt(s)")
+    if result.error:
+        line += f" (server unreachable: {result.error})"
+    echo(line)
+    return result
+
+
+def _run_adaptive(path, feed, remote, *, token_file, model_name, remote_timeout, retries, no_fallback, echo):
+    from splitc.runtime.adaptive import AdaptiveSession
+
+    if model_name:
+        raise InputError("--model-name does not apply to a variant directory (each variant is served as <model>-v<k>); drop it")
+    # One request: no background prober; the start-up probe and profile pick the variant.
+    with AdaptiveSession(path, remote, token=read_token(token_file), timeout=remote_timeout, retries=retries,
+                         fallback=not no_fallback, background=False) as session:
+        result = session.infer(feed)
+    t = result.timings
+    line = (f"answer from variant v{result.variant} ({result.source}): local {t.get('local_ms', 0):.1f} ms, "
+            f"network {t.get('remote_ms', 0):.1f} ms, total {t.get('total_ms', 0):.1f} ms, {result.bytes_sent} B sent; "
+            f"link estimate {session.estimator.bandwidth_mbit:.3g} Mbit/s, RTT {session.estimator.rtt_ms:.3g} ms")
     if result.error:
         line += f" (server unreachable: {result.error})"
     echo(line)

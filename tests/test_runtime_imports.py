@@ -15,6 +15,8 @@ import json, sys
 import splitc.runtime
 from splitc.runtime import Bundle, SplitSession, Manifest, TensorSpec
 import splitc.runtime.session, splitc.runtime.manifest, splitc.runtime.executors
+import splitc.runtime.adaptive  # the adaptive split runs on the device too
+from splitc.runtime.adaptive import AdaptiveSession, LinkEstimator
 import splitc.errors
 print(json.dumps(sorted(sys.modules)))
 """
@@ -32,7 +34,7 @@ def _offending(modules: list[str]) -> list[str]:
 
 def test_runtime_imports_no_compiler_or_torch():
     modules = _modules_after(_PROBE)
-    assert "splitc.runtime" in modules and "splitc.runtime.session" in modules
+    assert "splitc.runtime" in modules and "splitc.runtime.session" in modules and "splitc.runtime.adaptive" in modules
     assert _offending(modules) == []
 
 
