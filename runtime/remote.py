@@ -32,8 +32,11 @@ from urllib.parse import quote, urlsplit
 import numpy as np
 from splitc.runtime.executors import Executor, load_executor
 from splitc.runtime.manifest import TensorSpec
-from splitc.runtime.session import Bundle, SplitSession, host_artifact
+from splitc.runtime.session import Answer, Bundle, SplitSession, confident_exit, exit_answer, host_artifact, softmax_max
 from splitc.runtime.v2protocol import (
+    COMPUTE_PARAMETER,
+    EXIT_PARAMETER,
+    SHA_PARAMETER,
     HEADER_LENGTH,
     ProtocolError,
     RemoteError,
@@ -46,8 +49,8 @@ from splitc.errors import BundleError, InputError, SplitcError, first_line
 
 SOURCE_REMOTE = "remote"
 SOURCE_FALLBACK = "local-fallback"
-SHA_PARAMETER = "model_sha256"
-COMPUTE_PARAMETER = "compute_ms"  # response parameter: the server's partition time, for link estimates
+SOURCE_EXIT = "early-exit"             # an exit head on this host was confident: nothing was sent
+SOURCE_EXIT_FALLBACK = "exit-fallback"  # the server was unreachable: the deepest local exit head answered
 
 
 @dataclass
@@ -59,6 +62,8 @@ class RemoteResult:
     bytes_received: int = 0
     attempts: int = 0                             # HTTP infer attempts made
     error: str | None = None                      # why the answer is a local fallback
+    exit: int | None = None                       # the exit head that answered (early-exit, exit-fallback)
+    confidence: float | None = None               # its softmax maximum
 
 
 class _Transient(Exception):
@@ -272,16 +277,38 @@ class RemoteSession:
     def run_local(self, first: int, last: int, env: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run partitions first..last-1 here (raises BundleError when one cannot run here)."""
         with self._local_lock:
+            session = self._local_session(first, last)
             for index in range(first, last):
-                if index not in self._executors and self._executor(index) is None:
-                    raise BundleError(f"partition {index} cannot run on this host: {self._unloadable[index]}")
-            if self._session is None or self._session_loaded != frozenset(self._executors):
-                self._session_loaded = frozenset(self._executors)
-                placeholders = {i: self._executors.get(i, _missing(i)) for i in range(len(self.manifest.partitions))}
-                self._session = SplitSession(self.bundle, placeholders)
-            for index in range(first, last):
-                env = self._session.run_partition(index, env)
+                env = session.run_partition(index, env)
         return dict(env)
+
+    def run_device(self, first: int, last: int, env: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], Answer | None, dict[str, np.ndarray]]:
+        """Run partitions first..last-1 here, stopping at the first confident exit head.
+
+        Returns the tensors after the last partition run (its boundary), the exit's answer when one
+        was confident (None otherwise), and every exit head's logits computed on the way (what a
+        fallback answers from when the rest cannot run)."""
+        with self._local_lock:
+            session = self._local_session(first, last)
+            heads: dict[str, np.ndarray] = {}
+            for index in range(first, last):
+                produced = session.execute(index, env)
+                heads.update({spec.output.name: produced[spec.output.name] for spec in self.manifest.exits if spec.output.name in produced})
+                taken = confident_exit(self.manifest, index, produced)
+                if taken is not None:
+                    return dict(produced), exit_answer(self.manifest, taken, produced, index + 1), heads
+                env = session.boundary(index, produced)
+        return dict(env), None, heads
+
+    def _local_session(self, first: int, last: int) -> SplitSession:
+        for index in range(first, last):
+            if index not in self._executors and self._executor(index) is None:
+                raise BundleError(f"partition {index} cannot run on this host: {self._unloadable[index]}")
+        if self._session is None or self._session_loaded != frozenset(self._executors):
+            self._session_loaded = frozenset(self._executors)
+            placeholders = {i: self._executors.get(i, _missing(i)) for i in range(len(self.manifest.partitions))}
+            self._session = SplitSession(self.bundle, placeholders)
+        return self._session
 
     def can_fall_back(self) -> bool:
         with self._local_lock:
@@ -412,22 +439,31 @@ class RemoteSession:
         env = self.bind_inputs(inputs)
         timings: dict[str, float] = {}
         result = RemoteResult({}, SOURCE_REMOTE, timings)
-        reason = None
+        reason, ran, heads = None, 0, {}
         try:
-            self._retry(lambda: self._check_server(deadline), deadline)
+            self._retry(lambda: self._check_server(deadline), deadline)  # once: the server says where it starts
         except _Transient as exc:
             reason = str(exc)
         if reason is None:
             tick = time.perf_counter()
-            env = self.run_local(0, self.split, env)
+            env, answer, heads = self.run_device(0, self.split, env)
             timings["local_ms"] = (time.perf_counter() - tick) * 1e3
+            if answer is not None:  # an exit head is confident: nothing goes on the wire
+                return self._exit_result(answer, result, SOURCE_EXIT, started)
+            ran = self.split
             try:
                 self._exchange(env, deadline, result)
                 timings["total_ms"] = (time.perf_counter() - started) * 1e3
                 return result
             except _Transient as exc:
                 reason = str(exc)
-        return self._fall_back(env, reason, result, started)
+        return self._fall_back(env, reason, result, started, ran, heads)
+
+    def _exit_result(self, answer: Answer, result: RemoteResult, source: str, started: float, reason: str | None = None) -> RemoteResult:
+        result.outputs, result.source, result.error = answer.outputs, source, reason
+        result.exit, result.confidence = answer.exit, answer.confidence
+        result.timings["total_ms"] = (time.perf_counter() - started) * 1e3
+        return result
 
     def send(self, tensors: Mapping[str, np.ndarray]) -> RemoteResult:
         """Send the tensors the server takes (the boundary before `split`) as they are, without
@@ -473,21 +509,35 @@ class RemoteSession:
         finally:
             result.timings["remote_ms"] = (time.perf_counter() - tick) * 1e3
 
-    def _fall_back(self, env: dict[str, np.ndarray], reason: str, result: RemoteResult, started: float) -> RemoteResult:
-        first = self.split if self.split is not None and "local_ms" in result.timings else 0
+    def _fall_back(self, env: dict[str, np.ndarray], reason: str, result: RemoteResult, started: float,
+                   first: int, heads: dict[str, np.ndarray]) -> RemoteResult:
+        """The server cannot answer: run the rest here if every partition can run here (exit heads
+        still apply); otherwise run what can, and answer from the deepest exit head computed."""
         if not self.fallback:
             raise RemoteError(f"{reason}; no answer after {result.attempts} attempt(s) within {self.timeout:g} s (fallback disabled)")
-        if not self.can_fall_back():
-            why = "; ".join(self._unloadable.values())
-            raise RemoteError(f"{reason}; cannot fall back to running the model here ({why[:200]})")
+        count = len(self.manifest.partitions)
+        with self._local_lock:
+            runnable = first
+            while runnable < count and self._executor(runnable) is not None:
+                runnable += 1
         tick = time.perf_counter()
-        env = self.run_local(first, len(self.manifest.partitions), env)
+        env, answer, more = self.run_device(first, runnable, env) if runnable > first else (env, None, {})
+        heads = {**heads, **more}
         result.timings["fallback_ms"] = (time.perf_counter() - tick) * 1e3
-        result.outputs = {t.name: env[t.name] for t in self.manifest.outputs}
-        result.source = SOURCE_FALLBACK
-        result.error = reason
-        result.timings["total_ms"] = (time.perf_counter() - started) * 1e3
-        return result
+        if answer is not None:
+            return self._exit_result(answer, result, SOURCE_FALLBACK, started, reason)
+        if runnable == count:
+            result.outputs = {t.name: env[t.name] for t in self.manifest.outputs}
+            result.source, result.error = SOURCE_FALLBACK, reason
+            result.timings["total_ms"] = (time.perf_counter() - started) * 1e3
+            return result
+        computed = [spec for spec in self.manifest.exits if spec.output.name in heads]
+        if computed:  # the deepest head this host computed answers, whatever its confidence
+            deepest = computed[-1]
+            answer = exit_answer(self.manifest, (deepest, softmax_max(heads[deepest.output.name])), heads, runnable)
+            return self._exit_result(answer, result, SOURCE_EXIT_FALLBACK, started, reason)
+        why = "; ".join(self._unloadable.values())
+        raise RemoteError(f"{reason}; cannot fall back to running the model here ({why[:200]}) and the bundle has no exit head on this host")
 
     def _retry(self, action, deadline: float):
         """Call action() until it succeeds, retrying _Transient failures with exponential backoff
@@ -527,6 +577,9 @@ class RemoteSession:
         server_ms = params.get(COMPUTE_PARAMETER) if isinstance(params, dict) else None
         if isinstance(server_ms, (int, float)) and server_ms >= 0:  # Triton reports none: then unknown
             result.timings["server_ms"] = float(server_ms)
+        server_exit = params.get(EXIT_PARAMETER) if isinstance(params, dict) else None
+        if isinstance(server_exit, int):
+            result.exit = server_exit
         outputs = {}
         for spec in self.manifest.outputs:
             array = arrays.get(spec.name)

@@ -42,8 +42,11 @@ from typing import Any
 import numpy as np
 from splitc.runtime.executors import Executor, load_executor
 from splitc.runtime.manifest import TensorSpec
-from splitc.runtime.session import Bundle, SplitSession, host_artifact
+from splitc.runtime.session import Bundle, SplitSession, confident_exit, exit_answer, host_artifact
 from splitc.runtime.v2protocol import (
+    COMPUTE_PARAMETER,
+    EXIT_PARAMETER,
+    SHA_PARAMETER,
     EXTENSIONS,
     HEADER_LENGTH,
     JSON_CONTENT_TYPE,
@@ -61,8 +64,6 @@ from splitc.errors import BundleError, InputError, SplitcError
 log = logging.getLogger("splitc.server")
 
 DEFAULT_MAX_BODY = 64 << 20
-SHA_PARAMETER = "model_sha256"
-COMPUTE_PARAMETER = "compute_ms"
 
 
 def served_inputs(bundle: Bundle, first: int) -> tuple[TensorSpec, ...]:
@@ -151,13 +152,22 @@ class PartitionServer:
             raise ProtocolError("'id' must be a string")
         env: Mapping[str, np.ndarray] = arrays
         tick = time.perf_counter()
+        taken = None
         with self._lock:
             for p in self.manifest.partitions[self.first:]:
-                env = self.session.run_partition(p.index, env)
+                produced = self.session.execute(p.index, env)
+                # A middle tier with an exit head answers from it when confident, as the device does.
+                taken = confident_exit(self.manifest, p.index, produced) if p.index < len(self.manifest.partitions) - 1 else None
+                if taken is not None:
+                    env = exit_answer(self.manifest, taken, produced, p.index + 1).outputs
+                    break
+                env = self.session.boundary(p.index, produced)
         compute_ms = (time.perf_counter() - tick) * 1e3
         outputs = {name: env[name] for name in wanted}
-        return encode_response(self.name, outputs, binary=wanted, request_id=request_id,
-                               parameters={SHA_PARAMETER: self.sha256, COMPUTE_PARAMETER: round(compute_ms, 4)})
+        parameters = {SHA_PARAMETER: self.sha256, COMPUTE_PARAMETER: round(compute_ms, 4)}
+        if taken is not None:
+            parameters[EXIT_PARAMETER] = taken[0].index
+        return encode_response(self.name, outputs, binary=wanted, request_id=request_id, parameters=parameters)
 
     def count(self, key: str) -> None:
         with self._stats_lock:

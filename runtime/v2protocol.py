@@ -26,6 +26,11 @@ JSON_CONTENT_TYPE = "application/json"
 BINARY_CONTENT_TYPE = "application/octet-stream"
 EXTENSIONS = ("binary_tensor_data", "model_configuration")
 
+# Parameters splitc puts in v2 metadata and responses (Triton carries the same in its model config).
+SHA_PARAMETER = "model_sha256"      # the bundle's model hash: client and server must serve the same model
+COMPUTE_PARAMETER = "compute_ms"    # the server's partition time, for the client's link estimates
+EXIT_PARAMETER = "exit"             # the exit head that answered on the server (a middle tier)
+
 # numpy dtype name <-> v2 datatype (the Triton/KServe names). BYTES (strings) is not supported.
 _TO_V2 = {
     "bool": "BOOL",

@@ -160,6 +160,8 @@ def run_remote(bundle_path, feed, remote, *, token_file=None, model_name=None, r
     t = result.timings
     line = (f"answer from {result.source}: local {t.get('local_ms', 0):.1f} ms, network {t.get('remote_ms', 0):.1f} ms, "
             f"total {t.get('total_ms', 0):.1f} ms, {result.bytes_sent} B sent in {result.attempts} attempt(s)")
+    if result.exit is not None:
+        line += f"; exit head {result.exit} answered (confidence {result.confidence:.3f})"
     if result.error:
         line += f" (server unreachable: {result.error})"
     echo(line)

@@ -27,9 +27,8 @@ from splitc.runtime.manifest import (
     TensorSpec,
 )
 from splitc.runtime.session import Bundle
-from splitc.runtime.v2protocol import model_name_for, v2_datatype
+from splitc.runtime.v2protocol import SHA_PARAMETER, model_name_for, v2_datatype
 
-SHA_PARAMETER = "model_sha256"
 CONFIG_NAME = "config.pbtxt"
 
 

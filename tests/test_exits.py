@@ -110,6 +110,61 @@ def test_runtime_exits_early_and_keeps_the_promised_accuracy(bundle, digits_spli
     assert correct / n >= correct_full / n - 0.035
 
 
+def test_edge_runtime_answers_confident_inputs_without_the_network(bundle, digits_split):
+    """RemoteSession against a real server: a confident exit sends nothing; an unsure input goes to
+    the server; with the server gone and the rest of the model not runnable here, the deepest local
+    exit head answers and the result says so."""
+    from splitc.runtime.remote import RemoteSession
+    from tests.serving import TOKEN, free_port, running_server
+
+    opened = Bundle.open(bundle.bundle)
+    local = SplitSession(opened)
+    x = digits_split["test_x"]
+    answers = [local.infer([x[i:i + 1]]) for i in range(40)]
+    confident = next(i for i, a in enumerate(answers) if a.exit is not None)
+    unsure = next(i for i, a in enumerate(answers) if a.exit is None)
+    name = opened.manifest.outputs[0].name
+    with running_server(opened, 1) as (app, _, url):
+        remote = RemoteSession(opened, url, token=TOKEN)
+        result = remote.infer([x[confident:confident + 1]])
+        assert result.source == "early-exit" and result.exit == 0 and result.bytes_sent == 0 and app.stats["infer"] == 0
+        np.testing.assert_allclose(result.outputs[name], answers[confident].outputs[name], rtol=1e-5)
+        result = remote.infer([x[unsure:unsure + 1]])
+        assert result.source == "remote" and result.exit is None and result.bytes_sent > 0 and app.stats["infer"] == 1
+        np.testing.assert_allclose(result.outputs[name], answers[unsure].outputs[name], rtol=1e-4, atol=1e-5)
+
+    cut_off = RemoteSession(opened, f"http://127.0.0.1:{free_port()}", token=TOKEN, timeout=0.5)
+    cut_off._unloadable[1] = "no ONNX Runtime on this device"  # as on a device that ships only TVM's runtime
+    result = cut_off.infer([x[unsure:unsure + 1]])
+    assert result.source == "exit-fallback" and result.exit == 0 and "refused" in result.error
+    device = local.execute(0, local.bind_inputs([x[unsure:unsure + 1]]))
+    np.testing.assert_allclose(result.outputs[name], device[opened.manifest.exits[0].output.name], rtol=1e-6)
+
+
+def test_a_middle_tier_server_answers_from_its_own_exit_head(digits_split, tmp_path):
+    """Three tiers with the head on the middle one: the server running partitions 1-2 stops after
+    partition 1 for confident inputs and says which head answered."""
+    from splitc.runtime.remote import RemoteSession
+    from tests.serving import TOKEN, running_server
+
+    result = compile_model(digits_split["graph"], load_targets("x86,edge-server,cloud-cpu"), tmp_path / "three.splitc",
+                           cut="relu,relu_1", link=load_link("4g"), calibration=digits_split["samples"],
+                           labels=digits_split["labels"], exits="relu_1", max_accuracy_drop=2.0)
+    (head,) = result.manifest.exits
+    assert head.partition == 1
+    opened = Bundle.open(result.bundle)
+    local = SplitSession(opened)
+    x = digits_split["test_x"]
+    answers = [local.infer([x[i:i + 1]]) for i in range(40)]
+    confident = next(i for i, a in enumerate(answers) if a.exit is not None)
+    assert answers[confident].partitions_run == 2
+    name = opened.manifest.outputs[0].name
+    with running_server(opened, 1) as (app, _, url):
+        got = RemoteSession(opened, url, token=TOKEN).infer([x[confident:confident + 1]])
+    assert got.source == "remote" and got.exit == head.index and app.stats["infer"] == 1
+    np.testing.assert_allclose(got.outputs[name], answers[confident].outputs[name], rtol=1e-4, atol=1e-5)
+
+
 def test_verify_passes_with_exit_heads(bundle):
     from splitc.verify import verify_bundle
 
