@@ -2,8 +2,9 @@
 
     python bench/audit_digits.py [--noise 1.0,3.0] [--cuts conv1,conv2,fc1,fc2] [--out audit_digits/]
 
-Trains the CNN of tests/test_audit.py (1,000 training digits), exports it, and audits each cut plain
-and with Gaussian noise of each --noise (std relative to the sent tensor's std) on the 797 other
+Trains the CNN of tests/test_audit.py (examples.digits.DigitsCNN with a hidden layer) (1,000 training digits), exports it, and audits each cut plain
+and with the Gaussian noise `compile --noise` adds for each --noise (σ x the sent tensor's std over the
+calibration data) on the 797 other
 digits (half train the attacker, half are attacked). Prints per cut/setting: audit time, re-
 identification (inverse net / white-box, chance 1/N), SSIM and PSNR next to the floors, dCor, dFIL,
 and top-1 accuracy with its change. Writes report.json and reconstructions.png. Asserts nothing.
@@ -29,37 +30,29 @@ def main() -> None:
     parser.add_argument("--out", default="audit_digits")
     args = parser.parse_args()
 
-    from sklearn.datasets import load_digits
+    from examples.digits import DigitsCNN, load_digits_arrays, train_classifier
+    from splitc.cli_audit import compiled_noise
     from splitc.frontend import import_model
     from splitc.passes.privacy import load_calibration
     from torch import nn
 
     from splitc.audit import (
         DeviceSplit,
-        GaussianNoise,
         audit_cut,
         audit_report_json,
         write_reconstructions_png,
     )
     from tests.models import save_pt2
-    from tests.test_audit import DigitsCNN
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    data = load_digits()
-    images = (data.images / 16.0).astype(np.float32)[:, None]
-    labels = data.target
+    images, labels = load_digits_arrays()
     torch.set_num_threads(1)
-    torch.manual_seed(0)
-    model = DigitsCNN()
-    optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
-    x, y = torch.from_numpy(images[:1000]), torch.from_numpy(labels[:1000])
-    for _ in range(60):
-        optimiser.zero_grad()
-        nn.functional.nll_loss(model(x), y).backward()
-        optimiser.step()
+    torch.manual_seed(0)  # the audit tests' model: conv 8, conv 16, fc 32, fc 10, log-softmax
+    model = train_classifier(DigitsCNN(hidden=32, log_softmax=True), images[:1000], labels[:1000], steps=60,
+                             loss=nn.functional.nll_loss)
     model.eval()
-    _, graph = import_model(save_pt2(model, (x[:1],), out / "digits.pt2"))
+    _, graph = import_model(save_pt2(model, (torch.from_numpy(images[:1]),), out / "digits.pt2"))
     np.savez(out / "digits.npz", x=images[1000:], y=labels[1000:])
     calibration = load_calibration(out / "digits.npz", graph)
 
@@ -71,8 +64,9 @@ def main() -> None:
     for cut in args.cuts.split(","):
         split = DeviceSplit(graph, cut)
         for sigma in [None, *noises]:
-            transform = None if sigma is None else GaussianNoise(sigma, seed=0)
-            a = audit_cut(graph, cut, calibration, transform=transform, setting="plain" if sigma is None else f"noise {sigma:g}", split=split)
+            # The noise `compile --noise sigma` adds: sigma x the sent tensor's std over the calibration data.
+            setting, make = ("plain", None) if sigma is None else compiled_noise(graph, cut, calibration, sigma, seed=0)
+            a = audit_cut(graph, cut, calibration, transform=make() if make else None, setting=setting.split(" (")[0], split=split)
             audits.append(a)
             print(f"{a.cut:6} {a.setting:10} {a.bytes_sent:6d} {a.seconds:7.2f} {a.inverse.reid_top1:8.3f} {a.whitebox.reid_top1:8.3f} "
                   f"{a.inverse.reid_chance:7.4f} {a.inverse.ssim:8.3f} {a.whitebox.ssim:8.3f} {a.inverse.psnr:8.2f} {a.dcor:6.3f} "
