@@ -13,13 +13,14 @@ indexing them. `splitc serve` on the directory serves each variant's cloud part 
 `<model>-v<k>` on one server.
 
 The session keeps a LinkEstimator (bandwidth and round-trip time, from the timing of its own
-requests, light GET probes and, while nothing is sent, an occasional upload of a variant's
-boundary), measures each variant's device compute (a short start-up profile, then the running
-variant's times), takes the server's compute time from its responses, and predicts every
-variant's latency = device compute + bytes / bandwidth + RTT + server compute. It switches to
-another variant only when that one is predicted at least `margin` faster for `patience`
-evaluations in a row (hysteresis: noise does not make it flap), at once when the server cannot be
-reached. Every switch is logged (logger "splitc.adaptive") and kept in `switches`.
+requests, light GET probes and, while the running variant sends nothing, a small timed upload),
+measures each variant's device compute (a short start-up profile, then the running variant's
+times), takes the server's compute time from its responses, and predicts every variant's latency =
+device compute + bytes / bandwidth + RTT + server compute. It switches to another variant only
+when that one is predicted at least `margin` faster for `patience` evaluations in a row
+(`fast_patience` when it is predicted `fast_gain` x faster or more: hysteresis, so noise does not
+make it flap), at once when the server cannot be reached. Every switch is logged (logger
+"splitc.adaptive") and kept in `switches`.
 
 Numpy and the stdlib only (plus the backend runtime of the partitions run here).
 """
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import http.client
 import json
 import logging
 import math
@@ -38,6 +40,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
+from urllib.parse import urlsplit
 
 import numpy as np
 from splitc.runtime.manifest import MANIFEST_NAME, Manifest, TensorSpec, read_manifest
@@ -58,6 +61,11 @@ FORMAT = "splitc-variants"
 SCHEMA_VERSION = 1
 VARIANTS_NAME = "variants.json"
 SOURCE_LOCAL = "local"   # a device-only variant answered: nothing was sent
+
+# What a link sample told (LinkEstimator.observe_*): it confirmed a change, or it is a surprise
+# not yet confirmed.
+CHANGED = "changed"
+SURPRISE = "surprise"
 
 # Bytes an exchange puts on the link beyond the tensors: HTTP request and response heads, the JSON
 # tensor headers. Counted the same way when timing a transfer and when predicting one.
@@ -184,12 +192,19 @@ class LinkEstimator:
     given the RTT (so the RTT must come from probes: the session times one every second). Each
     estimate is an exponentially weighted moving average of the median of the last three samples:
     the median ignores a single outlier (one slow request is not a slower link), and a median more
-    than `surprise`x away from the estimate (the link changed) is weighted `fast_alpha` instead of
-    `alpha`, so the estimate follows a new link within a few samples instead of a few dozen.
+    than `surprise`x away from the estimate is weighted `fast_alpha` instead of `alpha`. Such a
+    median takes two samples of the last three agreeing on a link `surprise`x off: a changed link,
+    not noise, so by default (fast_alpha 1) it replaces the estimate outright; the estimate then
+    follows a new link after two samples instead of a few dozen.
+
+    `observe_rtt` and `observe_transfer` say what a sample told: CHANGED when it confirmed a change
+    (the median moved the estimate by more than `surprise`x), SURPRISE when it is `surprise`x away
+    from the estimate even after it was taken in (a change not yet confirmed: a caller may measure
+    again soon rather than wait), None otherwise.
     """
 
     def __init__(self, bandwidth_mbit: float = 10.0, rtt_ms: float = 50.0, *, alpha: float = 0.3,
-                 fast_alpha: float = 0.7, surprise: float = 2.0, small_bytes: int = 4096, clock=time.monotonic):
+                 fast_alpha: float = 1.0, surprise: float = 2.0, small_bytes: int = 4096, clock=time.monotonic):
         if bandwidth_mbit <= 0 or rtt_ms < 0 or not 0 < alpha <= 1 or not 0 < fast_alpha <= 1 or surprise <= 1:
             raise InputError("LinkEstimator needs bandwidth > 0, rtt >= 0, 0 < alpha, fast_alpha <= 1 and surprise > 1")
         self.bandwidth_mbit = float(bandwidth_mbit)
@@ -209,44 +224,134 @@ class LinkEstimator:
     def transfer_ms(self, nbytes: float) -> float:
         return float(nbytes) * 8.0 / (self.bandwidth_mbit * 1e3)
 
+    def _far(self, sample: float, current: float) -> bool:
+        ratio = max(sample, 1e-9) / max(current, 1e-9)
+        return ratio > self.surprise or ratio < 1.0 / self.surprise
+
     def _weight(self, sample: float, current: float, samples: int) -> float:
         if samples == 0:
             return 1.0  # the first sample replaces the prior outright
-        ratio = max(sample, 1e-9) / max(current, 1e-9)
-        return self.fast_alpha if ratio > self.surprise or ratio < 1.0 / self.surprise else self.alpha
+        return self.fast_alpha if self._far(sample, current) else self.alpha
 
-    def observe_rtt(self, ms: float) -> None:
-        """A round trip carrying (next to) no payload: a probe."""
-        self._rtt_window.append(max(float(ms), 0.0))
+    def _verdict(self, raw: float, sample: float, before: float, after: float, slack: float = 0.0) -> str | None:
+        # `slack`: an absolute difference below it is never a surprise (round trips of a millisecond
+        # or two differ by 2x on scheduling noise alone).
+        if abs(sample - before) > slack and self._far(sample, before):
+            return CHANGED
+        if abs(raw - after) > slack and self._far(raw, after):
+            return SURPRISE
+        return None
+
+    def observe_rtt(self, ms: float) -> str | None:
+        """A round trip carrying (next to) no payload: a probe. Returns CHANGED, SURPRISE or None."""
+        ms = max(float(ms), 0.0)
+        self._rtt_window.append(ms)
         sample = statistics.median(self._rtt_window)
+        before, first = self.rtt_ms, self.rtt_samples == 0
         self.rtt_ms += self._weight(sample, self.rtt_ms, self.rtt_samples) * (sample - self.rtt_ms)
         self.rtt_samples += 1
         self.rtt_at = self.clock()
+        return None if first else self._verdict(ms, sample, before, self.rtt_ms, slack=2.0)
 
-    def observe_transfer(self, nbytes: float, ms: float) -> None:
-        """An exchange that put `nbytes` on the link in `ms` (the server's compute excluded)."""
+    def observe_transfer(self, nbytes: float, ms: float) -> str | None:
+        """An exchange that put `nbytes` on the link in `ms` (the server's compute excluded).
+        Returns CHANGED, SURPRISE or None (see the class doc)."""
         ms = max(float(ms), 0.0)
         if nbytes <= self.small_bytes:
             # As small as a probe: a round-trip sample. Larger exchanges are always bandwidth samples,
             # never round-trip ones: deciding by the predicted share of bytes would let a stale,
             # too-high bandwidth estimate send every slow transfer into the RTT, where it stays.
-            self.observe_rtt(max(ms - self.transfer_ms(nbytes), 0.0))
-            return
+            return self.observe_rtt(max(ms - self.transfer_ms(nbytes), 0.0))
         # What the bytes took, given the RTT; floored so a sample faster than the RTT estimate (the
         # RTT fell) raises the bandwidth a bounded amount instead of to infinity.
         transfer = max(ms - self.rtt_ms, 0.25 * ms, 1e-3)
         # Averaged as milliseconds per byte: latency is linear in it, so one slow sample cannot
         # drive the bandwidth to zero the way averaging Mbit/s would.
-        self._per_byte_window.append(transfer / max(float(nbytes), 1.0))
+        raw = transfer / max(float(nbytes), 1.0)
+        self._per_byte_window.append(raw)
         sample = statistics.median(self._per_byte_window)
-        current = 8.0 / (self.bandwidth_mbit * 1e3)
+        current, first = 8.0 / (self.bandwidth_mbit * 1e3), self.bandwidth_samples == 0
         per_byte = current + self._weight(sample, current, self.bandwidth_samples) * (sample - current)
         self.bandwidth_mbit = 8.0 / (per_byte * 1e3)
         self.bandwidth_samples += 1
         self.bandwidth_at = self.clock()
+        return None if first else self._verdict(raw, sample, current, per_byte)
 
     def to_json(self) -> dict[str, float]:
         return {"bandwidth_mbit": round(self.bandwidth_mbit, 4), "rtt_ms": round(self.rtt_ms, 4)}
+
+
+class _ProbeRefused(SplitcError):
+    """The server answered the probe upload in a way that does not time it (413, 5xx)."""
+
+
+class _UploadProbe:
+    """Times the link with a payload of a fixed size, on a kept-alive connection of its own: a GET
+    of /v2/health/ready (one round trip), then a POST of `nbytes` zeros to the same path. splitc
+    serve reads the body of a POST to any path before it answers (405: only infer takes a POST),
+    so the POST takes one round trip plus the upload of `nbytes`; no model runs and no token is
+    sent. The TCP (and TLS) handshake is never part of a timing."""
+
+    PATH = "/v2/health/ready"
+
+    def __init__(self, url: str, timeout: float):
+        parts = urlsplit(url if "://" in url else f"http://{url}")
+        self.url = url
+        self._https = parts.scheme == "https"
+        self._host = parts.hostname or ""
+        self._port = parts.port or (443 if self._https else 80)
+        self._path = parts.path.rstrip("/") + self.PATH
+        self._timeout = min(float(timeout), 10.0)
+        self._conn: http.client.HTTPConnection | None = None
+        self._lock = threading.Lock()
+
+    def _timed(self, method: str, body: bytes | None) -> tuple[float, int, int]:
+        """(ms, status, response body bytes) of one exchange; a kept-alive connection the server
+        closed while idle is replaced once, outside the timing."""
+        for attempt in (0, 1):
+            if self._conn is None:
+                cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
+                self._conn = cls(self._host, self._port, timeout=self._timeout)
+            reused = self._conn.sock is not None
+            if not reused:
+                self._conn.connect()  # sets TCP_NODELAY
+            tick = time.perf_counter()
+            try:
+                headers = {"Content-Type": "application/octet-stream"} if body is not None else {}
+                self._conn.request(method, self._path, body=body, headers=headers)
+                response = self._conn.getresponse()
+                data = response.read()
+            except (ConnectionError, http.client.RemoteDisconnected, http.client.BadStatusLine):
+                self.close()
+                if reused and attempt == 0:
+                    continue
+                raise
+            ms = (time.perf_counter() - tick) * 1e3
+            if response.will_close:
+                self.close()
+            return ms, response.status, len(data)
+        raise AssertionError("unreachable")
+
+    def measure(self, nbytes: int) -> tuple[float, float, int]:
+        """(round-trip ms, upload ms, bytes the upload put on the link both ways, heads included)."""
+        with self._lock:
+            try:
+                rtt, status, _ = self._timed("GET", None)
+                if status >= 500:
+                    raise RemoteError(f"server {self.url} is not ready ({status})")
+                upload, status, received = self._timed("POST", bytes(nbytes))
+            except (OSError, http.client.HTTPException) as exc:
+                self.close()
+                raise RemoteError(f"link probe of {self.url} failed ({type(exc).__name__}: {exc})") from None
+            if status == 413 or status >= 500:
+                self.close()
+                raise _ProbeRefused(f"server {self.url} answered {status} to a {nbytes}-byte probe upload")
+            return rtt, upload, nbytes + received + HTTP_OVERHEAD_BYTES
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
 
 # ----------------------------------------------------------------------------- the session
@@ -278,26 +383,46 @@ class AdaptiveSession:
 
     `margin` and `patience` are the hysteresis: switch when another variant is predicted at least
     `margin` (a fraction) faster for `patience` consecutive evaluations (one after every request and
-    every probe). `probe_interval_s`: how often the background thread times a GET probe (right
-    after a request of ours, when the link is quiet); `explore_interval_s`: how long without a
-    bandwidth sample (a device-only variant sends nothing) before it uploads the boundary of the
-    networked variant sending least, to time the link with a real payload. `background=False` runs
-    no thread: call `probe()` / `explore()` yourself.
+    every probe), or for `fast_patience` (default patience - 1) when it is predicted at least
+    `fast_gain` x faster: a change that large is not noise (the link estimate it rests on already
+    took two agreeing samples to move), and every evaluation waited costs a request at the old
+    speed. `probe_interval_s`: how often the background thread times a GET probe (right after a
+    request of ours, when the link is quiet); a round trip `surprise`x off the estimate is
+    re-probed after a quarter of that. `explore_interval_s`: how long without a bandwidth sample (a
+    device-only variant sends nothing) before it explores: a GET and an upload of `probe_bytes`
+    bytes (zeros) to the server's health endpoint, timed on a connection of its own (splitc serve
+    reads a POST body on any path before answering; no model runs). The time an explore took
+    bounds how often it runs (at most `EXPLORE_SHARE` of the time on the link). While the running
+    variant sends nothing, a confirmed change of the round trip, or an explore whose bandwidth is
+    `surprise`x off, is re-explored a quarter probe interval later (`MAX_RECHECKS` in a row at most)
+    instead of an explore interval: that is what notices a faster link while running on the device.
+    `probe_bytes=0` explores by uploading the boundary of the networked variant sending least as a
+    real request instead (for a server that answers a POST before reading it). `background=False`
+    runs no thread: call `probe()` / `explore()` yourself.
     """
+
+    EXPLORE_SHARE = 0.1     # periodic explores take at most this share of the time
+    MAX_RECHECKS = 2        # quick re-explores after a surprise, before the periodic interval again
 
     def __init__(self, variant_dir: str | Path, url: str, *, token: str | None = None, timeout: float = 10.0,
                  retries: int = 3, backoff: float = 0.05, fallback: bool = True, initial: int | None = None,
-                 margin: float = 0.15, patience: int = 3, alpha: float = 0.3, probe_interval_s: float = 1.0,
-                 explore_interval_s: float = 3.0, profile_runs: int = 3, background: bool = True):
-        if not 0 <= margin < 1 or patience < 1 or probe_interval_s <= 0 or explore_interval_s <= 0 or profile_runs < 1:
-            raise InputError("AdaptiveSession needs 0 <= margin < 1, patience >= 1, positive probe and explore intervals, profile_runs >= 1")
+                 margin: float = 0.15, patience: int = 3, fast_patience: int | None = None, fast_gain: float = 2.0,
+                 alpha: float = 0.3, probe_interval_s: float = 1.0, explore_interval_s: float = 3.0,
+                 probe_bytes: int = 32768, profile_runs: int = 3, background: bool = True):
+        fast_patience = max(1, patience - 1) if fast_patience is None else fast_patience
+        if not 0 <= margin < 1 or patience < 1 or not 1 <= fast_patience <= patience or fast_gain <= 1 \
+                or probe_interval_s <= 0 or explore_interval_s <= 0 or probe_bytes < 0 or profile_runs < 1:
+            raise InputError("AdaptiveSession needs 0 <= margin < 1, 1 <= fast_patience <= patience, fast_gain > 1, "
+                             "positive probe and explore intervals, probe_bytes >= 0, profile_runs >= 1")
         self.index = read_variants(variant_dir)
         self.variants = self.index.variants
         if initial is not None and not 0 <= initial < len(self.variants):
             raise InputError(f"initial variant {initial} is out of range: {variant_dir} has variants 0..{len(self.variants) - 1}")
         self.url = url
         self.margin, self.patience = float(margin), int(patience)
+        self.fast_patience, self.fast_gain = int(fast_patience), float(fast_gain)
         self.probe_interval_s, self.explore_interval_s = float(probe_interval_s), float(explore_interval_s)
+        self.probe_bytes = int(probe_bytes)
         self.bundles = [Bundle.open(self.index.bundle_path(v.index)) for v in self.variants]
         first = self.bundles[0].manifest
         for bundle in self.bundles[1:]:
@@ -323,6 +448,13 @@ class AdaptiveSession:
         self._cloud_measured = [_Ewma(alpha) for _ in self.variants]   # server compute per variant, when seen
         self._cloud_scale = _Ewma(alpha)      # measured / planned server compute, for variants not yet seen
         self._device_scale = _Ewma(alpha)     # measured / profiled device compute (load on the device)
+        self._wake = threading.Event()        # the background thread has something to do sooner
+        self._reprobe = False                 # a surprising round trip: probe again soon
+        self._recheck = False                 # a change seen while nothing is sent: explore again soon
+        self._rechecks = 0                    # quick re-explores in a row
+        self._explore_end = -math.inf         # clock time the last explore ended
+        self._explore_took = 0.0              # and the seconds it took
+        self._upload_probe = _UploadProbe(url, timeout) if any(s is not None for s in self.sessions) else None
         self.device_profile_ms = [self._profile(v.index, profile_runs) for v in self.variants]
         self._start_up(timeout)
         self.current = initial if initial is not None else self._best(self.predict())
@@ -419,7 +551,8 @@ class AdaptiveSession:
             elif predicted[best] <= (1.0 - self.margin) * predicted[current]:
                 self._streak = self._streak + 1 if best == self._candidate else 1
                 self._candidate = best
-                if self._streak >= self.patience:
+                large = predicted[current] >= self.fast_gain * predicted[best]
+                if self._streak >= (self.fast_patience if large else self.patience):
                     self._switch(best, predicted, reason)
             else:
                 self._candidate, self._streak = None, 0
@@ -494,7 +627,9 @@ class AdaptiveSession:
                 return
             self._observe_exchange(index, answer)
 
-    def _observe_exchange(self, index: int, answer: RemoteResult) -> None:
+    def _observe_exchange(self, index: int, answer: RemoteResult) -> str | None:
+        """Learn the server's compute and the link from one answered exchange; returns what the
+        link sample told (LinkEstimator.observe_transfer), None when it gave none."""
         timings = answer.timings
         if not self.reachable:
             log.info("server %s reachable again", self.url)
@@ -507,7 +642,8 @@ class AdaptiveSession:
                 self._cloud_scale.update(server / planned)
         if answer.attempts == 1 and "remote_ms" in timings:  # a retried exchange includes back-off pauses
             network = timings["remote_ms"] - (server or 0.0)
-            self.estimator.observe_transfer(answer.bytes_sent + answer.bytes_received + HTTP_OVERHEAD_BYTES, network)
+            return self.estimator.observe_transfer(answer.bytes_sent + answer.bytes_received + HTTP_OVERHEAD_BYTES, network)
+        return None
 
     # ------------------------------------------------------------------------------ probing
 
@@ -525,25 +661,59 @@ class AdaptiveSession:
             if not self.reachable:
                 log.info("server %s reachable again (probe %.2f ms)", self.url, ms)
             self.reachable = True
-            self.estimator.observe_rtt(ms)
+            told = self.estimator.observe_rtt(ms)
+            self._reprobe = told == SURPRISE  # one round trip far off: a second, soon, confirms or refutes it
+            if told == CHANGED:
+                self._request_recheck()       # the link changed: its bandwidth may have too
+        if told is not None:
+            self._wake.set()
         self.evaluate("probe")
         return ms
 
-    def explore(self) -> int | None:
-        """Upload the boundary of a networked variant (zeros, its real size) and learn from the
-        timing: what keeps the bandwidth estimate alive while the running variant sends nothing
-        (device-only) or too little to time. The variant is the one sending the fewest bytes that
-        still measure bandwidth (more than the estimator's `small_bytes`): exploring then takes
-        the least of the link. Returns the variant explored, or None."""
+    def _sends_nothing(self) -> bool:
+        """The running variant's requests give no bandwidth sample (device-only, or too small to time)."""
+        variant = self.variants[self.current]
+        return variant.device_only or variant.bytes_up + variant.bytes_down + HTTP_OVERHEAD_BYTES <= self.estimator.small_bytes
+
+    def _request_recheck(self) -> None:
+        """(Under the lock.) Explore again soon, while the running variant sends nothing to learn from."""
+        if self._sends_nothing() and self._rechecks < self.MAX_RECHECKS:
+            self._recheck = True
+
+    def explore(self) -> float | None:
+        """Time the link with a payload now: what keeps the bandwidth estimate alive while the
+        running variant sends nothing (device-only) or too little to time. With `probe_bytes` > 0,
+        a GET (a round trip) and a POST of `probe_bytes` zeros to the server's health endpoint on a
+        connection of the session's own: no model runs, the same small upload whatever the model.
+        With 0 (or when the server refuses such a POST), the boundary of the networked variant
+        sending fewest bytes that still measure bandwidth, as a real request. Returns the upload's
+        milliseconds, or None when the server cannot be reached."""
         with self._lock:
-            if not self.reachable:
+            if not self.reachable or self._upload_probe is None:
                 return None
+        if self.probe_bytes > 0:
+            try:
+                rtt_ms, upload_ms, nbytes = self._upload_probe.measure(self.probe_bytes)
+            except _ProbeRefused as exc:
+                log.warning("%s; exploring with a variant's boundary instead", exc)
+                self.probe_bytes = 0
+            except RemoteError as exc:
+                self._mark_unreachable(str(exc))
+                return None
+            else:
+                with self._lock:
+                    told_rtt = self.estimator.observe_rtt(rtt_ms)
+                    told = self.estimator.observe_transfer(nbytes, upload_ms)
+                    self._after_explore(told_rtt, told)
+                self.evaluate("explore")
+                return upload_ms
+        return self._explore_boundary()
+
+    def _explore_boundary(self) -> float | None:
+        with self._lock:
             networked = [v for v in self.variants if not v.device_only]
             timed = [v for v in networked if v.bytes_up + v.bytes_down + HTTP_OVERHEAD_BYTES > self.estimator.small_bytes]
-            pool = timed or networked
-            if not pool:
-                return None
-            index = min(pool, key=lambda v: (v.bytes_up, v.index)).index
+            index = min(timed or networked, key=lambda v: (v.bytes_up, v.index)).index
         session = self.sessions[index]
         served = self.bundles[index].manifest.inputs if self.variants[index].first_remote == 0 else \
             self.bundles[index].manifest.boundaries[self.variants[index].first_remote - 1]
@@ -553,23 +723,71 @@ class AdaptiveSession:
             self._mark_unreachable(str(exc))
             return None
         with self._lock:
-            self._observe_exchange(index, answer)
+            self._after_explore(None, self._observe_exchange(index, answer))
         self.evaluate("explore")
-        return index
+        return answer.timings.get("remote_ms")
+
+    def _after_explore(self, told_rtt: str | None, told: str | None) -> None:
+        """(Under the lock.) An unconfirmed bandwidth surprise, or a round trip that just changed, is
+        explored again soon (while the running variant sends nothing); anything else ends a run of
+        quick re-explores."""
+        if told == SURPRISE or told_rtt == CHANGED:
+            self._request_recheck()
+        else:
+            self._recheck, self._rechecks = False, 0
+
+    def _explore_due(self, now: float) -> bool:
+        """Whether the background thread explores now: never sooner than a quarter probe interval
+        after the last explore; for a re-check, then; else once no bandwidth sample came for an
+        explore interval and at most EXPLORE_SHARE of the time went to exploring."""
+        if not self.reachable or self._upload_probe is None:
+            return False
+        since = now - self._explore_end
+        if since < self.probe_interval_s / 4:
+            return False
+        if self._recheck:
+            return True
+        return (now - self.estimator.bandwidth_at >= self.explore_interval_s
+                and since >= self._explore_took / self.EXPLORE_SHARE)
+
+    def _timed_explore(self) -> None:
+        with self._lock:
+            if self._recheck:
+                self._recheck = False
+                self._rechecks += 1
+        tick = self.estimator.clock()
+        try:
+            self.explore()
+        finally:
+            self._explore_end = self.estimator.clock()
+            self._explore_took = self._explore_end - tick
+
+    def _next_wake(self, now: float) -> float:
+        """Seconds until the background thread has something to check."""
+        soon = min(self.probe_interval_s, self.explore_interval_s) / 2
+        if self._reprobe:
+            soon = min(soon, max(0.0, self.estimator.rtt_at + self.probe_interval_s / 4 - now))
+        if self._recheck:
+            soon = min(soon, max(0.0, self._explore_end + self.probe_interval_s / 4 - now))
+        return max(soon, 0.01)
 
     def _background(self) -> None:
-        tick = min(self.probe_interval_s, self.explore_interval_s) / 2
-        while not self._stop.wait(tick):
+        while not self._stop.is_set():
+            self._wake.wait(self._next_wake(self.estimator.clock()))
+            self._wake.clear()
+            if self._stop.is_set():
+                return
             try:
                 now = self.estimator.clock()
-                probe = now - self.estimator.rtt_at >= self.probe_interval_s
-                explore = self.reachable and now - self.estimator.bandwidth_at >= self.explore_interval_s
+                interval = self.probe_interval_s / 4 if self._reprobe else self.probe_interval_s
+                probe = now - self.estimator.rtt_at >= interval
+                explore = self._explore_due(now)
                 if probe or explore:
                     self._wait_for_quiet_link()
                 if probe:
                     self.probe()
-                if explore:
-                    self.explore()
+                if explore or self._explore_due(self.estimator.clock()):  # the probe may have asked for one
+                    self._timed_explore()
             except SplitcError as exc:  # a refusal (token, model) is logged, never kills the thread
                 log.warning("adaptive probe failed: %s", exc)
             except Exception:  # the prober must not die silently
@@ -586,10 +804,13 @@ class AdaptiveSession:
 
     def close(self) -> None:
         self._stop.set()
+        self._wake.set()
         with self._quiet:
             self._quiet.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        if self._upload_probe is not None:
+            self._upload_probe.close()
         for session in self.sessions:
             if session is not None:
                 session.close()
@@ -624,6 +845,8 @@ def read_any_manifest(path: str | Path) -> Manifest:
 
 
 __all__ = [
+    "CHANGED",
+    "SURPRISE",
     "VARIANTS_NAME",
     "AdaptiveResult",
     "AdaptiveSession",

@@ -23,6 +23,8 @@ import numpy as np
 import pytest
 from splitc.runtime import Bundle
 from splitc.runtime.adaptive import (
+    CHANGED,
+    SURPRISE,
     VARIANTS_NAME,
     AdaptiveSession,
     LinkEstimator,
@@ -59,6 +61,7 @@ class DelayRelay:
     def __init__(self, upstream_port: int):
         self.upstream_port = upstream_port
         self.delay_s = 0.0
+        self.up_bytes = 0  # client -> server bytes forwarded so far
         self._sockets: list[socket.socket] = []
         self.listener = socket.socket()
         self.listener.bind(("127.0.0.1", 0))
@@ -76,12 +79,14 @@ class DelayRelay:
             for s in (client, upstream):
                 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 self._sockets.append(s)
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+            for a, b, up in ((client, upstream, True), (upstream, client, False)):
+                threading.Thread(target=self._pipe, args=(a, b, up), daemon=True).start()
 
-    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
+    def _pipe(self, src: socket.socket, dst: socket.socket, up: bool) -> None:
         try:
             while chunk := src.recv(1 << 20):
+                if up:  # counted before it is forwarded: once the server answers, all of it is counted
+                    self.up_bytes += len(chunk)
                 if self.delay_s:
                     time.sleep(self.delay_s)
                 dst.sendall(chunk)
@@ -297,6 +302,26 @@ def test_estimator_ignores_a_single_outlier():
     assert estimator.bandwidth_mbit == pytest.approx(10.0, rel=0.01)
 
 
+def test_estimator_says_when_a_change_is_confirmed():
+    estimator = LinkEstimator(bandwidth_mbit=10.0, rtt_ms=20.0)
+    for _ in range(3):
+        assert estimator.observe_rtt(20.0) is None
+        assert estimator.observe_transfer(100_000, 20.0 + 80.0) is None  # 10 Mbit/s, as estimated
+    # One sample at a tenth of the bandwidth: a surprise, not yet a change (the estimate stays).
+    assert estimator.observe_transfer(100_000, 20.0 + 800.0) == SURPRISE
+    assert estimator.bandwidth_mbit == pytest.approx(10.0)
+    # A second one agrees: a confirmed change replaces the estimate outright.
+    assert estimator.observe_transfer(100_000, 20.0 + 800.0) == CHANGED
+    assert estimator.bandwidth_mbit == pytest.approx(1.0)
+    assert estimator.observe_transfer(100_000, 20.0 + 800.0) is None
+    # The same for the round trip; a millisecond of jitter on a sub-millisecond one is no surprise.
+    assert estimator.observe_rtt(100.0) == SURPRISE and estimator.rtt_ms == pytest.approx(20.0)
+    assert estimator.observe_rtt(100.0) == CHANGED and estimator.rtt_ms == pytest.approx(100.0)
+    fast = LinkEstimator(rtt_ms=0.5)
+    for ms in (0.4, 0.5, 1.6, 0.3, 1.9):
+        assert fast.observe_rtt(ms) is None
+
+
 # ----------------------------------------------------------------------------- the adaptive session
 
 
@@ -361,6 +386,116 @@ def test_hysteresis_keeps_a_variant_when_the_other_is_barely_better(variant_dir,
             session.estimator.observe_rtt(3 * device)
             session.evaluate()
         assert [(s["from"], s["to"]) for s in session.switches] == [(1, 0)]
+    finally:
+        session.close()
+
+
+def test_a_large_predicted_gain_switches_after_fewer_evaluations(variant_dir, server, x):
+    session = AdaptiveSession(variant_dir, f"http://127.0.0.1:{server.port}", token=TOKEN, initial=1, background=False,
+                              margin=0.15, patience=3, fast_patience=2, fast_gain=2.0)
+    try:
+        for _ in range(3):
+            session.infer([x])
+        device = session.device_ms(0)
+        base = session.predict()[1] - session.estimator.rtt_ms
+
+        def link_making_v1(ratio: float) -> None:  # a steady round trip that predicts v1 at ratio x v0
+            for _ in range(40):
+                session.estimator.observe_rtt(max(ratio * device - base, 0.0))
+
+        def evaluations_to_switch() -> int:
+            before = len(session.switches)
+            for n in range(1, 10):
+                session.evaluate()
+                if len(session.switches) > before:
+                    return n
+            return 0
+
+        link_making_v1(1.3)   # v0 predicted 1.3x faster: beyond the margin, below fast_gain
+        assert evaluations_to_switch() == 3 and session.current == 0
+        link_making_v1(0.0)   # the link recovers: v1 is predicted far faster than the device
+        predicted = session.predict()
+        assert predicted[0] >= 2.0 * predicted[1], predicted
+        assert evaluations_to_switch() == 2 and session.current == 1
+        link_making_v1(3.0)
+        assert evaluations_to_switch() == 2 and session.current == 0
+        assert [(s["from"], s["to"]) for s in session.switches] == [(1, 0), (0, 1), (1, 0)]
+    finally:
+        session.close()
+    with pytest.raises(InputError, match="fast_patience"):
+        AdaptiveSession(variant_dir, f"http://127.0.0.1:{server.port}", patience=2, fast_patience=3)
+
+
+def test_explore_times_a_small_upload_without_running_the_model(variant_dir, server, relay, x):
+    (app,) = server.apps.values()
+    session = AdaptiveSession(variant_dir, f"http://127.0.0.1:{relay.port}", token=TOKEN, initial=0, background=False,
+                              probe_bytes=16384)
+    try:
+        infers, rtts = app.stats["infer"], session.estimator.rtt_samples
+        relay.up_bytes = 0
+        fast = session.explore()
+        assert fast is not None and fast > 0
+        assert session.estimator.bandwidth_samples == 1 and session.estimator.rtt_samples == rtts + 1  # a GET, then the upload
+        assert app.stats["infer"] == infers  # nothing ran on the server
+        assert 16384 <= relay.up_bytes < 16384 + 1024  # the probe and two request heads, no tensor
+        relay.delay_s = 0.05  # each chunk held 50 ms each way
+        slow = session.explore()
+        assert slow is not None and slow >= 100 and slow > fast
+        assert session.current == 0 and session.infer([x]).source == "local"
+    finally:
+        session.close()
+    # probe_bytes=0: explore uploads the smallest networked boundary (v1's input) as a real request.
+    relay.delay_s = 0.0
+    session = AdaptiveSession(variant_dir, f"http://127.0.0.1:{relay.port}", token=TOKEN, initial=0, background=False,
+                              probe_bytes=0)
+    try:
+        infers, relay.up_bytes = app.stats["infer"], 0
+        assert session.explore() is not None
+        assert app.stats["infer"] == infers + 1 and relay.up_bytes > 1 * 3 * 64 * 64 * 4
+        assert session.estimator.bandwidth_samples == 1
+    finally:
+        session.close()
+
+
+def test_a_server_refusing_the_probe_upload_is_explored_with_a_boundary(variant_dir, x):
+    # Bodies over 56,000 bytes are refused (413): the 60,000-byte probe is, v1's 49,152-byte input is not.
+    httpd = make_http_server(variant_servers(variant_dir, token=TOKEN, max_body=56_000), "127.0.0.1", 0)
+    serve_in_thread(httpd)
+    (app,) = httpd.apps.values()
+    session = AdaptiveSession(variant_dir, f"http://127.0.0.1:{httpd.port}", token=TOKEN, initial=0, background=False,
+                              probe_bytes=60_000)
+    try:
+        assert session.explore() is not None
+        assert session.probe_bytes == 0 and session.reachable  # refused: from now on, boundaries
+        assert app.stats["infer"] == 1 and session.estimator.bandwidth_samples == 1
+        assert session.explore() is not None and app.stats["infer"] == 2
+    finally:
+        session.close()
+        httpd.drain(5)
+
+
+def test_background_notices_a_faster_link_while_on_the_device(variant_dir, relay, x):
+    """Running device-only sends nothing; with periodic explores a minute apart, what brings the
+    session back to v1 within seconds is the round-trip probes seeing the change (a surprising
+    round trip is probed again at once) and asking for re-check explores, then two evaluations
+    of a > 2x gain."""
+    relay.delay_s = 0.06
+    session = AdaptiveSession(variant_dir, f"http://127.0.0.1:{relay.port}", token=TOKEN, initial=0,
+                              probe_interval_s=0.2, explore_interval_s=60.0)
+    try:
+        deadline = time.monotonic() + 10
+        while (session.estimator.bandwidth_samples < 1 or session.estimator.rtt_samples < 4) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert session.estimator.bandwidth_samples >= 1 and session.current == 0, session.predict()
+        relay.delay_s = 0.0
+        tick = time.monotonic()
+        while session.current != 1 and time.monotonic() - tick < 10:
+            time.sleep(0.02)
+        took = time.monotonic() - tick
+        assert session.current == 1, (session.predict(), session.estimator.to_json())
+        assert took < 4.0, took  # the periodic explore is a minute away: probes and re-checks did it
+        assert session.switches[-1]["reason"] in ("probe", "explore")
+        assert session.infer([x]).variant == 1
     finally:
         session.close()
 
