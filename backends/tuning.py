@@ -6,22 +6,38 @@ Layout (one JSON database per target, in the cache directory of backends/emulati
         database_workload.json         MetaSchedule JSONDatabase: one workload (TIR function) a line
         database_tuning_record.json    one measured schedule a line, appended as it is measured
         target.json                    the TVM target the records were measured for
+        origin.json                    where they were measured: this host, or a device over RPC
         logs/                          MetaSchedule's per-task logs of the last tuning run
         .lock                          held while a tuning run writes
+    $SPLITC_CACHE/tuning/<target-key>--host-tuned/
+        the same files: schedules tuned and timed on this host for *its* target, re-keyed for a
+        target of another ISA (`splitc tune --target rpi4 --from-host`); origin.json says so
 
 Records are keyed by workload (the structural hash of a fused TIR function: operator + shapes, not
 weights) and by target (the directory), so any model with the same operator shapes reuses them.
+
+What is tuned (`prepare`) is the partition after splitc's pre-tuning rewrites: batch norm folded
+into the preceding convolution's weights and bias, zero padding folded into the convolution, clip
+written as max/min, and, on CPU targets, 2-D convolutions converted to NHWC (channels innermost, so
+the output-channel loop vectorizes for any spatial size), weight transposes folded in numpy. Then
+TVM's zero pipeline (legalize, fuse) and, by default, weight pre-packing (`cpu_weight_prepack`:
+layout-free weight buffers whose layout each schedule chooses, rewritten once at compile time by
+constant folding, since splitc binds weights as constants).
+
+Best of tuned and untuned, per task: before searching, a tuning run measures every task's untuned
+code and stores it as a record with an empty schedule. MetaSchedule applies the fastest record of
+each task, so a task whose tuned schedules are all slower than its untuned code stays untuned.
 
 Tuning runs in a child process in its own session. The parent enforces the wall-clock budget and
 turns Ctrl-C into stopping the child; MetaSchedule appends each measured batch to the database as it
 goes, and `repair_database` drops a line cut short by the stop, so an interrupted run leaves a
 readable database with every finished record. The child also stops itself at the deadline between
-measurement batches (see _DeadlineCallback), so a budgeted run normally ends cleanly.
+measurement batches (see _DeadlineSearch), so a budgeted run normally ends cleanly.
 
-Two workload variants exist per function: plain, and with weight pre-packing
-(`cpu_weight_prepack`: layout-free weight buffers, rewritten at compile time by constant folding,
-since splitc binds weights as constants). Tuning uses pre-packing on CPU targets by default; compile
-applies whichever variant has more tasks covered.
+Measuring: on this host (LocalRunner) for targets of this host's ISA, or on the device through TVM
+RPC (`rpc="HOST:PORT"` of `python -m tvm.exec.rpc_server`, or a tracker with `rpc_key`), candidates
+cross-compiled into shared libraries here. Timings from the build host are never stored for a
+target of another ISA except in the `--host-tuned` database, which says what it is.
 """
 
 from __future__ import annotations
@@ -31,6 +47,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -41,15 +58,40 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from splitc.errors import BackendError, InputError, ToolchainError
+from splitc.errors import (
+    BackendError,
+    InputError,
+    TargetError,
+    ToolchainError,
+    first_line,
+)
 
 TUNING_SUBDIR = "tuning"
 WORKLOAD_FILE = "database_workload.json"
 RECORD_FILE = "database_tuning_record.json"
-_FORMAT = 1  # bump when the key or the pre-tuning passes change (old records would not match)
+ORIGIN_FILE = "origin.json"
+HOST_TUNED_SUFFIX = "--host-tuned"
+_FORMAT = 2  # bump when the key or the pre-tuning passes change (old records would not match)
+_DIRECT_KEY = "splitc-direct"  # RPCConfig key meaning "connect to the server itself, no tracker"
 
 
 # ------------------------------------------------------------------------------- target and paths
+
+
+def host_arch_name() -> str:
+    from splitc.runtime.executors import host_arch
+
+    return host_arch()
+
+
+def host_target_json() -> dict[str, Any]:
+    """This build host's own CPU target (what the builtin x86 target resolves to on an x86 host)."""
+    return {"kind": "llvm", "mtriple": f"{host_arch_name()}-linux-gnu", "mcpu": "host"}
+
+
+def target_arch(target_json: dict[str, Any]) -> str:
+    triple = str(target_json.get("mtriple") or "")
+    return triple.split("-")[0] if triple else host_arch_name()
 
 
 def resolve_target(target_json: dict[str, Any]) -> dict[str, Any]:
@@ -90,6 +132,31 @@ def tuning_root(cache_dir: Path | None = None) -> Path:
 
 def database_dir(target_json: dict[str, Any], cache_dir: Path | None = None) -> Path:
     return tuning_root(cache_dir) / target_key(target_json)
+
+
+def host_tuned_dir(target_json: dict[str, Any], cache_dir: Path | None = None) -> Path:
+    """Schedules tuned on this host, re-keyed for `target_json` (another ISA)."""
+    return tuning_root(cache_dir) / (target_key(target_json) + HOST_TUNED_SUFFIX)
+
+
+def read_origin(directory: Path) -> dict[str, Any]:
+    try:
+        return json.loads((directory / ORIGIN_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def vector_bits(target_json: dict[str, Any]) -> int | None:
+    """LLVM's natural vector width in bits for the target's CPU (None when LLVM does not say)."""
+    try:
+        import tvm
+        from tvm.target.codegen import llvm_get_vector_width
+
+        with tvm.target.Target(target_json):
+            width = int(llvm_get_vector_width(tvm.target.Target(target_json)))
+        return width if width > 0 else None
+    except Exception:  # noqa: BLE001 - an LLVM without the target's backend, or an older TVM: width unknown
+        return None
 
 
 # ------------------------------------------------------------------------------- database files
@@ -140,14 +207,36 @@ def database_stats(directory: Path) -> dict[str, int]:
     return {"workloads": len(workloads), "records": len(records)}
 
 
+_FAILED_RUN = 1e10  # MetaSchedule's stub run time of a failed measurement
+
+
+def _best_lines(records: list[str], keep: int) -> list[str]:
+    """The `keep` fastest records of each workload, in file order. MetaSchedule replays every
+    record's trace when it opens a database (~14 ms each: 13 s for a 15-minute ResNet-18 run),
+    while applying a database reads only each workload's best record."""
+    ranked: dict[int, list[tuple[float, int]]] = {}
+    for position, line in enumerate(records):
+        index, record = json.loads(line)
+        runs = [float(v) for v in (record[1] or [])] if isinstance(record, list) and len(record) > 1 else []
+        if not runs or any(v >= _FAILED_RUN for v in runs):
+            continue
+        ranked.setdefault(index, []).append((sum(runs) / len(runs), position))
+    chosen = sorted(position for entries in ranked.values() for _, position in sorted(entries)[:keep])
+    return [records[position] for position in chosen]
+
+
 @contextlib.contextmanager
-def readable_copy(directory: Path) -> Iterator[Path | None]:
+def readable_copy(directory: Path, best: int | None = 1) -> Iterator[Path | None]:
     """A consistent snapshot of the database (whole lines only) in a temporary directory, so a
-    compile can read while a tuning run appends. Yields None when there is no database."""
+    compile can read while a tuning run appends; with `best`, only each workload's `best` fastest
+    records (all that applying a database or finding a task's best schedule reads). Yields None
+    when there is no database."""
     workloads, records, _ = _read_database(directory)
     if not workloads:
         yield None
         return
+    if best is not None:
+        records = _best_lines(records, best)
     with tempfile.TemporaryDirectory(prefix="splitc-tunedb-") as tmp:
         (Path(tmp) / WORKLOAD_FILE).write_text("".join(line + "\n" for line in workloads))
         (Path(tmp) / RECORD_FILE).write_text("".join(line + "\n" for line in records))
@@ -174,6 +263,20 @@ def open_database(directory: Path):
     return ms.database.JSONDatabase(str(directory / WORKLOAD_FILE), str(directory / RECORD_FILE), allow_missing=True)
 
 
+def is_untuned(record) -> bool:
+    """A record whose schedule changes nothing (one `get_sblock("root")`, the least MetaSchedule
+    accepts as a valid record): the task's untuned code, measured as a baseline."""
+    return all(inst.kind.name == "GetSBlock" for inst in record.trace.insts)
+
+
+def _untuned_trace(func_mod):
+    import tvm
+
+    schedule = tvm.s_tir.Schedule(func_mod)
+    schedule.get_sblock("root")
+    return schedule.trace
+
+
 # ------------------------------------------------------------------------------- relax pipeline
 
 
@@ -188,18 +291,152 @@ def check_tuning_deps() -> None:
         raise ToolchainError(f"MetaSchedule tuning needs {' and '.join(missing)}; pip install {' '.join(missing)} (or pip install -e '.[compiler]')")
 
 
+def _ints(values) -> list[int]:
+    return [int(v) for v in values]
+
+
+def _conv2d_like(call, data, weight, **changes):
+    """relax.nn.conv2d with `call`'s attributes, new operands and some attributes changed."""
+    from tvm import relax
+
+    a = call.attrs
+    kwargs = {"strides": _ints(a.strides), "padding": _ints(a.padding), "dilation": _ints(a.dilation), "groups": int(a.groups),
+              "data_layout": str(a.data_layout), "kernel_layout": str(a.kernel_layout), "out_layout": str(a.out_layout),
+              "out_dtype": str(a.out_dtype) or None}
+    kwargs.update(changes)
+    return relax.op.nn.conv2d(data, weight, **kwargs)
+
+
+def _fold_conv_pads(func):
+    """conv2d(pad(x, zeros on H/W)) -> conv2d(x) with that padding (Hugging Face's TF-style padding)."""
+    from tvm.relax.dpl import is_op, rewrite_call, wildcard
+
+    data, weight = wildcard(), wildcard()
+    pad = is_op("relax.nn.pad")(data)
+    pattern = is_op("relax.nn.conv2d")(pad, weight)
+
+    def rewrite(call, matched):
+        attrs = matched[pad].attrs
+        width = _ints(attrs.pad_width)
+        if (str(attrs.pad_mode) != "constant" or float(attrs.pad_value) != 0.0 or str(call.attrs.data_layout) != "NCHW"
+                or len(width) != 8 or any(width[:4])):
+            return call
+        top, bottom, left, right = width[4:]
+        p = _ints(call.attrs.padding)
+        return _conv2d_like(call, matched[data], matched[weight], padding=[p[0] + top, p[1] + left, p[2] + bottom, p[3] + right])
+
+    return rewrite_call(pattern, rewrite, func)
+
+
+def _fold_conv_batch_norm(func):
+    """batch_norm(conv2d(x, W)) with constant weights and statistics -> conv2d(x, W * s) + b."""
+    import numpy as np
+    from tvm import relax
+    from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
+
+    data, weight = wildcard(), is_const()
+    conv = is_op("relax.nn.conv2d")(data, weight)
+    gamma, beta, mean, var = is_const(), is_const(), is_const(), is_const()
+    pattern = is_op("relax.nn.batch_norm")(conv, gamma, beta, mean, var)
+
+    def rewrite(call, matched):
+        c = matched[conv]
+        if (int(call.attrs.axis) != 1 or str(c.attrs.data_layout) != "NCHW" or str(c.attrs.kernel_layout) != "OIHW"
+                or str(c.attrs.out_layout) != "NCHW"):
+            return call
+        w = matched[weight].value.numpy()
+        if w.dtype.kind != "f":
+            return call
+        g, b, mu, v = (matched[p].value.numpy().astype(np.float64) for p in (gamma, beta, mean, var))
+        if not call.attrs.scale:
+            g = np.ones_like(g)
+        if not call.attrs.center:
+            b = np.zeros_like(b)
+        s = g / np.sqrt(v + float(call.attrs.epsilon))
+        folded = (w.astype(np.float64) * s.reshape(-1, 1, 1, 1)).astype(w.dtype)
+        bias = (b - mu * s).astype(w.dtype).reshape(1, -1, 1, 1)
+        out = relax.op.add(_conv2d_like(c, matched[data], relax.const(folded)), relax.const(bias))
+        return relax.Tuple([out, matched[mean], matched[var]])  # batch_norm's (out, mean, var); only [0] is read
+
+    return rewrite_call(pattern, rewrite, func)
+
+
+def _clip_to_min_max(func):
+    """clip(x, lo, hi) -> minimum(maximum(x, lo), hi): elementwise ops keep the NHWC layout, clip does not."""
+    from tvm import relax
+    from tvm.relax.dpl import is_op, rewrite_call, wildcard
+
+    x = wildcard()
+    pattern = is_op("relax.clip")(x, wildcard(), wildcard())
+
+    def rewrite(call, matched):
+        try:
+            dtype = str(call.ty.dtype)
+            lo, hi = (float(v.value) for v in call.args[1:3])
+        except (AttributeError, TypeError, ValueError):
+            return call
+        return relax.op.minimum(relax.op.maximum(matched[x], relax.const(lo, dtype)), relax.const(hi, dtype))
+
+    return rewrite_call(pattern, rewrite, func)
+
+
+def _fold_constant_permutes(func):
+    """permute_dims(constant) -> the permuted constant, in numpy (FoldConstant would compile a
+    TIR function per weight shape, which made preparing MobileNetV2 take 30 s)."""
+    import numpy as np
+    from tvm import relax
+    from tvm.relax.dpl import is_const, is_op, rewrite_call
+
+    const = is_const()
+    pattern = is_op("relax.permute_dims")(const)
+
+    def rewrite(call, matched):
+        value = matched[const].value.numpy()
+        axes = None if call.attrs.axes is None else _ints(call.attrs.axes)
+        return relax.const(np.ascontiguousarray(np.transpose(value, axes)), str(value.dtype))
+
+    return rewrite_call(pattern, rewrite, func)
+
+
+def _function_rewrites(*rewrites):
+    import tvm
+    from tvm import relax
+
+    @tvm.transform.module_pass(opt_level=0, name="splitc.PreTuningRewrites")
+    def rewrite_module(mod, _ctx):
+        for gvar, func in list(mod.functions.items()):
+            if isinstance(func, relax.Function):
+                for rewrite in rewrites:
+                    try:
+                        func = rewrite(func)
+                    except Exception:  # noqa: BLE001, S112 - a graph this rewrite does not expect: skipped, the same way every time
+                        continue
+                mod[gvar] = func
+        return mod
+
+    return rewrite_module
+
+
 def prepare(mod, target_json: dict[str, Any], prepack: bool):
-    """The pre-tuning passes of TVM's static_shape_tuning pipeline: what tasks are extracted from
-    and what the database is applied to."""
+    """The pre-tuning passes: what tasks are extracted from and what the database is applied to.
+    Deterministic for a given module and target, so tune and compile see the same workloads."""
     import tvm
     from tvm import relax
 
     transform = relax.transform
-    passes = [transform.DecomposeOpsForInference(), transform.CanonicalizeBindings(), relax.get_pipeline("zero")]
-    if prepack:
-        passes.append(transform.AttachAttrLayoutFreeBuffers())
+    head = [_function_rewrites(_fold_conv_pads, _fold_conv_batch_norm, _clip_to_min_max), transform.CanonicalizeBindings(),
+            transform.DecomposeOpsForInference(), transform.CanonicalizeBindings()]
+    nhwc = [transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]}), transform.Normalize(),
+            _function_rewrites(_fold_constant_permutes), transform.CanonicalizeBindings()]
+    tail = [relax.get_pipeline("zero")] + ([transform.AttachAttrLayoutFreeBuffers()] if prepack else [])
     with tvm.target.Target(target_json):
-        return tvm.transform.Sequential(passes)(mod)
+        mod = tvm.transform.Sequential(head)(mod)
+        if str(target_json.get("kind", "llvm")) == "llvm":
+            try:
+                mod = tvm.transform.Sequential(nhwc)(mod)
+            except Exception:  # noqa: BLE001, S110 - an operator ConvertLayout cannot handle: tune the NCHW graph (same choice every time)
+                pass
+        return tvm.transform.Sequential(tail)(mod)
 
 
 def apply_database(prepared, target_json: dict[str, Any], directory: Path, prepack: bool):
@@ -215,8 +452,61 @@ def apply_database(prepared, target_json: dict[str, Any], directory: Path, prepa
         with tvm.target.Target(target_json), open_database(snapshot):
             passes = [transform.MetaScheduleApplyDatabase()]
             if prepack:
-                passes += [transform.SplitLayoutRewritePreproc(), transform.LiftTransformParams(), transform.FoldConstant()]
+                passes += [transform.SplitLayoutRewritePreproc(), transform.LiftTransformParams(), _fold_weight_prepack(),
+                           transform.FoldConstant(), transform.DeadCodeElimination()]
             return tvm.transform.Sequential(passes)(prepared)
+
+
+def _fold_weight_prepack():
+    """Run every `*_weight_prepack` layout rewrite of constant weights once, here, and bind the
+    results as constants: what FoldConstant does, but with all rewrites built as one library for
+    this host (FoldConstant builds one per function: ~1.5 s of a ResNet-18 compile). Pure data
+    movement, so building them for the host gives the device's layout too (cross targets)."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.dpl import is_op, rewrite_call, wildcard
+
+    pattern = is_op("relax.call_tir")(wildcard(), wildcard())
+
+    def foldable(mod, call) -> bool:
+        if not isinstance(call, relax.Call) or len(call.args) < 2:
+            return False
+        callee, args = call.args[0], call.args[1]
+        return (isinstance(callee, tvm.ir.GlobalVar) and callee.name_hint.endswith("_weight_prepack")
+                and isinstance(mod[callee], tvm.tirx.PrimFunc) and isinstance(args, tvm.ir.expr.Tuple)
+                and all(isinstance(a, tvm.ir.expr.Constant) for a in args.fields))
+
+    @tvm.transform.module_pass(opt_level=0, name="splitc.FoldWeightPrepack")
+    def fold(mod, _ctx):
+        found: dict[str, Any] = {}
+
+        def collect(call, _matched):
+            if foldable(mod, call):
+                found[call.args[0].name_hint] = mod[call.args[0]]
+            return call
+
+        def evaluate(call, _matched):
+            if not foldable(mod, call):
+                return call
+            out = call.ty
+            types = list(out.fields) if isinstance(out, relax.TupleType) else [out]
+            results = [tvm.runtime.empty([int(d) for d in t.shape], t.dtype) for t in types]
+            library[call.args[0].name_hint](*[a.value for a in call.args[1].fields], *results)
+            consts = [relax.const(r) for r in results]
+            return relax.Tuple(consts) if isinstance(out, relax.TupleType) else consts[0]
+
+        functions = [(gvar, func) for gvar, func in mod.functions.items() if isinstance(func, relax.Function)]
+        for _, func in functions:
+            rewrite_call(pattern, collect, func)
+        if not found:
+            return mod
+        library = tvm.tirx.build(tvm.IRModule({name: func.with_attr("global_symbol", name) for name, func in found.items()}),
+                                 target=tvm.target.Target("llvm"))
+        for gvar, func in functions:
+            mod[gvar] = rewrite_call(pattern, evaluate, func)
+        return mod
+
+    return fold
 
 
 def extract_tasks(prepared, target_json: dict[str, Any]):
@@ -230,9 +520,14 @@ def extract_tasks(prepared, target_json: dict[str, Any]):
 @dataclass
 class Coverage:
     tasks: int
-    with_record: int
+    with_record: int            # tasks with any measured record (tuned or the untuned baseline)
     prepack: bool
     names: list[str] = field(default_factory=list)  # tasks with a record
+    untuned_best: int = 0       # tasks whose fastest record is their untuned code
+
+    @property
+    def complete(self) -> bool:
+        return self.tasks > 0 and self.with_record == self.tasks
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -243,14 +538,17 @@ def coverage(prepared, target_json: dict[str, Any], directory: Path, prepack: bo
 
     tasks = extract_tasks(prepared, target_json)
     covered: list[str] = []
+    untuned = 0
     with readable_copy(directory) as snapshot:
         if snapshot is not None:
             database = open_database(snapshot)
             target = tvm.target.Target(target_json)
             for task in tasks:
-                if database.query_tuning_record(task.dispatched[0], target, task.task_name) is not None:
+                record = database.query_tuning_record(task.dispatched[0], target, task.task_name)
+                if record is not None:
                     covered.append(task.task_name)
-    return Coverage(len(tasks), len(covered), prepack, covered)
+                    untuned += is_untuned(record)
+    return Coverage(len(tasks), len(covered), prepack, covered, untuned)
 
 
 def best_variant(mod, target_json: dict[str, Any], directory: Path) -> tuple[Any, Coverage]:
@@ -262,7 +560,96 @@ def best_variant(mod, target_json: dict[str, Any], directory: Path) -> tuple[Any
         cov = coverage(prepared, target_json, directory, prepack)
         if best is None or cov.with_record > best[1].with_record:
             best = (prepared, cov)
+        if cov.complete:
+            break
     return best
+
+
+# ------------------------------------------------------------------------------- RPC
+
+
+@dataclass(frozen=True)
+class RPCEndpoint:
+    host: str
+    port: int
+    key: str | None = None      # with a key, host:port is a tracker; without, the server itself
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}" + (f" (tracker key {self.key})" if self.key else "")
+
+
+def parse_rpc(rpc: str, key: str | None = None) -> RPCEndpoint:
+    from splitc.profile import _parse_rpc  # one HOST:PORT parser for profile and tune
+
+    host, port = _parse_rpc(rpc)
+    return RPCEndpoint(host, port, key or None)
+
+
+def check_rpc(endpoint: RPCEndpoint, timeout: float = 10.0) -> None:
+    """Refuse early, in one line, when the RPC server (or tracker) cannot be reached."""
+    from tvm import rpc
+
+    try:
+        if endpoint.key:
+            tracker = rpc.connect_tracker(endpoint.host, endpoint.port)
+            tracker.request(endpoint.key, session_timeout=timeout).remove("")
+        else:
+            rpc.connect(endpoint.host, endpoint.port, session_timeout=timeout)
+    except Exception as exc:  # TVM raises its own error types
+        what = f"tracker at {endpoint.host}:{endpoint.port} (key {endpoint.key})" if endpoint.key else f"server at {endpoint}"
+        raise TargetError(f"cannot reach the TVM RPC {what} ({first_line(exc)}); start `python -m tvm.exec.rpc_server "
+                          f"--host 0.0.0.0 --port {endpoint.port}` on the device") from exc
+
+
+def _direct_session(config):
+    """MetaSchedule RPCRunner session factory for a server without a tracker (runs in its workers)."""
+    from tvm import rpc
+
+    return rpc.connect(config.tracker_host, int(config.tracker_port), session_timeout=config.session_timeout_sec)
+
+
+def _alloc_arguments(session, device, args_info, alloc_repeat: int):
+    """MetaSchedule RPCRunner argument allocation that fills the inputs here and copies them over,
+    instead of calling `tvm.contrib.random.random_fill_for_measure` on the device: a device running
+    the TVM runtime library only (what splitc ships to a device) does not have that function."""
+    import numpy as np
+    import tvm
+
+    rng = np.random.default_rng(0)
+    repeated = []
+    for _ in range(alloc_repeat):
+        args = []
+        for info in args_info:
+            if info[0] != "TENSOR":
+                raise NotImplementedError(info)
+            _, dtype, shape = info
+            tensor = tvm.runtime.empty(shape=[int(d) for d in shape], dtype=dtype, device=device)
+            try:
+                kind = np.dtype(dtype).kind
+            except TypeError:  # bfloat16 and other types numpy does not know: left as allocated
+                kind = None
+            if kind == "f":
+                tensor.copyfrom(rng.standard_normal([int(d) for d in shape]).astype(dtype))
+            elif kind is not None:
+                tensor.copyfrom(np.zeros([int(d) for d in shape], dtype=dtype))  # valid indices, masks
+            args.append(tensor)
+        repeated.append(args)
+    return repeated
+
+
+def _export_shared_library(mod) -> str:
+    """MetaSchedule builder export: a shared library the device loads itself (cross-linked with
+    $SPLITC_TUNE_CC when set), instead of the default tar that the loading side must link."""
+    from tvm.support import cc
+
+    directory = tempfile.mkdtemp(prefix="ms-", dir=os.environ.get("SPLITC_TUNE_TMP") or None)
+    path = os.path.join(directory, "tvm_tmp_mod.so")
+    compiler = os.environ.get("SPLITC_TUNE_CC")
+    if compiler:
+        mod.export_library(path, fcompile=cc.cross_compiler(compiler))
+    else:
+        mod.export_library(path)
+    return path
 
 
 # ------------------------------------------------------------------------------- tuning
@@ -279,6 +666,7 @@ class TuneReport:
     stopped: str                # "finished", "deadline", "interrupted"
     dropped_lines: int = 0
     coverage: Coverage | None = None
+    measured_on: str = "this host"
 
     @property
     def new_records(self) -> int:
@@ -291,15 +679,18 @@ def tune_module(
     *,
     seconds: float | None = None,
     trials: int | None = None,
-    trials_per_task: int = 64,
+    trials_per_task: int = 256,
     trials_per_iter: int = 16,
     prepack: bool = True,
     population: int | None = None,
+    rpc: RPCEndpoint | None = None,
+    cross_compiler: str | None = None,
     cache_dir: Path | None = None,
     log: Callable[[str], None] = lambda _: None,
 ) -> TuneReport:
-    """Tune the TIR functions of a Relax module for `target_json` on this host, within a wall-clock
-    budget (`seconds`) and/or a trial budget (`trials`), appending records to the database."""
+    """Tune the TIR functions of a Relax module for `target_json` within a wall-clock budget
+    (`seconds`) and/or a trial budget (`trials`), appending records to the database. Candidates
+    are measured on this host, or on the device behind `rpc` (required for another ISA)."""
     import tvm
 
     check_tuning_deps()
@@ -309,6 +700,18 @@ def tune_module(
     target = tvm.target.Target(target_json)
     if target.kind.name != "llvm":
         raise InputError(f"tuning supports CPU (llvm) targets only, not {target.kind.name}")
+    arch = target_arch(target_json)
+    if arch != host_arch_name() and rpc is None:
+        raise InputError(f"target {target_key(target_json)} is {arch} code and this host is {host_arch_name()}: tune on the device "
+                         "with --rpc HOST:PORT, or apply schedules tuned on this host with --from-host")
+    if rpc is not None:
+        if arch != host_arch_name():
+            cross_compiler = cross_compiler or f"{arch}-linux-gnu-gcc"
+            if shutil.which(cross_compiler) is None:
+                raise ToolchainError(f"cross compiler {cross_compiler} not found; install it (Debian: apt-get install gcc-{arch}-linux-gnu)")
+        else:
+            cross_compiler = None
+        check_rpc(rpc)
     directory = database_dir(target_json, cache_dir)
     prepared = prepare(mod, target_json, prepack)
     tasks = extract_tasks(prepared, target_json)
@@ -318,30 +721,45 @@ def tune_module(
         # The evolutionary search's candidate generation (~45 s per task round at MetaSchedule's
         # default population of 512 on 2 cores) cannot be interrupted; keep rounds short on small budgets.
         population = 512 if seconds is None or seconds / max(len(tasks), 1) >= 120 else 128
+    measured_on = f"rpc {rpc}" if rpc else "this host"
     started = time.perf_counter()
     with _locked(directory):
         dropped = repair_database(directory)
         before = database_stats(directory)["records"]
         (directory / "target.json").write_text(json.dumps(target_json, indent=2, sort_keys=True) + "\n")
+        _write_origin(directory, {"measured_on": "device (rpc)" if rpc else f"this host ({host_arch_name()})",
+                                  "schedules": "tuned on the device over RPC" if rpc else "tuned on this host"})
         if not tasks:
-            return TuneReport(directory, 0, 0, 0.0, before, before, "finished", dropped)
-        log(f"tuning {len(tasks)} task(s) for {target_key(target_json)}: "
+            return TuneReport(directory, 0, 0, 0.0, before, before, "finished", dropped, measured_on=measured_on)
+        log(f"tuning {len(tasks)} task(s) for {target_key(target_json)} measured on {measured_on}: "
             f"{f'{seconds:.0f} s' if seconds else 'no time limit'}, at most {trials} trials; database {directory}")
         with tempfile.TemporaryDirectory(prefix="splitc-tune-") as tmp:
             spec = Path(tmp) / "spec.json"
-            (Path(tmp) / "mod.json").write_text(tvm.ir.save_json(prepared))
+            # The tasks' TIR functions only: the Relax module with its weights is ~100x larger to
+            # serialize, load and re-extract in the child.
+            (Path(tmp) / "tasks.json").write_text(json.dumps([
+                {"name": t.task_name, "weight": int(t.weight), "mod": tvm.ir.save_json(t.dispatched[0])} for t in tasks]))
             spec.write_text(json.dumps({
-                "module": str(Path(tmp) / "mod.json"), "target": target_json, "directory": str(directory),
+                "tasks": str(Path(tmp) / "tasks.json"), "target": target_json, "directory": str(directory),
                 "trials": int(trials), "trials_per_task": int(trials_per_task), "trials_per_iter": int(trials_per_iter),
-                "population": int(population),
+                "population": int(population), "tmp": tmp,
+                "rpc": None if rpc is None else {"host": rpc.host, "port": rpc.port, "key": rpc.key},
+                "cross_compiler": cross_compiler,
                 "deadline": (time.time() + seconds) if seconds else None,
             }))
             stopped = _run_worker(spec, seconds, directory, log)
         dropped += repair_database(directory)
         after = database_stats(directory)["records"]
-    report = TuneReport(directory, len(tasks), int(trials), time.perf_counter() - started, before, after, stopped, dropped)
+    report = TuneReport(directory, len(tasks), int(trials), time.perf_counter() - started, before, after, stopped, dropped,
+                        measured_on=measured_on)
     report.coverage = coverage(prepared, target_json, directory, prepack)
     return report
+
+
+def _write_origin(directory: Path, origin: dict[str, Any]) -> None:
+    tmp = directory / f".{ORIGIN_FILE}.tmp"
+    tmp.write_text(json.dumps(origin, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, directory / ORIGIN_FILE)
 
 
 def _run_worker(spec: Path, seconds: float | None, directory: Path, log: Callable[[str], None]) -> str:
@@ -350,8 +768,9 @@ def _run_worker(spec: Path, seconds: float | None, directory: Path, log: Callabl
     log_path.parent.mkdir(parents=True, exist_ok=True)
     # The child finishes the batch it is measuring past its own deadline; allow that much more.
     hard = None if seconds is None else seconds + max(60.0, 0.25 * seconds)
+    entry = "import sys; from splitc.backends.tuning import _worker; _worker(sys.argv[1])"
     with open(log_path, "w") as out:
-        child = subprocess.Popen([sys.executable, "-m", "splitc.backends.tuning", str(spec)], stdout=out, stderr=subprocess.STDOUT,
+        child = subprocess.Popen([sys.executable, "-c", entry, str(spec)], stdout=out, stderr=subprocess.STDOUT,
                                  start_new_session=True)
         begun = time.monotonic()
         try:
@@ -368,10 +787,13 @@ def _run_worker(spec: Path, seconds: float | None, directory: Path, log: Callabl
             log("interrupted: stopping the tuning run (finished records are kept)")
             _stop(child)
             return "interrupted"
-    if code != 0:
-        tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
-        raise BackendError(f"MetaSchedule tuning failed (exit {code}): {tail[0][:200]}; full log: {log_path}")
     text = log_path.read_text(errors="replace")
+    failure = [line for line in text.splitlines() if line.startswith("splitc: error: ")]
+    if failure:
+        raise BackendError(failure[-1].removeprefix("splitc: error: ")[:300] + f"; full log: {log_path}")
+    if code != 0:
+        tail = text.strip().splitlines()[-1:] or ["(no output)"]
+        raise BackendError(f"MetaSchedule tuning failed (exit {code}): {tail[0][:200]}; full log: {log_path}")
     return "deadline" if "splitc: deadline reached" in text else "finished"
 
 
@@ -389,6 +811,106 @@ def _stop(child: subprocess.Popen) -> None:
             continue
 
 
+# ------------------------------------------------------------------------------- host-tuned schedules for another ISA
+
+
+@dataclass
+class TransferReport:
+    directory: Path
+    source: Path
+    tasks: int
+    applied: int = 0            # schedules re-keyed for the device target (trace applied and built)
+    already: int = 0            # the device database already held this schedule or a faster one
+    failed: int = 0             # traces that no longer apply, or do not build for the device target
+    untuned_best: int = 0       # tasks whose fastest code on this host is the untuned one: left untuned
+    missing: int = 0            # tasks with no record on this host
+    label: str = ""
+    errors: list[str] = field(default_factory=list)
+
+
+def host_tuned_label(host_json: dict[str, Any], device_json: dict[str, Any]) -> str:
+    host_bits, device_bits = vector_bits(host_json), vector_bits(device_json)
+    widths = f": {host_bits}-bit vs {device_bits}-bit" if host_bits and device_bits and host_bits != device_bits else ""
+    return f"host-tuned ({target_arch(host_json)} {host_json.get('mcpu', '')}, vector width differs{widths}; not timed on the device)"
+
+
+def transfer_host_records(
+    mod,
+    device_json: dict[str, Any],
+    *,
+    host_json: dict[str, Any] | None = None,
+    prepack: bool = True,
+    cache_dir: Path | None = None,
+) -> TransferReport:
+    """Re-key the best schedule tuned on this host (for its own target) of each task of `mod` for
+    `device_json`, a target of another ISA: the trace is replayed on the task's function and the
+    result must build for the device target, else it is counted as failed and skipped. Records go to
+    the device's `--host-tuned` database, which compile applies and labels; their timings are this
+    host's, never the device's."""
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    device_json = resolve_target(device_json)
+    host_json = resolve_target(host_json or host_target_json())
+    source = database_dir(host_json, cache_dir)
+    destination = host_tuned_dir(device_json, cache_dir)
+    prepared = prepare(mod, device_json, prepack)
+    tasks = extract_tasks(prepared, device_json)
+    report = TransferReport(destination, source, len(tasks), label=host_tuned_label(host_json, device_json))
+    device, host = tvm.target.Target(device_json), tvm.target.Target(host_json)
+    with _locked(destination), readable_copy(source) as snapshot:
+        repair_database(destination)
+        if snapshot is None:
+            report.missing = len(tasks)
+            return report
+        src, dst = open_database(snapshot), open_database(destination)
+        for task in tasks:
+            func_mod = task.dispatched[0]
+            record = src.query_tuning_record(func_mod, host, task.task_name)
+            if record is None:
+                report.missing += 1
+                continue
+            if is_untuned(record):
+                report.untuned_best += 1
+                continue
+            current = dst.query_tuning_record(func_mod, device, task.task_name)
+            if current is not None and _mean(current.run_secs) <= _mean(record.run_secs):
+                report.already += 1
+                continue
+            error = replay_error(record.trace, func_mod, device)
+            if error is not None:
+                report.failed += 1
+                report.errors.append(f"{task.task_name}: {error}")
+                continue
+            dst.commit_tuning_record(ms.database.TuningRecord(record.trace, dst.commit_workload(func_mod), record.run_secs, device,
+                                                              record.args_info))
+            report.applied += 1
+        (destination / "target.json").write_text(json.dumps(device_json, indent=2, sort_keys=True) + "\n")
+        _write_origin(destination, {"measured_on": f"this host ({target_arch(host_json)})", "schedules": report.label,
+                                    "host_target": host_json, "host_database": target_key(host_json)})
+    return report
+
+
+def replay_error(trace, func_mod, target) -> str | None:
+    """Why `trace` cannot serve `func_mod` on `target` (it does not replay on the function, or the
+    scheduled function does not build for the target), or None when it can."""
+    import tvm
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+    try:
+        schedule = tvm.s_tir.Schedule(func_mod)
+        trace.apply_to_schedule(schedule, remove_postproc=False)
+        tvm.driver.build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(schedule.mod), target=target)
+    except Exception as exc:  # noqa: BLE001 - TVM raises its own error types; the reason is returned
+        return first_line(exc, 160)
+    return None
+
+
+def _mean(run_secs) -> float:
+    values = [float(v) for v in (run_secs or [])]
+    return sum(values) / len(values) if values else float("inf")
+
+
 # ------------------------------------------------------------------------------- the child process
 
 
@@ -404,22 +926,36 @@ def _fast_build(mod, target, _params):
 
 
 def _worker(spec_path: str) -> None:
+    try:
+        _tune(spec_path)
+    except Exception as exc:
+        print(f"splitc: error: {first_line(exc)}", flush=True)
+        raise
+
+
+def _tune(spec_path: str) -> None:
     import tvm
-    from splitc.backends.tuning import (
-        _fast_build,  # by module reference, not by value from __main__
-    )
     from tvm.ir.utils import derived_object
     from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.meta_schedule.builder.local_builder import _serialize_params
+    from tvm.s_tir.meta_schedule.builder.local_builder import _worker_func as _build_one
     from tvm.s_tir.meta_schedule.logging import get_loggers_from_work_dir
+    from tvm.s_tir.meta_schedule.runner.config import EvaluatorConfig, RPCConfig
     from tvm.s_tir.meta_schedule.utils import fork_seed
+    from tvm.support.popen_pool import PopenPoolExecutor, StatusKind
 
     spec = json.loads(Path(spec_path).read_text())
     directory = Path(spec["directory"])
     log_dir = str(directory / "logs")
-    mod = tvm.ir.load_json(Path(spec["module"]).read_text())
+    tasks = json.loads(Path(spec["tasks"]).read_text())
     target = tvm.target.Target(spec["target"])
     deadline = spec["deadline"]
-    threads = int(spec["target"].get("num-cores") or os.cpu_count() or 1)
+    rpc = spec.get("rpc")
+    os.environ["SPLITC_TUNE_TMP"] = spec["tmp"]
+    if spec.get("cross_compiler"):
+        os.environ["SPLITC_TUNE_CC"] = spec["cross_compiler"]
+    search_threads = int(os.cpu_count() or 1)  # the search runs here, whatever the target's core count
+    _cpu_tensor_intrinsics()
 
     @derived_object
     class _DeadlineSearch(ms.search_strategy.PySearchStrategy):
@@ -451,20 +987,57 @@ def _worker(spec_path: str) -> None:
         def clone(self):
             return _DeadlineSearch(self.inner.clone())
 
+    @derived_object
+    class _PoolBuilder(ms.builder.PyBuilder):
+        """LocalBuilder with worker processes kept across batches. LocalBuilder starts a fresh pool
+        per batch; each worker's `import tvm` cost ~2.5 s of a 2-core host's time per batch of 16
+        (a third of the build stage). Workers are recycled after 64 builds each instead
+        (LocalBuilder's reason for fresh pools is a slow leak in long-lived workers)."""
+
+        def __init__(self, f_export=None, timeout_sec: float = 60.0):
+            super().__init__()
+            self.f_export = f_export
+            self.timeout_sec = timeout_sec
+            self.pool = PopenPoolExecutor(max_workers=search_threads, timeout=timeout_sec, maximum_process_uses=64)
+
+        def build(self, build_inputs):
+            results = []
+            jobs = [(_fast_build, self.f_export, b.mod, b.target, _serialize_params(b.params)) for b in build_inputs]
+            for outcome in self.pool.map_with_error_catching(lambda job: _build_one(*job), jobs):
+                if outcome.status == StatusKind.COMPLETE:
+                    results.append(ms.builder.BuilderResult(outcome.value, None))
+                elif outcome.status == StatusKind.TIMEOUT:
+                    results.append(ms.builder.BuilderResult(None, f"LocalBuilder: Timeout, killed after {self.timeout_sec} seconds"))
+                else:
+                    results.append(ms.builder.BuilderResult(None, "LocalBuilder: An exception occurred\n" + str(outcome.value)))
+            return results
+
+    def make_runner(evaluator: EvaluatorConfig | None = None):
+        if rpc is None:
+            return ms.runner.LocalRunner(timeout_sec=30.0, evaluator_config=evaluator)
+        config = RPCConfig(tracker_host=rpc["host"], tracker_port=int(rpc["port"]), tracker_key=rpc["key"] or _DIRECT_KEY,
+                           session_timeout_sec=120)
+        return ms.runner.RPCRunner(rpc_config=config, evaluator_config=evaluator, max_workers=1,
+                                   f_create_session=None if rpc["key"] else _direct_session, f_alloc_argument=_alloc_arguments)
+
+    builder = _PoolBuilder(f_export=_export_shared_library if rpc else None)
+    database = open_database(directory)
     population = int(spec.get("population") or 512)
-    extracted = ms.relax_integration.extract_tasks(mod, target)
     contexts, weights = [], []
-    names = [t.task_name for t in extracted]
-    for task, logger, rand_state in zip(extracted, get_loggers_from_work_dir(log_dir, names), fork_seed(None, n=len(extracted))):
-        if task.mod.attrs.get("tirx.is_scheduled", False):
-            continue
+    names = [t["name"] for t in tasks]
+    for task, logger, rand_state in zip(tasks, get_loggers_from_work_dir(log_dir, names), fork_seed(None, n=len(tasks))):
         strategy = _DeadlineSearch(ms.search_strategy.EvolutionarySearch(
             population_size=population, init_min_unmeasured=min(50, population // 2),
             genetic_num_iters=4 if population >= 256 else 2))
-        contexts.append(ms.TuneContext(mod=task.dispatched[0], target=task.target, space_generator="post-order-apply",
-                                       search_strategy=strategy, task_name=task.task_name, logger=logger,
-                                       rand_state=rand_state, num_threads=threads).clone())
-        weights.append(task.weight)
+        contexts.append(ms.TuneContext(mod=tvm.ir.load_json(task["mod"]), target=target, space_generator="post-order-apply",
+                                       search_strategy=strategy, task_name=task["name"], logger=logger,
+                                       rand_state=rand_state, num_threads=search_threads).clone())
+        weights.append(task["weight"])
+
+    # One untuned run per task (first run only: resumed runs keep theirs) as a record with an empty
+    # schedule: the database's best record of a task is then the best of tuned and untuned.
+    _measure_untuned(contexts, builder, make_runner(EvaluatorConfig(number=1, repeat=1, min_repeat_ms=0)), database, target,
+                     over_rpc=rpc is not None)
     ms.tune_tasks(
         tasks=contexts,
         task_weights=weights,
@@ -472,12 +1045,68 @@ def _worker(spec_path: str) -> None:
         max_trials_global=int(spec["trials"]),
         max_trials_per_task=int(spec["trials_per_task"]),
         num_trials_per_iter=int(spec["trials_per_iter"]),
-        builder=ms.builder.LocalBuilder(f_build=_fast_build, timeout_sec=60.0),
-        runner=ms.runner.LocalRunner(timeout_sec=30.0),
-        database=open_database(directory),
+        builder=builder,
+        runner=make_runner(),
+        database=database,
     )
     print("splitc: tuning finished", flush=True)
 
 
-if __name__ == "__main__":
-    _worker(sys.argv[1])
+def _cpu_tensor_intrinsics() -> None:
+    """Register the CPU tensor intrinsics only. TuneContext imports `tvm.s_tir.tensor_intrin`, whose
+    CUDA/ROCm/Hexagon tables take 15-35 s to build on a 2-core host before any tuning starts; the
+    CPU schedule rules (MultiLevelTilingWithIntrin) need only the x86 and Arm ones."""
+    import importlib
+    import types
+
+    import tvm.s_tir
+
+    name = "tvm.s_tir.tensor_intrin"
+    if name in sys.modules:
+        return
+    package = types.ModuleType(name)
+    package.__path__ = [os.path.join(os.path.dirname(tvm.s_tir.__file__), "tensor_intrin")]
+    package.__package__ = name
+    sys.modules[name] = package
+    try:
+        for sub in ("dot_product_common", "x86", "arm_cpu", "riscv_cpu"):
+            importlib.import_module(f"{name}.{sub}")
+    except Exception:  # noqa: BLE001 - a TVM whose layout differs: fall back to the full import
+        for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
+            del sys.modules[key]
+        importlib.import_module(name)
+
+
+def _measure_untuned(contexts, builder, runner, database, target, *, over_rpc: bool) -> None:
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+
+    have = {r.workload.as_json()[0] for r in database.get_all_tuning_records() if is_untuned(r)}
+    todo = [(ctx, database.commit_workload(ctx.mod)) for ctx in contexts]
+    todo = [(ctx, workload) for ctx, workload in todo if workload.as_json()[0] not in have]
+    if not todo:
+        return
+    print(f"splitc: measuring the untuned code of {len(todo)} task(s)", flush=True)
+    built = builder.build([ms.builder.BuilderInput(ctx.mod, target) for ctx, _ in todo])
+    pending, errors = [], []
+    for (ctx, workload), result in zip(todo, built):
+        if result.error_msg:
+            errors.append(f"{ctx.task_name}: build: {result.error_msg.strip().splitlines()[-1][:200]}")
+            continue
+        args = ArgInfo.from_prim_func(ctx.mod["main"])
+        pending.append((ctx, workload, args, ms.runner.RunnerInput(result.artifact_path, "cpu", args)))
+    futures = runner.run([p[3] for p in pending])
+    measured = 0
+    for (ctx, workload, args, _), future in zip(pending, futures):
+        result = future.result()
+        if result.error_msg or not result.run_secs:
+            errors.append(f"{ctx.task_name}: run: {(result.error_msg or 'no timing').strip().splitlines()[-1][:200]}")
+            continue
+        database.commit_tuning_record(ms.database.TuningRecord(_untuned_trace(ctx.mod), workload, result.run_secs, target, args))
+        measured += 1
+    for line in errors:
+        print(f"splitc: untuned baseline failed: {line}", flush=True)
+    if measured == 0 and over_rpc:
+        raise BackendError(f"the RPC device could not run any untuned task built for {target.attrs.get('mtriple', target.kind.name)} "
+                           f"({errors[0] if errors else 'no result'}); "
+                           "is it the target's ISA, with a TVM runtime of the same version?")

@@ -139,7 +139,8 @@ def bench_partition(
     tuning = compiled.options.get("tuning") or {}
     note = ""
     if tuning.get("tasks") is not None:
-        note = f"{tuning.get('tasks_with_record', 0)}/{tuning['tasks']} tasks tuned, {tuning.get('chosen', '?')}"
+        note = (f"{tuning.get('tasks_with_record', 0)}/{tuning['tasks']} tasks with a tuning record, {tuning.get('chosen', '?')}"
+                f"; schedules: {tuning.get('schedules', '?')}")
     report.rows.append(BenchRow(f"compiled ({compiled.runtime})", f"{compiled.path} [{label}]", timed(lambda: run(inputs)),
                                 _rel_err(got, expected), note))
 

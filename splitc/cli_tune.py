@@ -1,6 +1,8 @@
 """`splitc tune` and `splitc bench` (registered on the main group with `cli.add_command`).
 
     splitc tune model.pt2 --target x86 --budget 10m        # MetaSchedule into the tuning database
+    splitc tune model.pt2 --target rpi4 --rpc pi:9090 --budget 30m   # measured on the device over TVM RPC
+    splitc tune model.pt2 --target rpi4 --from-host --budget 10m     # tuned here, applied to the aarch64 build (labelled)
     splitc compile model.pt2 --targets x86 -o m.splitc      # applies every record that matches
     splitc bench m.splitc --partition 0 --model model.pt2   # compiled vs ONNX Runtime vs torch, this host
 """
@@ -38,13 +40,19 @@ def parse_budget(text: str) -> float:
 @click.option("--link", default="4g", show_default=True, help="Link for --cut auto.")
 @click.option("--budget", help="Wall-clock budget for tuning: 10m, 90s, 1h. Ctrl-C stops early and keeps finished records.")
 @click.option("--trials", type=click.IntRange(1), help="Trial budget (MetaSchedule measurements), alone or with --budget.")
-@click.option("--trials-per-task", default=64, show_default=True, type=click.IntRange(1))
+@click.option("--trials-per-task", default=256, show_default=True, type=click.IntRange(1))
 @click.option("--no-prepack", is_flag=True, help="Tune without weight pre-packing (cpu_weight_prepack).")
+@click.option("--rpc", help="HOST:PORT of `python -m tvm.exec.rpc_server` on the device: measure candidates there (tuning for its ISA).")
+@click.option("--rpc-key", help="With --rpc: HOST:PORT is an RPC tracker; request a device registered with this key.")
+@click.option("--from-host", is_flag=True,
+              help="For a target of another ISA (rpi4): apply schedules tuned on this host (tuning here first with --budget/--trials), "
+                   "labelled host-tuned: vector width differs and no timing is the device's.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Cache root (default $SPLITC_CACHE or ~/.cache/splitc).")
 @_model_options
-def tune(source, targets, cut, link, budget, trials, trials_per_task, no_prepack, cache_dir, input_shapes, example_input, trust_pickle):
-    """Tune SOURCE's TVM partitions for TARGET with MetaSchedule on this host; records go to a
-    tuning database that every later compile reuses."""
+def tune(source, targets, cut, link, budget, trials, trials_per_task, no_prepack, rpc, rpc_key, from_host, cache_dir,
+         input_shapes, example_input, trust_pickle):
+    """Tune SOURCE's TVM partitions for TARGET with MetaSchedule, on this host or on the device
+    (--rpc); records go to a tuning database that every later compile reuses."""
     from splitc.backends import tuning
     from splitc.backends.base import get_backend
     from splitc.compiler import plan_cuts
@@ -52,49 +60,88 @@ def tune(source, targets, cut, link, budget, trials, trials_per_task, no_prepack
     from splitc.runtime.executors import host_arch
     from splitc.targets import load_link, load_targets
 
-    if not budget and not trials:
+    if rpc and from_host:
+        raise InputError("--rpc tunes on the device and --from-host applies schedules tuned on this host: give one of them")
+    if rpc_key and not rpc:
+        raise InputError("--rpc-key needs --rpc HOST:PORT of the tracker")
+    if not budget and not trials and not from_host:
         raise InputError("give a tuning budget: --budget 10m (wall clock) and/or --trials N")
     seconds = parse_budget(budget) if budget else None
+    endpoint = tuning.parse_rpc(rpc, rpc_key) if rpc else None
     chain = load_targets(targets)
     _, graph = _import(source, input_shapes, example_input, trust_pickle)
     analysis, cuts, _ = plan_cuts(graph, chain, cut, load_link(link))
     assign_tiers(analysis, cuts)
     partitions = extract_partitions(graph, analysis, chain)
-    tunable = []
+    jobs = []  # (partition, how): "here", "rpc" or "from-host"
+    # --rpc names one device: it tunes the partitions of another ISA, or, when every TVM partition is
+    # of this host's ISA, those (a remote machine like this one).
+    foreign = any(p.target.backend == "tvm" and p.nodes and p.target.arch != host_arch() for p in partitions)
     for p in partitions:
         if p.target.backend != "tvm":
             console.print(f"[dim]partition {p.index} ({p.target.name}): {p.target.backend} backend, nothing to tune[/dim]")
-        elif p.target.arch != host_arch():
-            console.print(f"[yellow]partition {p.index} ({p.target.name}): {p.target.arch} target; tuning measures on this "
-                          f"{host_arch()} host and on-device tuning (RPC) is not supported yet: skipped[/yellow]")
         elif not p.nodes:
             console.print(f"[dim]partition {p.index} ({p.target.name}): empty[/dim]")
+        elif endpoint is not None and (p.target.arch != host_arch() or not foreign):
+            jobs.append((p, "rpc"))
+        elif p.target.arch != host_arch():
+            if from_host:
+                jobs.append((p, "from-host"))
+            else:
+                console.print(f"[yellow]partition {p.index} ({p.target.name}): {p.target.arch} target and this host is {host_arch()}: "
+                              "skipped. Tune on the device with --rpc HOST:PORT, or apply schedules tuned on this host "
+                              "with --from-host (labelled host-tuned)[/yellow]")
+        elif not budget and not trials:
+            console.print(f"[dim]partition {p.index} ({p.target.name}): this host's ISA; --from-host alone does not tune it "
+                          "(give --budget or --trials)[/dim]")
         else:
-            tunable.append(p)
-    if not tunable:
-        raise InputError(f"no partition of {source} over {targets} is a TVM partition for this host's ISA ({host_arch()}); nothing to tune")
-    total_flops = sum(max(p.flops, 1) for p in tunable)
+            jobs.append((p, "here"))
+    if not jobs:
+        raise InputError(f"no partition of {source} over {targets} can be tuned this way; see the lines above")
+    total_flops = sum(max(p.flops, 1) for p, _ in jobs)
     interrupted = False
-    for p in tunable:
+    log = lambda m: console.print(f"[dim]{escape(m)}[/dim]")
+    cache = Path(cache_dir) if cache_dir else None
+    for p, how in jobs:
         share = max(p.flops, 1) / total_flops
         from tvm.relax.frontend.torch import from_exported_program
 
         get_backend(p.target)  # the backend exists (and TVM imports)
         mod = from_exported_program(p.export(), keep_params_as_input=False)
         target_json = dict(p.target.backend_options.get("target") or {"kind": "llvm", "mtriple": f"{host_arch()}-linux-gnu"})
-        report = tuning.tune_module(
-            mod, target_json, seconds=None if seconds is None else seconds * share,
-            trials=None if trials is None else max(1, int(trials * share)), trials_per_task=trials_per_task,
-            prepack=not no_prepack, cache_dir=Path(cache_dir) if cache_dir else None,
-            log=lambda m: console.print(f"[dim]{escape(m)}[/dim]"))
-        cov = report.coverage
-        console.print(
-            f"partition {p.index} ({p.target.name}): {report.tasks} task(s), {report.new_records} new record(s) in "
-            f"{report.seconds:.0f} s ({report.stopped}); {cov.with_record if cov else '?'}/{report.tasks} tasks now have a record; "
-            f"database {report.directory} ({report.records_after} records)")
-        if report.dropped_lines:
-            console.print(f"[yellow]dropped {report.dropped_lines} incomplete database line(s) left by a stopped run[/yellow]")
-        if report.stopped == "interrupted":
+        report = None
+        if budget or trials:
+            tune_json = tuning.host_target_json() if how == "from-host" else target_json
+            if how == "from-host":
+                console.print(f"partition {p.index} ({p.target.name}): tuning on this {host_arch()} host for its own target first; "
+                              f"the schedules then go to {p.target.name} labelled host-tuned")
+            report = tuning.tune_module(
+                mod, tune_json, seconds=None if seconds is None else seconds * share,
+                trials=None if trials is None else max(1, int(trials * share)), trials_per_task=trials_per_task,
+                prepack=not no_prepack, rpc=endpoint if how == "rpc" else None,
+                cross_compiler=p.target.backend_options.get("cross_compiler"), cache_dir=cache, log=log)
+            cov = report.coverage
+            console.print(
+                f"partition {p.index} ({p.target.name}): {report.tasks} task(s), {report.new_records} new record(s) in "
+                f"{report.seconds:.0f} s ({report.stopped}), measured on {report.measured_on}; "
+                f"{cov.with_record if cov else '?'}/{report.tasks} tasks now have a record"
+                f"{f' ({cov.untuned_best} fastest untuned)' if cov and cov.untuned_best else ''}; "
+                f"database {report.directory} ({report.records_after} records)")
+            if report.dropped_lines:
+                console.print(f"[yellow]dropped {report.dropped_lines} incomplete database line(s) left by a stopped run[/yellow]")
+        if how == "from-host" and not (report and report.stopped == "interrupted"):
+            moved = tuning.transfer_host_records(mod, target_json, prepack=not no_prepack, cache_dir=cache)
+            console.print(
+                f"partition {p.index} ({p.target.name}): {moved.label}: {moved.applied + moved.already}/{moved.tasks} task(s) have a "
+                f"host-tuned schedule ({moved.applied} new); {moved.failed} did not apply or build for {p.target.arch} (skipped), "
+                f"{moved.untuned_best} stay untuned (faster untuned on this host), {moved.missing} have no record on this host; "
+                f"database {moved.directory}")
+            for line in moved.errors[:5]:
+                console.print(f"[dim]  skipped {escape(line)}[/dim]")
+            console.print(f"[yellow]host-tuned: these schedules were chosen by timings on this {host_arch()} host, whose vector width "
+                          f"differs from {p.target.name}'s; no timing of them on the device exists. Compile applies them and labels the "
+                          "artifact so.[/yellow]")
+        if report is not None and report.stopped == "interrupted":
             interrupted = True
             break
     if interrupted:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -72,6 +74,54 @@ def test_repair_drops_a_cut_line_and_keeps_whole_ones(tmp_path):
             json.loads(line)
 
 
+class PadBnClip(nn.Module):
+    """Hugging Face MobileNetV2's building blocks: explicit zero padding, convolution without bias,
+    batch norm, ReLU6 (clip), a depthwise convolution."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, stride=2, bias=False)
+        self.b1 = nn.BatchNorm2d(8)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False)
+        self.b2 = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        y = torch.clamp(self.b1(self.c1(nn.functional.pad(x, (0, 1, 0, 1)))), 0.0, 6.0)
+        return self.b2(self.dw(y)) + y
+
+
+def test_pre_tuning_rewrites_fold_and_keep_results():
+    import tvm
+    from tvm import relax
+    from tvm.relax.frontend.torch import from_exported_program
+
+    torch.manual_seed(0)
+    model = PadBnClip().eval()
+    with torch.no_grad():
+        for bn in (model.b1, model.b2):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.2, 0.2)
+    x = torch.randn(1, 3, 18, 18)
+    with torch.no_grad():
+        program = torch.export.export(model, (x,))
+        expected = model(x).numpy()
+    mod = from_exported_program(program, keep_params_as_input=False)
+    target = tuning.resolve_target(X86)
+    prepared = tuning.prepare(mod, target, prepack=False)
+    names = [gv.name_hint for gv in prepared.functions if gv.name_hint != "main"]
+    # Pad folded into the convolution, batch norm into its weights and bias, clip written as max/min,
+    # convolutions in NHWC (a transpose in, a transpose out, none between the layers).
+    assert not any("pad" in n or "batch_norm" in n or "clip" in n for n in names), names
+    assert sum("transpose" in n for n in names) == 2, names
+    assert "R.Tensor((1, 9, 9, 8)" in prepared["main"].script(show_meta=False), "the 8-channel 9x9 activations should be NHWC"
+    vm = relax.VirtualMachine(tvm.compile(prepared, target=tvm.target.Target(target)), tvm.cpu())
+    got = vm["main"](tvm.runtime.tensor(x.numpy()))
+    got = (got[0] if not hasattr(got, "numpy") else got).numpy()
+    assert np.linalg.norm(got - expected) / np.linalg.norm(expected) < 1e-5
+
+
 def _compile(pt2: Path, out: Path):
     from splitc.frontend import import_model
     from splitc.targets import load_link, load_targets
@@ -89,22 +139,43 @@ def _run(bundle: Path, x: np.ndarray) -> np.ndarray:
     return next(iter(session.run({session.manifest.inputs[0].name: x}).values()))
 
 
-def test_tune_then_compile_reuses_records(cnn_pt2, tmp_path, monkeypatch):
-    from splitc.frontend import import_model
+@pytest.fixture(scope="module")
+def tuned_cache(cnn_pt2, tmp_path_factory):
+    """A cache whose x86 database holds a real (small) tuning run of the 2-conv CNN."""
     from tvm.relax.frontend.torch import from_exported_program
+
+    cache = tmp_path_factory.mktemp("tuned") / "cache"
+    patch = pytest.MonkeyPatch()
+    patch.setenv("SPLITC_CACHE", str(cache))
+    try:
+        mod = from_exported_program(torch.export.load(str(cnn_pt2)), keep_params_as_input=False)
+        report = tuning.tune_module(mod, X86, trials=32, trials_per_task=16, population=64)
+    finally:
+        patch.undo()
+    return cache, report
+
+
+def test_tune_then_compile_reuses_records(cnn_pt2, tuned_cache, tmp_path, monkeypatch):
+    from splitc.frontend import import_model
 
     from splitc.verify import verify_bundle
 
-    monkeypatch.setenv("SPLITC_CACHE", str(tmp_path / "cache"))
+    cache, report = tuned_cache
+    n = report.tasks  # 2 convolutions, and the NHWC transposes in and out
+    assert report.stopped == "finished" and n == 4
+    monkeypatch.setenv("SPLITC_CACHE", str(tmp_path / "empty-cache"))
     untuned = _compile(cnn_pt2, tmp_path / "untuned.splitc")
     info = untuned.manifest.partitions[0].artifacts[0].options["tuning"]
-    assert info["tasks"] == 2 and info["tasks_with_record"] == 0 and info["chosen"] == "untuned"
+    assert info["tasks"] == n and info["tasks_with_record"] == 0 and info["chosen"] == "untuned" and info["schedules"] == "untuned"
 
+    monkeypatch.setenv("SPLITC_CACHE", str(cache))
     _, graph = import_model(cnn_pt2)
-    mod = from_exported_program(torch.export.load(str(cnn_pt2)), keep_params_as_input=False)
-    report = tuning.tune_module(mod, X86, trials=32, trials_per_task=16, population=64)
-    assert report.stopped == "finished" and report.tasks == 2
-    assert report.new_records > 0 and report.coverage.with_record == 2
+    assert report.new_records > 0 and report.coverage.with_record == n and report.coverage.complete
+    # Every task's untuned code was measured once, as a record with a schedule that changes nothing.
+    database = tuning.open_database(report.directory)
+    baselines = [r for r in database.get_all_tuning_records() if tuning.is_untuned(r)]
+    assert len(baselines) == n and all(float(r.run_secs[0]) > 0 for r in baselines)
+    assert any(not tuning.is_untuned(r) for r in database.get_all_tuning_records())
     records = tuning.database_stats(report.directory)["records"]
     record_file = report.directory / tuning.RECORD_FILE
     stamp = record_file.stat().st_mtime_ns
@@ -113,9 +184,11 @@ def test_tune_then_compile_reuses_records(cnn_pt2, tmp_path, monkeypatch):
     second = _compile(cnn_pt2, tmp_path / "b.splitc")
     for result in (first, second):
         info = result.manifest.partitions[0].artifacts[0].options["tuning"]
-        assert info["tasks"] == 2 and info["tasks_with_record"] == 2, info
-        assert info["chosen"] in ("tuned", "untuned") and info["tuned_ms"] > 0
-        assert any("2/2 TVM tasks had a tuning record" in n for n in result.notes)
+        assert info["tasks"] == n and info["tasks_with_record"] == n, info
+        # Complete coverage: per task the fastest of tuned and untuned, no whole-module untuned build.
+        assert info["chosen"] == "tuned" and info["tuned_ms"] > 0 and "untuned_ms" not in info, info
+        assert info["schedules"] == "tuned on this host" and info["prepack"] is True
+        assert any(f"{n}/{n} TVM tasks had a tuning record" in note for note in result.notes)
     # Compiling ran no tuning: the database is untouched.
     assert tuning.database_stats(report.directory)["records"] == records and record_file.stat().st_mtime_ns == stamp
 
@@ -161,3 +234,213 @@ def test_ctrl_c_keeps_finished_records(cnn_pt2, tmp_path):
     assert tuning.repair_database(directory) == 0  # the run already left whole lines only
     assert tuning.database_stats(directory)["records"] > 0
     tuning.open_database(directory)  # MetaSchedule itself reads it
+
+
+# ----------------------------------------------------------------------------------------- other ISAs
+
+
+RPI4 = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72", "mattr": ["+neon"], "num-cores": 4}
+
+
+def _cnn_module(cnn_pt2):
+    from tvm.relax.frontend.torch import from_exported_program
+
+    return from_exported_program(torch.export.load(str(cnn_pt2)), keep_params_as_input=False)
+
+
+@pytest.mark.skipif(shutil.which("aarch64-linux-gnu-gcc") is None, reason="needs the aarch64 cross compiler")
+def test_host_tuned_schedules_for_rpi4_are_applied_labelled_and_verified(cnn_pt2, tuned_cache, tmp_path, monkeypatch):
+    """`splitc tune --target rpi4 --from-host`: the x86 records re-keyed for aarch64, a trace that no
+    longer applies is skipped and counted, compile labels the artifact, verify still passes."""
+    import tvm
+    from splitc.frontend import import_model
+    from splitc.targets import load_link, load_targets
+
+    from splitc.compiler import compile_model
+    from splitc.verify import verify_bundle
+
+    source, _ = tuned_cache
+    cache = tmp_path / "cache"
+    shutil.copytree(source, cache)
+    monkeypatch.setenv("SPLITC_CACHE", str(cache))
+    mod = _cnn_module(cnn_pt2)
+
+    # No host-tuned database yet: the rpi4 build is untuned and says how to get schedules.
+    _, graph = import_model(cnn_pt2)
+    plain = compile_model(graph, load_targets("rpi4"), tmp_path / "plain.splitc", link=load_link("4g"), samples=1)
+    assert plain.manifest.partitions[0].artifacts[0].options["tuning"]["schedules"] == "untuned"
+    assert any("--from-host" in n and "--rpc" in n for n in plain.notes)
+
+    # The CLI: no budget, so only the transfer of what this host already tuned.
+    cli = subprocess.run([sys.executable, "-c", "from splitc.cli import main\nmain()\n", "tune", str(cnn_pt2), "--target", "rpi4",
+                          "--from-host"], env=dict(os.environ, SPLITC_CACHE=str(cache)), capture_output=True, text=True, check=False)
+    assert cli.returncode == 0, cli.stdout + cli.stderr
+    assert "host-tuned (x86_64" in cli.stdout and "vector width differs" in cli.stdout and "0 did not apply" in cli.stdout
+
+    report = tuning.transfer_host_records(mod, RPI4)  # again: everything is already there
+    assert report.tasks == 4 and report.failed == 0 and report.missing == 0 and report.applied == 0
+    assert report.already + report.untuned_best == 4 and report.already >= 1, report
+    assert report.label.startswith("host-tuned (x86_64") and "vector width differs" in report.label
+    origin = tuning.read_origin(report.directory)
+    assert origin["schedules"] == report.label and report.directory.name.endswith(tuning.HOST_TUNED_SUFFIX)
+
+    result = compile_model(graph, load_targets("rpi4"), tmp_path / "rpi4.splitc", link=load_link("4g"), samples=2)
+    deploy = result.manifest.partitions[0].artifacts[0]
+    info = deploy.options["tuning"]
+    assert deploy.arch == "aarch64" and info["schedules"] == report.label, info
+    assert info["chosen"] == "tuned (not measured: cross target)" and "tuned_ms" not in info
+    assert info["tasks_with_record"] == report.already
+    assert any(report.label in n and "no timing" in n for n in result.notes), result.notes
+    monkeypatch.delenv("SPLITC_CACHE")  # verify finds the emulation toolchain in the default cache
+    verdict = verify_bundle(result.bundle)
+    assert verdict.ok, [c.note for c in verdict.checks]
+    from splitc.backends.emulation import find_aarch64_toolchain
+
+    if find_aarch64_toolchain() is not None:  # the aarch64 library itself ran, under qemu
+        assert any(c.mode == "emulated" and c.status == "pass" for c in verdict.checks)
+
+    # A schedule that does not replay on a task (here: a convolution's, on a transpose) is refused
+    # with the reason, so the transfer skips and counts it instead of applying it.
+    monkeypatch.setenv("SPLITC_CACHE", str(cache))
+    host = tuning.resolve_target(X86)
+    records = tuning.open_database(tuning.database_dir(host)).get_all_tuning_records()
+    conv = next(r for r in records if not tuning.is_untuned(r) and "conv2d" in r.workload.mod.script())
+    tasks = tuning.extract_tasks(tuning.prepare(mod, RPI4, True), RPI4)
+    transpose = next(t for t in tasks if "conv" not in t.task_name)
+    device = tvm.target.Target(tuning.resolve_target(RPI4))
+    assert tuning.replay_error(conv.trace, transpose.dispatched[0], device)
+    assert tuning.replay_error(conv.trace, conv.workload.mod, device) is None
+
+
+def test_tuning_another_isa_needs_rpc_or_from_host(cnn_pt2, tmp_path, monkeypatch):
+    from splitc.errors import TargetError
+
+    monkeypatch.setenv("SPLITC_CACHE", str(tmp_path / "cache"))
+    mod = _cnn_module(cnn_pt2)
+    with pytest.raises(InputError, match="--rpc HOST:PORT.*--from-host"):
+        tuning.tune_module(mod, RPI4, trials=4)
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    started = time.monotonic()
+    with pytest.raises(TargetError, match=f"cannot reach the TVM RPC server at 127.0.0.1:{port}") as exc:
+        tuning.tune_module(mod, X86, trials=4, rpc=tuning.parse_rpc(f"127.0.0.1:{port}"))
+    assert "\n" not in str(exc.value) and time.monotonic() - started < 30
+    with pytest.raises(TargetError, match="HOST:PORT"):
+        tuning.parse_rpc("no-port")
+
+
+def test_tune_cli_refuses_what_it_cannot_do(cnn_pt2, tmp_path):
+    env = dict(os.environ, SPLITC_CACHE=str(tmp_path / "cache"))
+    script = "from splitc.cli import main\nmain()\n"
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-c", script, "tune", str(cnn_pt2), *args], env=env, capture_output=True, text=True,
+                              check=False)
+
+    both = run("--target", "rpi4", "--rpc", "127.0.0.1:9", "--from-host")
+    assert both.returncode == 7 and "give one of them" in both.stderr
+    neither = run("--target", "rpi4", "--budget", "1m")
+    assert neither.returncode == 7 and "--from-host" in neither.stdout and "--rpc" in neither.stdout
+
+
+@pytest.fixture()
+def rpc_server(tmp_path):
+    """A TVM RPC server on loopback (as tests/test_profile.py starts one), stopped after."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path / "rpc_server.log"
+    with open(log, "w") as stream:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1", "--port", str(port), "--port-end", str(port + 1)],
+            stdout=stream, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while f"bind to 127.0.0.1:{port}" not in log.read_text():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"TVM RPC server did not start: {log.read_text()[-500:]}")
+            time.sleep(0.1)
+        time.sleep(0.2)
+        yield f"127.0.0.1:{port}"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
+@pytest.mark.slow
+def test_tune_over_rpc_against_a_local_server(cnn_pt2, rpc_server, tmp_path, monkeypatch):
+    """MetaSchedule's RPCRunner wired to a server without a tracker: candidates are exported as
+    shared libraries, uploaded and timed by the server. Loopback only: not run against a device."""
+    monkeypatch.setenv("SPLITC_CACHE", str(tmp_path / "cache"))
+    report = tuning.tune_module(_cnn_module(cnn_pt2), X86, trials=16, trials_per_task=8, population=32,
+                                rpc=tuning.parse_rpc(rpc_server))
+    assert report.stopped == "finished" and report.measured_on == f"rpc {rpc_server}"
+    assert report.new_records > report.tasks and report.coverage.complete
+    assert tuning.read_origin(report.directory)["schedules"] == "tuned on the device over RPC"
+    result = _compile(cnn_pt2, tmp_path / "rpc.splitc")
+    info = result.manifest.partitions[0].artifacts[0].options["tuning"]
+    assert info["tasks_with_record"] == report.tasks and info["schedules"] == "tuned on the device over RPC"
+
+
+_EMULATED_SERVER = """
+import sys, time
+from tvm.rpc import server
+# In-process: tvm.exec.rpc_server would start a worker by exec'ing sys.executable, an aarch64
+# binary the host kernel cannot exec without binfmt_misc; sessions still fork under qemu.
+server._popen_start_rpc_server("127.0.0.1", int(sys.argv[1]), int(sys.argv[1]) + 1)
+print("listening", flush=True)
+while True:
+    time.sleep(3600)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.emulation
+@pytest.mark.skipif(shutil.which("aarch64-linux-gnu-gcc") is None, reason="needs the aarch64 cross compiler")
+def test_tune_rpi4_over_rpc_against_an_emulated_aarch64_runtime(cnn_pt2, tmp_path, monkeypatch):
+    """The --rpc path for another ISA end to end: candidates cross-compiled to aarch64 shared
+    libraries, uploaded to a TVM *runtime-only* RPC server (as a device runs) and timed there. The
+    server runs under qemu-user, so its timings say nothing about a Pi: this checks the wiring only,
+    into a throwaway cache. Not run against a real device."""
+    import cloudpickle
+    from splitc.backends.emulation import find_aarch64_toolchain
+
+    toolchain = find_aarch64_toolchain()
+    if toolchain is None:
+        pytest.skip("aarch64 emulation toolchain not provisioned (splitc toolchain aarch64)")
+    extra = tmp_path / "pure-python"
+    shutil.copytree(Path(cloudpickle.__file__).parent, extra / "cloudpickle")  # the server's popen pool imports it
+    (tmp_path / "server.py").write_text(_EMULATED_SERVER)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = toolchain.environment()
+    env["PYTHONPATH"] += os.pathsep + str(extra)
+    log = tmp_path / "server.log"
+    with open(log, "w") as stream:
+        proc = subprocess.Popen(toolchain.python_argv(str(tmp_path / "server.py"), str(port)), env=env, stdout=stream,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while "listening" not in log.read_text():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"emulated RPC server did not start: {log.read_text()[-500:]}")
+            time.sleep(0.5)
+        monkeypatch.setenv("SPLITC_CACHE", str(tmp_path / "cache"))
+        report = tuning.tune_module(_cnn_module(cnn_pt2), RPI4, trials=8, trials_per_task=4, population=16,
+                                    rpc=tuning.parse_rpc(f"127.0.0.1:{port}"))
+        assert report.stopped == "finished" and report.coverage.complete, report
+        assert report.new_records > report.tasks  # the untuned baselines and some tuned candidates
+        assert report.directory == tuning.database_dir(tuning.resolve_target(RPI4))  # the device's own database
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
