@@ -197,7 +197,10 @@ def softmax_max(logits: np.ndarray) -> float:
 
 
 def confident_exit(manifest: Manifest, partition: int, env: Mapping[str, np.ndarray]) -> tuple[ExitSpec, float] | None:
-    """The first exit head computed by `partition` whose confidence reaches its threshold."""
+    """The first exit head computed by `partition` whose confidence reaches its threshold. None in
+    the last partition: the final classifier is already computed there, an exit would save nothing."""
+    if partition >= len(manifest.partitions) - 1:
+        return None
     for spec in manifest.exits:
         if spec.partition == partition and spec.output.name in env:
             confidence = softmax_max(env[spec.output.name])
