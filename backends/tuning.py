@@ -115,6 +115,11 @@ def _physical_cores() -> int:
         return int(os.cpu_count() or 1)
 
 
+def target_threads(target_json: dict[str, Any]) -> int:
+    """Threads a TVM build for this target should run with: its `num-cores`, else this host's cores."""
+    return int(target_json.get("num-cores") or _physical_cores())
+
+
 def target_key(target_json: dict[str, Any]) -> str:
     """A directory name for a target: readable prefix + hash of the canonical JSON."""
     canon = json.dumps({"format": _FORMAT, **target_json}, sort_keys=True, separators=(",", ":"))
@@ -439,22 +444,30 @@ def prepare(mod, target_json: dict[str, Any], prepack: bool):
         return tvm.transform.Sequential(tail)(mod)
 
 
-def apply_database(prepared, target_json: dict[str, Any], directory: Path, prepack: bool):
+@contextlib.contextmanager
+def best_records(directory: Path) -> Iterator[Any]:
+    """The database's best record per workload, opened once (None when there is none), for
+    `coverage` and `apply_database` to share: opening costs ~10 ms a record."""
+    with readable_copy(directory) as snapshot:
+        yield None if snapshot is None else open_database(snapshot)
+
+
+def apply_database(prepared, target_json: dict[str, Any], directory: Path, prepack: bool, database=None):
     """Replace every TIR function that has a record with its best schedule; with pre-packing, the
     weight layout rewrites are split out and folded into the (constant) weights."""
     import tvm
     from tvm import relax
 
+    if database is None:
+        with best_records(directory) as opened:
+            return prepared if opened is None else apply_database(prepared, target_json, directory, prepack, opened)
     transform = relax.transform
-    with readable_copy(directory) as snapshot:
-        if snapshot is None:
-            return prepared
-        with tvm.target.Target(target_json), open_database(snapshot):
-            passes = [transform.MetaScheduleApplyDatabase()]
-            if prepack:
-                passes += [transform.SplitLayoutRewritePreproc(), transform.LiftTransformParams(), _fold_weight_prepack(),
-                           transform.FoldConstant(), transform.DeadCodeElimination()]
-            return tvm.transform.Sequential(passes)(prepared)
+    with tvm.target.Target(target_json), database:
+        passes = [transform.MetaScheduleApplyDatabase()]
+        if prepack:
+            passes += [transform.SplitLayoutRewritePreproc(), transform.LiftTransformParams(), _fold_weight_prepack(),
+                       transform.FoldConstant(), transform.DeadCodeElimination()]
+        return tvm.transform.Sequential(passes)(prepared)
 
 
 def _fold_weight_prepack():
@@ -497,7 +510,9 @@ def _fold_weight_prepack():
 
         functions = [(gvar, func) for gvar, func in mod.functions.items() if isinstance(func, relax.Function)]
         for _, func in functions:
-            rewrite_call(pattern, collect, func)
+            for block in getattr(func.body, "blocks", []):
+                for binding in block.bindings:
+                    collect(binding.value, None)
         if not found:
             return mod
         library = tvm.tirx.build(tvm.IRModule({name: func.with_attr("global_symbol", name) for name, func in found.items()}),
@@ -533,31 +548,32 @@ class Coverage:
         return asdict(self)
 
 
-def coverage(prepared, target_json: dict[str, Any], directory: Path, prepack: bool) -> Coverage:
+def coverage(prepared, target_json: dict[str, Any], directory: Path, prepack: bool, database=None) -> Coverage:
     import tvm
 
+    if database is None:
+        with best_records(directory) as opened:
+            return coverage(prepared, target_json, directory, prepack, opened) if opened is not None else \
+                Coverage(len(extract_tasks(prepared, target_json)), 0, prepack)
     tasks = extract_tasks(prepared, target_json)
     covered: list[str] = []
     untuned = 0
-    with readable_copy(directory) as snapshot:
-        if snapshot is not None:
-            database = open_database(snapshot)
-            target = tvm.target.Target(target_json)
-            for task in tasks:
-                record = database.query_tuning_record(task.dispatched[0], target, task.task_name)
-                if record is not None:
-                    covered.append(task.task_name)
-                    untuned += is_untuned(record)
+    target = tvm.target.Target(target_json)
+    for task in tasks:
+        record = database.query_tuning_record(task.dispatched[0], target, task.task_name)
+        if record is not None:
+            covered.append(task.task_name)
+            untuned += is_untuned(record)
     return Coverage(len(tasks), len(covered), prepack, covered, untuned)
 
 
-def best_variant(mod, target_json: dict[str, Any], directory: Path) -> tuple[Any, Coverage]:
+def best_variant(mod, target_json: dict[str, Any], directory: Path, database=None) -> tuple[Any, Coverage]:
     """The prepared module (with or without pre-packing) whose tasks have more records."""
     best = None
     variants = (True, False) if database_stats(directory)["records"] else (True,)
     for prepack in variants:
         prepared = prepare(mod, target_json, prepack)
-        cov = coverage(prepared, target_json, directory, prepack)
+        cov = coverage(prepared, target_json, directory, prepack, database)
         if best is None or cov.with_record > best[1].with_record:
             best = (prepared, cov)
         if cov.complete:
@@ -952,6 +968,9 @@ def _tune(spec_path: str) -> None:
     deadline = spec["deadline"]
     rpc = spec.get("rpc")
     os.environ["SPLITC_TUNE_TMP"] = spec["tmp"]
+    # The runner's worker processes inherit this: candidates are timed with the thread count the
+    # deployed build runs with (TVM's own default on x86 is half the hardware threads).
+    os.environ["TVM_NUM_THREADS"] = str(target_threads(spec["target"]))
     if spec.get("cross_compiler"):
         os.environ["SPLITC_TUNE_CC"] = spec["cross_compiler"]
     search_threads = int(os.cpu_count() or 1)  # the search runs here, whatever the target's core count

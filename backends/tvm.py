@@ -26,7 +26,7 @@ from typing import Any
 from splitc.backends import tuning
 from splitc.backends.base import CompiledArtifact, CompiledPartition, op_name
 from splitc.passes.partition import Partition
-from splitc.runtime.executors import host_arch
+from splitc.runtime.executors import host_arch, use_tvm_threads
 from splitc.runtime.manifest import ROLE_DEPLOY, ROLE_HOST_TWIN, RUNTIME_TVM
 from torch import fx
 
@@ -96,8 +96,12 @@ class TVMBackend:
             info["chosen"] = "untuned (SPLITC_TUNING=0)"
             return [("untuned", mod)], info, []
         where = f"partition {partition.index} ({partition.target.name})"
+        with tuning.best_records(directory) as database:
+            return self._apply(mod, target_json, arch, partition, directory, database, label, info, where)
+
+    def _apply(self, mod, target_json: dict, arch: str, partition: Partition, directory: Path, database, label: str, info, where: str):
         try:
-            prepared, cov = tuning.best_variant(mod, target_json, directory)
+            prepared, cov = tuning.best_variant(mod, target_json, directory, database)
         except Exception as exc:  # noqa: BLE001 - the untuned build does not need these passes: build it and say why
             info["chosen"] = "untuned (tuning passes failed)"
             return [("untuned", mod)], info, [f"{where}: could not prepare it for tuning records ({first_line(exc)}); built untuned"]
@@ -110,7 +114,7 @@ class TVMBackend:
                         f"tuned on this host with `splitc tune --target {partition.target.name} --from-host`")
             return [("untuned", mod)], info, [f"{where}: 0/{cov.tasks} TVM tasks had a tuning record; built untuned ({hint})"]
         try:
-            tuned = tuning.apply_database(prepared, target_json, directory, cov.prepack)
+            tuned = tuning.apply_database(prepared, target_json, directory, cov.prepack, database)
         except Exception as exc:
             raise BackendError(f"TVM could not apply the tuning records to partition {partition.index}: {first_line(exc)}") from exc
         info["schedules"] = label
@@ -135,7 +139,7 @@ class TVMBackend:
         for index, (name, module) in enumerate(candidates):
             files[name] = path if index == 0 else path.with_name(f".{name}.{path.name}")
             self._build(module, target_json, host_arch(), None, files[name], ROLE_DEPLOY)
-            timings[name] = _time_library(files[name], partition)
+            timings[name] = _time_library(files[name], partition, target_json)
         chosen = min(timings, key=timings.get)
         if files[chosen] != path:
             os.replace(files[chosen], path)
@@ -177,17 +181,19 @@ def _schedule_database(target_json: dict, arch: str) -> tuple[Path, str]:
     return own, "untuned"
 
 
-def _time_library(path: Path, partition: Partition) -> float:
-    """Median ms of one call of an exported library on this host, on seeded inputs."""
+def _time_library(path: Path, partition: Partition, target_json: dict) -> float:
+    """Median ms of one call of an exported library on this host, on seeded inputs, with the
+    target's thread count."""
     import numpy as np
     import tvm
     from tvm import relax
 
     from splitc.timing import time_callable
 
+    use_tvm_threads(tuning.target_threads(target_json))
     vm = relax.VirtualMachine(tvm.runtime.load_module(str(path)), tvm.cpu())
     rng = np.random.default_rng(0)
     args = [tvm.runtime.tensor(rng.standard_normal(t.shape).astype(t.dtype) if np.dtype(t.dtype).kind == "f"
                                else np.zeros(t.shape, dtype=t.dtype)) for t in partition.inputs]
     main = vm["main"]
-    return time_callable(lambda: main(*args), warmup=2, repeats=10, min_seconds=0.2, max_seconds=5.0).median_ms
+    return time_callable(lambda: main(*args), warmup=1, repeats=5, min_seconds=0.1, max_seconds=3.0).median_ms

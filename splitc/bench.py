@@ -133,7 +133,7 @@ def bench_partition(
     if compiled is None:
         raise BundleError(f"partition {index} ({spec.target}) has no compiled artifact this host can run "
                           f"({', '.join(a.path for a in spec.artifacts)}); bench runs on the host only")
-    run = load_executor(compiled, bundle.file(compiled))
+    run = load_executor(compiled, bundle.file(compiled), threads)
     log(f"timing {compiled.path} ({label})")
     got = run(inputs)
     tuning = compiled.options.get("tuning") or {}

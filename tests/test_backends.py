@@ -96,3 +96,59 @@ def test_session_refuses_missing_and_unknown_inputs(zoo, tmp_path):
     with pytest.raises(InputError, match="takes 2 input"):
         session.run([first])
     assert np.isfinite(next(iter(session.run([first, second]).values()))).all()
+
+
+def _tvm_threads_used():
+    """A TVM kernel whose parallel loop records which OS thread ran each iteration: TVM splits a
+    parallel loop statically across its pool, so the distinct IDs are the calling thread's pool size."""
+    import tvm
+    from tvm.script import tirx as T
+
+    @T.prim_func
+    def who(out: T.Buffer((64,), "uint64")):
+        for i in T.parallel(64):
+            out[i] = T.call_extern("uint64", "pthread_self")
+
+    kernel = tvm.compile(who, target={"kind": "llvm"})
+
+    def count() -> int:
+        out = tvm.runtime.tensor(np.zeros(64, dtype="uint64"))
+        kernel(out)
+        return len(set(out.numpy().tolist()))
+
+    return count
+
+
+def test_tvm_partition_runs_with_its_targets_thread_count(zoo, tmp_path):
+    """TVM's own default on x86 is half the hardware threads (one on a 2-vCPU host); the runtime
+    must run a partition with its target's `num-cores` instead, in whatever thread calls it."""
+    import threading
+
+    import tvm
+
+    from splitc.runtime.executors import available_cpus, tvm_threads
+    from splitc.runtime.manifest import ROLE_DEPLOY
+
+    graph = zoo.graph("multi_io")
+    result = compile_model(graph, load_targets("x86,cloud-cpu"), tmp_path / "b.splitc", cut="auto", link=load_link("4g"), samples=1)
+    artifact = result.manifest.partitions[0].artifact(ROLE_DEPLOY)
+    expected = tvm_threads(artifact)
+    assert expected == min(int(artifact.options["target"]["num-cores"]), available_cpus()) >= 1
+    session = SplitSession(Bundle.open(result.bundle))
+    inputs = [t.numpy() for t in zoo.inputs("multi_io")]
+    threads_used = _tvm_threads_used()
+    seen: dict[str, int] = {}
+
+    def caller():
+        # This thread's pool first set to another count, which the session must replace.
+        other = 2 if expected == 1 else 1
+        tvm.get_global_func("runtime.config_threadpool")(-3, other, [str(c) for c in range(available_cpus())])
+        seen["before"] = threads_used()
+        session.run(inputs)
+        seen["after"] = threads_used()
+
+    worker = threading.Thread(target=caller)
+    worker.start()
+    worker.join()
+    assert seen["before"] != expected
+    assert seen["after"] == expected
