@@ -19,8 +19,10 @@ timed instead and labelled so; it says nothing about the device.
 
 from __future__ import annotations
 
+import gc
 import os
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +40,8 @@ from splitc.runtime.manifest import (
     PartitionSpec,
 )
 from splitc.timing import Timing, time_callable
+
+_QUIET_S = 0.5  # pause before timing each runtime (see bench_partition)
 
 
 @dataclass
@@ -119,6 +123,10 @@ def bench_partition(
     expected = [reference[f"s0/{t.name}"] for t in spec.outputs]
 
     def timed(fn: Callable[[], Any]) -> Timing:
+        # Let the previous runtime's worker threads stop spinning first: on a 2-core host a pool
+        # still spinning takes a core from the runtime being timed.
+        gc.collect()
+        time.sleep(_QUIET_S)
         return time_callable(fn, warmup=5, repeats=repeats, min_seconds=min_seconds, max_seconds=60.0)
 
     # 1. The compiled artifact (deploy if this host runs it, else its host twin).
@@ -166,6 +174,7 @@ def bench_partition(
             run_ort = _ort_runner(onnx_path, threads)
             got = run_ort(inputs)
             report.rows.append(BenchRow("onnxruntime", source, timed(lambda: run_ort(inputs)), _rel_err(got, expected)))
+            del run_ort  # its thread pool goes with the session
 
     # 3. PyTorch eager on the same partition.
     if partition is None:
