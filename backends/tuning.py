@@ -8,10 +8,15 @@ Layout (one JSON database per target, in the cache directory of backends/emulati
         target.json                    the TVM target the records were measured for
         origin.json                    where they were measured: this host, or a device over RPC
         logs/                          MetaSchedule's per-task logs of the last tuning run
-        .lock                          held while a tuning run writes
+        .lock                          held while a tuning run (or an import) writes
     $SPLITC_CACHE/tuning/<target-key>--host-tuned/
         the same files: schedules tuned and timed on this host for *its* target, re-keyed for a
         target of another ISA (`splitc tune --target rpi4 --from-host`); origin.json says so
+
+Sharing (`splitc tuning export/import`): an archive (.tar.gz) holds, per target key, each
+workload's fastest records and the target and origin files; importing merges it into this cache's
+database of the same key (workloads matched by content, duplicates skipped), so records measured
+on one machine serve every machine with the same target key (CPU model, core count, format).
 
 Records are keyed by workload (the structural hash of a fused TIR function: operator + shapes, not
 weights) and by target (the directory), so any model with the same operator shapes reuses them.
@@ -47,8 +52,10 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -70,6 +77,7 @@ TUNING_SUBDIR = "tuning"
 WORKLOAD_FILE = "database_workload.json"
 RECORD_FILE = "database_tuning_record.json"
 ORIGIN_FILE = "origin.json"
+TARGET_FILE = "target.json"
 HOST_TUNED_SUFFIX = "--host-tuned"
 _FORMAT = 2  # bump when the key or the pre-tuning passes change (old records would not match)
 _DIRECT_KEY = "splitc-direct"  # RPCConfig key meaning "connect to the server itself, no tracker"
@@ -149,6 +157,15 @@ def read_origin(directory: Path) -> dict[str, Any]:
         return json.loads((directory / ORIGIN_FILE).read_text())
     except (OSError, json.JSONDecodeError):
         return {}
+
+
+def schedules_label(directory: Path, default: str) -> str:
+    """How the database's schedules were obtained, in words, from the point of view of this host:
+    records imported from another machine say which one instead of "this host"."""
+    origin = read_origin(directory)
+    label = str(origin.get("schedules") or default)
+    host = origin.get("host")
+    return label.replace("this host", f"host {host}") if host and host != socket.gethostname() else label
 
 
 def vector_bits(target_json: dict[str, Any]) -> int | None:
@@ -280,6 +297,165 @@ def _untuned_trace(func_mod):
     schedule = tvm.s_tir.Schedule(func_mod)
     schedule.get_sblock("root")
     return schedule.trace
+
+
+# ------------------------------------------------------------------------------- sharing
+
+_KEY_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+_SHARED_FILES = (WORKLOAD_FILE, RECORD_FILE, TARGET_FILE, ORIGIN_FILE)
+
+
+@dataclass
+class DatabaseInfo:
+    key: str              # directory name under the tuning root
+    target: dict[str, Any]
+    origin: dict[str, Any]
+    workloads: int
+    records: int
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def list_databases(cache_dir: Path | None = None) -> list[DatabaseInfo]:
+    """Every tuning database in the cache, by key."""
+    root = tuning_root(cache_dir)
+    found = []
+    for directory in sorted(root.iterdir()) if root.is_dir() else []:
+        if directory.is_dir() and (directory / WORKLOAD_FILE).is_file():
+            stats = database_stats(directory)
+            found.append(DatabaseInfo(directory.name, _read_json(directory / TARGET_FILE), read_origin(directory),
+                                      stats["workloads"], stats["records"]))
+    return found
+
+
+def export_databases(out: Path, keys: list[str] | None = None, cache_dir: Path | None = None,
+                     best: int | None = 1) -> list[DatabaseInfo]:
+    """Write the databases (all, or those of `keys`) to a .tar.gz archive at `out`, atomically:
+    per workload its `best` fastest records (None: every record), plus target and origin."""
+    import tarfile
+
+    available = {info.key: info for info in list_databases(cache_dir)}
+    if not available:
+        raise InputError(f"no tuning database in {tuning_root(cache_dir)}; run `splitc tune` first, or pass --cache-dir")
+    chosen = list(available) if not keys else keys
+    unknown = [k for k in chosen if k not in available]
+    if unknown:
+        raise InputError(f"no tuning database {', '.join(unknown)} in {tuning_root(cache_dir)}; "
+                         f"known: {', '.join(available)} (see `splitc tuning list`)")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    exported = []
+    try:
+        with tarfile.open(tmp, "w:gz") as archive:
+            for key in chosen:
+                directory = tuning_root(cache_dir) / key
+                with readable_copy(directory, best) as snapshot:
+                    assert snapshot is not None  # listed databases have workloads
+                    for name in (WORKLOAD_FILE, RECORD_FILE):
+                        archive.add(snapshot / name, arcname=f"{key}/{name}")
+                    records = database_stats(snapshot)["records"]
+                for name in (TARGET_FILE, ORIGIN_FILE):
+                    if (directory / name).is_file():
+                        archive.add(directory / name, arcname=f"{key}/{name}")
+                exported.append(DatabaseInfo(key, available[key].target, available[key].origin, available[key].workloads, records))
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return exported
+
+
+@dataclass
+class ImportResult:
+    key: str
+    new_workloads: int
+    new_records: int
+    known_records: int   # already in this cache's database
+    origin: dict[str, Any]
+
+
+def import_databases(archive_path: Path, cache_dir: Path | None = None) -> list[ImportResult]:
+    """Merge every database in a `splitc tuning export` archive into this cache's database of the
+    same key. Nothing but the known files under a valid key is read from the archive."""
+    import tarfile
+
+    archive_path = Path(archive_path)
+    try:
+        archive = tarfile.open(archive_path, "r:*")
+    except (OSError, tarfile.TarError) as exc:
+        raise InputError(f"{archive_path} is not a tuning archive ({first_line(exc)}); make one with `splitc tuning export`") from exc
+    contents: dict[str, dict[str, str]] = {}
+    with archive:
+        for member in archive.getmembers():
+            key, _, name = member.name.partition("/")
+            if member.isdir() and not name:
+                continue
+            if not (member.isfile() and _KEY_PATTERN.fullmatch(key) and name in _SHARED_FILES):
+                raise InputError(f"{archive_path} holds {member.name!r}, which no tuning archive has; "
+                                 "make archives with `splitc tuning export`")
+            handle = archive.extractfile(member)
+            contents.setdefault(key, {})[name] = handle.read().decode("utf-8", errors="replace") if handle else ""
+    if not contents:
+        raise InputError(f"{archive_path} holds no tuning database; make one with `splitc tuning export`")
+    results = []
+    for key, files in sorted(contents.items()):
+        if WORKLOAD_FILE not in files or RECORD_FILE not in files:
+            raise InputError(f"{archive_path}: database {key} lacks {WORKLOAD_FILE} or {RECORD_FILE}; export it again")
+        results.append(_merge_database(tuning_root(cache_dir) / key, files, archive_path))
+    return results
+
+
+def _canonical(line: str) -> str:
+    return json.dumps(json.loads(line), sort_keys=True, separators=(",", ":"))
+
+
+def _merge_database(directory: Path, files: dict[str, str], source: Path) -> ImportResult:
+    with tempfile.TemporaryDirectory(prefix="splitc-tunedb-import-") as tmp:
+        for name, text in files.items():
+            (Path(tmp) / name).write_text(text)
+        theirs_w, theirs_r, dropped = _read_database(Path(tmp))
+    if dropped:
+        raise InputError(f"{source}: database {directory.name} has {dropped} malformed line(s); export it again")
+    with _locked(directory):
+        ours_w, ours_r, _ = _read_database(directory)
+        position = {_canonical(line): i for i, line in enumerate(ours_w)}
+        remap: dict[int, int] = {}
+        new_w = []
+        for i, line in enumerate(theirs_w):
+            canonical = _canonical(line)
+            if canonical not in position:
+                position[canonical] = len(ours_w) + len(new_w)
+                new_w.append(line)
+            remap[i] = position[canonical]
+        seen = {_canonical(line) for line in ours_r}
+        new_r, known = [], 0
+        for line in theirs_r:
+            index, record = json.loads(line)
+            moved = json.dumps([remap[index], record], separators=(",", ":"))
+            if _canonical(moved) in seen:
+                known += 1
+                continue
+            seen.add(_canonical(moved))
+            new_r.append(moved)
+        for name, lines in ((WORKLOAD_FILE, ours_w + new_w), (RECORD_FILE, ours_r + new_r)):
+            tmp_file = directory / f".{name}.tmp"
+            tmp_file.write_text("".join(line + "\n" for line in lines))
+            os.replace(tmp_file, directory / name)
+        theirs_origin = json.loads(files[ORIGIN_FILE]) if files.get(ORIGIN_FILE) else {}
+        for name in (TARGET_FILE, ORIGIN_FILE):  # a new database takes the archive's description
+            if files.get(name) and not (directory / name).is_file():
+                (directory / name).write_text(files[name])
+    return ImportResult(directory.name, len(new_w), len(new_r), known, theirs_origin)
 
 
 # ------------------------------------------------------------------------------- relax pipeline
@@ -672,6 +848,20 @@ def _export_shared_library(mod) -> str:
 
 
 @dataclass
+class TuneProgress:
+    elapsed_s: float
+    budget_s: float | None  # wall-clock budget, None when only trials bound the run
+    measured: int           # records this run has added so far
+    trials: int             # the trial budget
+
+    @property
+    def fraction(self) -> float:
+        """How far through its budget the run is (whichever budget ends it first)."""
+        by_time = self.elapsed_s / self.budget_s if self.budget_s else 0.0
+        return min(1.0, max(by_time, self.measured / max(self.trials, 1)))
+
+
+@dataclass
 class TuneReport:
     directory: Path
     tasks: int
@@ -703,10 +893,12 @@ def tune_module(
     cross_compiler: str | None = None,
     cache_dir: Path | None = None,
     log: Callable[[str], None] = lambda _: None,
+    progress: Callable[[TuneProgress], None] | None = None,
 ) -> TuneReport:
     """Tune the TIR functions of a Relax module for `target_json` within a wall-clock budget
     (`seconds`) and/or a trial budget (`trials`), appending records to the database. Candidates
-    are measured on this host, or on the device behind `rpc` (required for another ISA)."""
+    are measured on this host, or on the device behind `rpc` (required for another ISA).
+    `progress` is called about once a second while the search runs."""
     import tvm
 
     check_tuning_deps()
@@ -742,8 +934,9 @@ def tune_module(
     with _locked(directory):
         dropped = repair_database(directory)
         before = database_stats(directory)["records"]
-        (directory / "target.json").write_text(json.dumps(target_json, indent=2, sort_keys=True) + "\n")
+        (directory / TARGET_FILE).write_text(json.dumps(target_json, indent=2, sort_keys=True) + "\n")
         _write_origin(directory, {"measured_on": "device (rpc)" if rpc else f"this host ({host_arch_name()})",
+                                  "host": socket.gethostname(),
                                   "schedules": "tuned on the device over RPC" if rpc else "tuned on this host"})
         if not tasks:
             return TuneReport(directory, 0, 0, 0.0, before, before, "finished", dropped, measured_on=measured_on)
@@ -763,7 +956,10 @@ def tune_module(
                 "cross_compiler": cross_compiler,
                 "deadline": (time.time() + seconds) if seconds else None,
             }))
-            stopped = _run_worker(spec, seconds, directory, log)
+            begun = time.monotonic()
+            tick = None if progress is None else lambda: progress(
+                TuneProgress(time.monotonic() - begun, seconds, max(_line_count(directory / RECORD_FILE) - before, 0), int(trials)))
+            stopped = _run_worker(spec, seconds, directory, log, tick)
         dropped += repair_database(directory)
         after = database_stats(directory)["records"]
     report = TuneReport(directory, len(tasks), int(trials), time.perf_counter() - started, before, after, stopped, dropped,
@@ -778,7 +974,16 @@ def _write_origin(directory: Path, origin: dict[str, Any]) -> None:
     os.replace(tmp, directory / ORIGIN_FILE)
 
 
-def _run_worker(spec: Path, seconds: float | None, directory: Path, log: Callable[[str], None]) -> str:
+def _line_count(path: Path) -> int:
+    try:
+        with open(path, "rb") as handle:
+            return sum(chunk.count(b"\n") for chunk in iter(lambda: handle.read(1 << 20), b""))
+    except OSError:
+        return 0
+
+
+def _run_worker(spec: Path, seconds: float | None, directory: Path, log: Callable[[str], None],
+                tick: Callable[[], None] | None = None) -> str:
     """Run the tuning child; stop it at the hard deadline or on Ctrl-C. Returns how it ended."""
     log_path = directory / "logs" / "tune.out"
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -795,6 +1000,8 @@ def _run_worker(spec: Path, seconds: float | None, directory: Path, log: Callabl
                     code = child.wait(timeout=1.0)
                     break
                 except subprocess.TimeoutExpired:
+                    if tick is not None:
+                        tick()
                     if hard is not None and time.monotonic() - begun > hard:
                         log("tuning ran past its budget; stopping it (finished records are kept)")
                         _stop(child)
@@ -901,8 +1108,9 @@ def transfer_host_records(
             dst.commit_tuning_record(ms.database.TuningRecord(record.trace, dst.commit_workload(func_mod), record.run_secs, device,
                                                               record.args_info))
             report.applied += 1
-        (destination / "target.json").write_text(json.dumps(device_json, indent=2, sort_keys=True) + "\n")
-        _write_origin(destination, {"measured_on": f"this host ({target_arch(host_json)})", "schedules": report.label,
+        (destination / TARGET_FILE).write_text(json.dumps(device_json, indent=2, sort_keys=True) + "\n")
+        _write_origin(destination, {"measured_on": f"this host ({target_arch(host_json)})", "host": socket.gethostname(),
+                                    "schedules": report.label,
                                     "host_target": host_json, "host_database": target_key(host_json)})
     return report
 

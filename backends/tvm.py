@@ -172,12 +172,12 @@ def _schedule_database(target_json: dict, arch: str) -> tuple[Path, str]:
     host and re-keyed for it by `splitc tune --from-host`, labelled as such."""
     own = tuning.database_dir(target_json)
     if arch == host_arch():
-        return own, tuning.read_origin(own).get("schedules") or "tuned on this host"
+        return own, tuning.schedules_label(own, "tuned on this host")
     if tuning.database_stats(own)["records"]:
-        return own, tuning.read_origin(own).get("schedules") or "tuned on the device over RPC"
+        return own, tuning.schedules_label(own, "tuned on the device over RPC")
     host_tuned = tuning.host_tuned_dir(target_json)
     if tuning.database_stats(host_tuned)["records"]:
-        return host_tuned, tuning.read_origin(host_tuned).get("schedules") or "host-tuned (vector width differs; not timed on the device)"
+        return host_tuned, tuning.schedules_label(host_tuned, "host-tuned (vector width differs; not timed on the device)")
     return own, "untuned"
 
 

@@ -13,7 +13,7 @@ from rich.table import Table
 
 from splitc.cli_audit import audit
 from splitc.cli_serve import export_triton_command, remote_options, run_remote, serve
-from splitc.cli_tune import bench, tune
+from splitc.cli_tune import bench, tune, tuning_group
 from splitc.cli_variants import variants_option
 from splitc.cli_common import _import, _mb, _model_options, console, err_console, run_command
 from splitc.errors import InputError, VerificationFailed
@@ -450,6 +450,7 @@ cli.add_command(export_triton_command)
 cli.add_command(audit)
 cli.add_command(tune)
 cli.add_command(bench)
+cli.add_command(tuning_group)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import sys
@@ -115,11 +116,12 @@ def tune(source, targets, cut, link, budget, trials, trials_per_task, no_prepack
             if how == "from-host":
                 console.print(f"partition {p.index} ({p.target.name}): tuning on this {host_arch()} host for its own target first; "
                               f"the schedules then go to {p.target.name} labelled host-tuned")
-            report = tuning.tune_module(
-                mod, tune_json, seconds=None if seconds is None else seconds * share,
-                trials=None if trials is None else max(1, int(trials * share)), trials_per_task=trials_per_task,
-                prepack=not no_prepack, rpc=endpoint if how == "rpc" else None,
-                cross_compiler=p.target.backend_options.get("cross_compiler"), cache_dir=cache, log=log)
+            with _progress_bar(f"partition {p.index} ({p.target.name})") as progress:
+                report = tuning.tune_module(
+                    mod, tune_json, seconds=None if seconds is None else seconds * share,
+                    trials=None if trials is None else max(1, int(trials * share)), trials_per_task=trials_per_task,
+                    prepack=not no_prepack, rpc=endpoint if how == "rpc" else None,
+                    cross_compiler=p.target.backend_options.get("cross_compiler"), cache_dir=cache, log=log, progress=progress)
             cov = report.coverage
             console.print(
                 f"partition {p.index} ({p.target.name}): {report.tasks} task(s), {report.new_records} new record(s) in "
@@ -148,6 +150,19 @@ def tune(source, targets, cut, link, budget, trials, trials_per_task, no_prepack
         console.print("tuning interrupted; finished records are kept. Run the same command again to continue.")
         sys.exit(130)
     console.print("next: `splitc compile` applies these records (it prints how many tasks had one)")
+
+
+@contextlib.contextmanager
+def _progress_bar(label: str):
+    """A rich progress bar over the tuning budget (time or trials, whichever ends the run first)
+    with the records measured so far; yields the callback for tune_module."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+               TextColumn("{task.fields[measured]} measured"), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task(f"tuning {label}", total=1.0, measured=0)
+        yield lambda state: bar.update(task, completed=state.fraction, measured=state.measured)
 
 
 @click.command()
@@ -185,3 +200,69 @@ def bench(bundle, index, model, threads, repeats, json_path):
         click.echo(json.dumps(report.to_json(), indent=2))
     elif json_path:
         Path(json_path).write_text(json.dumps(report.to_json(), indent=2) + "\n")
+
+
+_CACHE_DIR = click.option("--cache-dir", type=click.Path(file_okay=False), help="Cache root (default $SPLITC_CACHE or ~/.cache/splitc).")
+
+
+@click.group("tuning")
+def tuning_group():
+    """The tuning databases in the cache: list them, export them to an archive, import one
+    (records tuned on one machine serve every machine with the same target key)."""
+
+
+@tuning_group.command("list")
+@_CACHE_DIR
+@click.option("--json", "as_json", is_flag=True, help="Print the list as JSON.")
+def tuning_list(cache_dir, as_json):
+    """The tuning databases in the cache: target key, where measured, workloads, records."""
+    from splitc.backends import tuning
+
+    found = tuning.list_databases(Path(cache_dir) if cache_dir else None)
+    if as_json:
+        click.echo(json.dumps([info.to_json() for info in found], indent=2))
+        return
+    if not found:
+        console.print(f"no tuning database in {tuning.tuning_root(Path(cache_dir) if cache_dir else None)}")
+        return
+    table = Table(title=f"tuning databases in {tuning.tuning_root(Path(cache_dir) if cache_dir else None)}")
+    for column in ("key", "measured", "workloads", "records"):
+        table.add_column(column)
+    for info in found:
+        table.add_row(info.key, escape(_origin_words(info.origin)), str(info.workloads), str(info.records))
+    console.print(table)
+
+
+def _origin_words(origin: dict) -> str:
+    """Where the records were measured; the machine's name when the origin records it."""
+    where = str(origin.get("measured_on") or "unknown origin")
+    return where.replace("this host", f"host {origin['host']}") if origin.get("host") else where
+
+
+@tuning_group.command("export")
+@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False), help="Archive to write (.tar.gz).")
+@click.option("--key", "keys", multiple=True, help="Export only this database (a key from `splitc tuning list`); repeatable.")
+@click.option("--all-records", is_flag=True, help="Every measured record, not only each workload's fastest (for resuming a search elsewhere).")
+@_CACHE_DIR
+def tuning_export(output, keys, all_records, cache_dir):
+    """Write the cache's tuning databases to an archive another machine can import."""
+    from splitc.backends import tuning
+
+    exported = tuning.export_databases(Path(output), list(keys) or None, Path(cache_dir) if cache_dir else None,
+                                       best=None if all_records else 1)
+    for info in exported:
+        console.print(f"{info.key}: {info.workloads} workload(s), {info.records} record(s) ({escape(_origin_words(info.origin))})")
+    console.print(f"wrote {output}; on another machine: `splitc tuning import {output}`")
+
+
+@tuning_group.command("import")
+@click.argument("archive", type=click.Path(dir_okay=False))
+@_CACHE_DIR
+def tuning_import(archive, cache_dir):
+    """Merge the databases of ARCHIVE (from `splitc tuning export`) into this cache."""
+    from splitc.backends import tuning
+
+    for result in tuning.import_databases(Path(archive), Path(cache_dir) if cache_dir else None):
+        console.print(f"{result.key}: {result.new_records} new record(s), {result.known_records} already here, "
+                      f"{result.new_workloads} new workload(s) (measured: {escape(_origin_words(result.origin))})")
+    console.print("next: `splitc compile` applies them where the target key matches (it prints how many tasks had a record)")

@@ -147,12 +147,13 @@ def tuned_cache(cnn_pt2, tmp_path_factory):
     cache = tmp_path_factory.mktemp("tuned") / "cache"
     patch = pytest.MonkeyPatch()
     patch.setenv("SPLITC_CACHE", str(cache))
+    ticks: list[tuning.TuneProgress] = []
     try:
         mod = from_exported_program(torch.export.load(str(cnn_pt2)), keep_params_as_input=False)
-        report = tuning.tune_module(mod, X86, trials=32, trials_per_task=16, population=64)
+        report = tuning.tune_module(mod, X86, trials=32, trials_per_task=16, population=64, progress=ticks.append)
     finally:
         patch.undo()
-    return cache, report
+    return cache, report, ticks
 
 
 def test_tune_then_compile_reuses_records(cnn_pt2, tuned_cache, tmp_path, monkeypatch):
@@ -160,7 +161,7 @@ def test_tune_then_compile_reuses_records(cnn_pt2, tuned_cache, tmp_path, monkey
 
     from splitc.verify import verify_bundle
 
-    cache, report = tuned_cache
+    cache, report, _ = tuned_cache
     n = report.tasks  # 2 convolutions, and the NHWC transposes in and out
     assert report.stopped == "finished" and n == 4
     monkeypatch.setenv("SPLITC_CACHE", str(tmp_path / "empty-cache"))
@@ -203,6 +204,18 @@ def test_tune_then_compile_reuses_records(cnn_pt2, tuned_cache, tmp_path, monkey
     assert np.linalg.norm(a - expected) / np.linalg.norm(expected) < 1e-5
 
 
+def test_tuning_reports_progress(tuned_cache):
+    """The progress callback (the CLI's bar) sees the run advance: records counted as measured,
+    never more than the run added, the fraction within [0, 1] and not going back."""
+    _, report, ticks = tuned_cache
+    assert ticks, "no progress reported during a run of several seconds"
+    measured = [t.measured for t in ticks]
+    assert measured == sorted(measured) and measured[-1] <= report.new_records and measured[-1] > 0
+    fractions = [t.fraction for t in ticks]
+    assert fractions == sorted(fractions) and 0 < fractions[-1] <= 1
+    assert all(t.trials == 32 and t.budget_s is None for t in ticks)
+
+
 def test_compile_with_tuning_disabled(cnn_pt2, tmp_path, monkeypatch):
     monkeypatch.setenv("SPLITC_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("SPLITC_TUNING", "0")
@@ -236,6 +249,67 @@ def test_ctrl_c_keeps_finished_records(cnn_pt2, tmp_path):
     tuning.open_database(directory)  # MetaSchedule itself reads it
 
 
+def test_export_import_shares_records_with_another_cache(cnn_pt2, tuned_cache, tmp_path, monkeypatch):
+    """`splitc tuning export` on one machine, `import` on another (another cache here): the next
+    compile there applies every record without tuning; importing twice adds nothing."""
+    cache, report, _ = tuned_cache
+    env = dict(os.environ, SPLITC_CACHE=str(cache))
+    script = "from splitc.cli import main\nmain()\n"
+
+    def splitc(*args, cache_root):
+        return subprocess.run([sys.executable, "-c", script, "tuning", *args], env=dict(env, SPLITC_CACHE=str(cache_root)),
+                              capture_output=True, text=True, check=False)
+
+    archive = tmp_path / "records.tar.gz"
+    done = splitc("export", "-o", str(archive), cache_root=cache)
+    assert done.returncode == 0 and archive.is_file(), done.stderr
+    listed = json.loads(splitc("list", "--json", cache_root=cache).stdout)
+    key = report.directory.name
+    assert [d["key"] for d in listed] == [key] and listed[0]["records"] == tuning.database_stats(report.directory)["records"]
+
+    other = tmp_path / "other-cache"
+    first = splitc("import", str(archive), cache_root=other)
+    assert first.returncode == 0, first.stderr
+    imported = other / "tuning" / key
+    workloads = tuning.database_stats(report.directory)["workloads"]
+    # Each workload's fastest record travels (the search's slower candidates stay home).
+    assert tuning.database_stats(imported) == {"workloads": workloads, "records": workloads}
+    assert f"{workloads} new record(s), 0 already here" in first.stdout
+    again = splitc("import", str(archive), cache_root=other)
+    assert f"0 new record(s), {workloads} already here" in again.stdout
+    assert tuning.database_stats(imported)["records"] == workloads
+
+    monkeypatch.setenv("SPLITC_CACHE", str(other))
+    result = _compile(cnn_pt2, tmp_path / "imported.splitc")
+    info = result.manifest.partitions[0].artifacts[0].options["tuning"]
+    assert info["tasks_with_record"] == info["tasks"] == report.tasks and info["chosen"] == "tuned", info
+    assert info["schedules"] == "tuned on this host"
+    # Records measured on another machine say which one.
+    origin = json.loads((imported / tuning.ORIGIN_FILE).read_text())
+    (imported / tuning.ORIGIN_FILE).write_text(json.dumps({**origin, "host": "build-box-7"}))
+    assert tuning.schedules_label(imported, "?") == "tuned on host build-box-7"
+
+
+def test_import_refuses_what_is_not_a_tuning_archive(tmp_path):
+    import tarfile
+
+    not_tar = tmp_path / "notes.txt"
+    not_tar.write_text("hello")
+    with pytest.raises(InputError, match="is not a tuning archive"):
+        tuning.import_databases(not_tar, tmp_path / "cache")
+    hostile = tmp_path / "hostile.tar.gz"
+    payload = tmp_path / "payload"
+    payload.write_text("x")
+    with tarfile.open(hostile, "w:gz") as archive:
+        archive.add(payload, arcname="../../etc/evil")
+    with pytest.raises(InputError, match="which no tuning archive has"):
+        tuning.import_databases(hostile, tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
+    with pytest.raises(InputError, match="no tuning database"):
+        tuning.export_databases(tmp_path / "out.tar.gz", cache_dir=tmp_path / "empty")
+    assert not (tmp_path / "out.tar.gz").exists()
+
+
 # ----------------------------------------------------------------------------------------- other ISAs
 
 
@@ -259,7 +333,7 @@ def test_host_tuned_schedules_for_rpi4_are_applied_labelled_and_verified(cnn_pt2
     from splitc.compiler import compile_model
     from splitc.verify import verify_bundle
 
-    source, _ = tuned_cache
+    source, _, _ = tuned_cache
     cache = tmp_path / "cache"
     shutil.copytree(source, cache)
     monkeypatch.setenv("SPLITC_CACHE", str(cache))
