@@ -123,11 +123,6 @@ def _physical_cores() -> int:
         return int(os.cpu_count() or 1)
 
 
-def target_threads(target_json: dict[str, Any]) -> int:
-    """Threads a TVM build for this target should run with: its `num-cores`, else this host's cores."""
-    return int(target_json.get("num-cores") or _physical_cores())
-
-
 def target_key(target_json: dict[str, Any]) -> str:
     """A directory name for a target: readable prefix + hash of the canonical JSON."""
     canon = json.dumps({"format": _FORMAT, **target_json}, sort_keys=True, separators=(",", ":"))
@@ -152,11 +147,16 @@ def host_tuned_dir(target_json: dict[str, Any], cache_dir: Path | None = None) -
     return tuning_root(cache_dir) / (target_key(target_json) + HOST_TUNED_SUFFIX)
 
 
-def read_origin(directory: Path) -> dict[str, Any]:
+def _read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads((directory / ORIGIN_FILE).read_text())
+        value = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return {}
+    return value if isinstance(value, dict) else {}
+
+
+def read_origin(directory: Path) -> dict[str, Any]:
+    return _read_json(directory / ORIGIN_FILE)
 
 
 def schedules_label(directory: Path, default: str) -> str:
@@ -317,14 +317,6 @@ class DatabaseInfo:
         return asdict(self)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
 def list_databases(cache_dir: Path | None = None) -> list[DatabaseInfo]:
     """Every tuning database in the cache, by key."""
     root = tuning_root(cache_dir)
@@ -390,21 +382,20 @@ def import_databases(archive_path: Path, cache_dir: Path | None = None) -> list[
     import tarfile
 
     archive_path = Path(archive_path)
-    try:
-        archive = tarfile.open(archive_path, "r:*")
-    except (OSError, tarfile.TarError) as exc:
-        raise InputError(f"{archive_path} is not a tuning archive ({first_line(exc)}); make one with `splitc tuning export`") from exc
     contents: dict[str, dict[str, str]] = {}
-    with archive:
-        for member in archive.getmembers():
-            key, _, name = member.name.partition("/")
-            if member.isdir() and not name:
-                continue
-            if not (member.isfile() and _KEY_PATTERN.fullmatch(key) and name in _SHARED_FILES):
-                raise InputError(f"{archive_path} holds {member.name!r}, which no tuning archive has; "
-                                 "make archives with `splitc tuning export`")
-            handle = archive.extractfile(member)
-            contents.setdefault(key, {})[name] = handle.read().decode("utf-8", errors="replace") if handle else ""
+    try:
+        with tarfile.open(archive_path, "r:*") as archive:
+            for member in archive.getmembers():
+                key, _, name = member.name.partition("/")
+                if member.isdir() and not name:
+                    continue
+                if not (member.isfile() and _KEY_PATTERN.fullmatch(key) and name in _SHARED_FILES):
+                    raise InputError(f"{archive_path} holds {member.name!r}, which no tuning archive has; "
+                                     "make archives with `splitc tuning export`")
+                handle = archive.extractfile(member)
+                contents.setdefault(key, {})[name] = handle.read().decode("utf-8", errors="replace") if handle else ""
+    except (OSError, EOFError, tarfile.TarError) as exc:  # not a tar, or a truncated / corrupt one
+        raise InputError(f"{archive_path} is not a tuning archive ({first_line(exc)}); make one with `splitc tuning export`") from exc
     if not contents:
         raise InputError(f"{archive_path} holds no tuning database; make one with `splitc tuning export`")
     results = []
@@ -424,6 +415,7 @@ def _merge_database(directory: Path, files: dict[str, str], source: Path) -> Imp
         for name, text in files.items():
             (Path(tmp) / name).write_text(text)
         theirs_w, theirs_r, dropped = _read_database(Path(tmp))
+        theirs_origin = _read_json(Path(tmp) / ORIGIN_FILE)
     if dropped:
         raise InputError(f"{source}: database {directory.name} has {dropped} malformed line(s); export it again")
     with _locked(directory):
@@ -451,7 +443,6 @@ def _merge_database(directory: Path, files: dict[str, str], source: Path) -> Imp
             tmp_file = directory / f".{name}.tmp"
             tmp_file.write_text("".join(line + "\n" for line in lines))
             os.replace(tmp_file, directory / name)
-        theirs_origin = json.loads(files[ORIGIN_FILE]) if files.get(ORIGIN_FILE) else {}
         for name in (TARGET_FILE, ORIGIN_FILE):  # a new database takes the archive's description
             if files.get(name) and not (directory / name).is_file():
                 (directory / name).write_text(files[name])
@@ -1178,7 +1169,9 @@ def _tune(spec_path: str) -> None:
     os.environ["SPLITC_TUNE_TMP"] = spec["tmp"]
     # The runner's worker processes inherit this: candidates are timed with the thread count the
     # deployed build runs with (TVM's own default on x86 is half the hardware threads).
-    os.environ["TVM_NUM_THREADS"] = str(target_threads(spec["target"]))
+    from splitc.runtime.executors import available_cpus, target_threads
+
+    os.environ["TVM_NUM_THREADS"] = str(target_threads(spec["target"]) or available_cpus())
     if spec.get("cross_compiler"):
         os.environ["SPLITC_TUNE_CC"] = spec["cross_compiler"]
     search_threads = int(os.cpu_count() or 1)  # the search runs here, whatever the target's core count

@@ -26,7 +26,7 @@ from typing import Any
 from splitc.backends import tuning
 from splitc.backends.base import CompiledArtifact, CompiledPartition, op_name
 from splitc.passes.partition import Partition
-from splitc.runtime.executors import host_arch, use_tvm_threads
+from splitc.runtime.executors import available_cpus, host_arch, target_threads, use_tvm_threads
 from splitc.runtime.manifest import ROLE_DEPLOY, ROLE_HOST_TWIN, RUNTIME_TVM
 from torch import fx
 
@@ -190,7 +190,7 @@ def _time_library(path: Path, partition: Partition, target_json: dict) -> float:
 
     from splitc.timing import time_callable
 
-    use_tvm_threads(tuning.target_threads(target_json))
+    use_tvm_threads(target_threads(target_json) or available_cpus())
     vm = relax.VirtualMachine(tvm.runtime.load_module(str(path)), tvm.cpu())
     rng = np.random.default_rng(0)
     args = [tvm.runtime.tensor(rng.standard_normal(t.shape).astype(t.dtype) if np.dtype(t.dtype).kind == "f"

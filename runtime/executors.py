@@ -58,15 +58,23 @@ def load_executor(artifact: Artifact, path: Path, threads: int = 0) -> Executor:
     return loaders[artifact.runtime](path, artifact, threads)
 
 
-def tvm_threads(artifact: Artifact) -> int:
-    """Threads a TVM artifact runs with: its target's `num-cores`, never more than the CPUs this
+def target_threads(target_json: dict) -> int:
+    """Threads TVM code for this target runs with: its `num-cores`, never more than the CPUs this
     process may use; 0 when the target names none (TVM's own default then)."""
-    cores = int((artifact.options.get("target") or {}).get("num-cores") or 0)
+    cores = int(target_json.get("num-cores") or 0)
     return min(cores, available_cpus()) if cores else 0
 
 
+def tvm_threads(artifact: Artifact) -> int:
+    return target_threads(artifact.options.get("target") or {})
+
+
+def _allowed_cpus() -> list[int]:
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+
+
 def available_cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else int(os.cpu_count() or 1)
+    return len(_allowed_cpus())
 
 
 # TVM's thread pool is per calling thread, and so is the record of how it was configured.
@@ -81,9 +89,8 @@ def use_tvm_threads(threads: int) -> None:
         return
     import tvm
 
-    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
     # Mode -3 (kSpecifyThreadShareAllCore): `threads` workers, none pinned to one core.
-    tvm.get_global_func("runtime.config_threadpool")(-3, int(threads), [str(c) for c in cpus])
+    tvm.get_global_func("runtime.config_threadpool")(-3, int(threads), [str(c) for c in _allowed_cpus()])
     _tvm_pool.threads = threads
 
 
@@ -125,8 +132,8 @@ def _load_onnxruntime(path: Path, artifact: Artifact, threads: int = 0) -> Execu
     options = ort.SessionOptions()
     options.log_severity_level = 3  # warnings about unused initializers are noise to a user
     threads = threads or int(artifact.options.get("intra_op_threads", 0))
-    if threads:  # the target's figure, but never more threads than this host has cores
-        options.intra_op_num_threads = min(threads, os.cpu_count() or threads)
+    if threads:  # the target's figure, but never more threads than this process has CPUs
+        options.intra_op_num_threads = min(threads, available_cpus())
     session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
 

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from splitc.errors import BundleError, InputError, ToolchainError
-from splitc.runtime.executors import can_run_here, host_arch, load_executor
+from splitc.runtime.executors import available_cpus, can_run_here, host_arch, load_executor, tvm_threads
 from splitc.runtime.manifest import (
     ROLE_DEPLOY,
     ROLE_HOST_TWIN,
@@ -86,12 +86,12 @@ def _rel_err(got: Sequence[np.ndarray], expected: Sequence[np.ndarray]) -> float
 
 
 def default_threads(spec: PartitionSpec) -> int:
-    """num-cores of the partition's TVM target when it is this host's ISA, else this host's cores."""
+    """The threads the partition's TVM artifact runs with when it is this host's ISA, else the
+    CPUs this process may use."""
     for artifact in spec.artifacts:
-        cores = (artifact.options.get("target") or {}).get("num-cores")
-        if cores and artifact.arch == host_arch():
-            return int(cores)
-    return int(os.cpu_count() or 1)
+        if artifact.arch == host_arch() and tvm_threads(artifact):
+            return tvm_threads(artifact)
+    return available_cpus()
 
 
 def bench_partition(
@@ -113,9 +113,6 @@ def bench_partition(
         raise InputError(f"bundle {bundle_path} has partitions {sorted(specs)}; --partition {index} is not one of them")
     spec = specs[index]
     threads = int(threads or default_threads(spec))
-    # Thread pools read these once, when first created: set them before any runtime starts.
-    os.environ.setdefault("TVM_NUM_THREADS", str(threads))
-    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     report = BenchReport(str(bundle_path), index, spec.target, threads, f"{host_arch()}, {os.cpu_count()} logical CPUs")
 
     reference = bundle.reference()

@@ -23,6 +23,7 @@ from splitc.cli_common import _import, _model_options, console, err_console
 from splitc.errors import InputError
 
 _UNITS = {"s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
+_CACHE_DIR = click.option("--cache-dir", type=click.Path(file_okay=False), help="Cache root (default $SPLITC_CACHE or ~/.cache/splitc).")
 
 
 def parse_budget(text: str) -> float:
@@ -48,7 +49,7 @@ def parse_budget(text: str) -> float:
 @click.option("--from-host", is_flag=True,
               help="For a target of another ISA (rpi4): apply schedules tuned on this host (tuning here first with --budget/--trials), "
                    "labelled host-tuned: vector width differs and no timing is the device's.")
-@click.option("--cache-dir", type=click.Path(file_okay=False), help="Cache root (default $SPLITC_CACHE or ~/.cache/splitc).")
+@_CACHE_DIR
 @_model_options
 def tune(source, targets, cut, link, budget, trials, trials_per_task, no_prepack, rpc, rpc_key, from_host, cache_dir,
          input_shapes, example_input, trust_pickle):
@@ -202,9 +203,6 @@ def bench(bundle, index, model, threads, repeats, json_path):
         Path(json_path).write_text(json.dumps(report.to_json(), indent=2) + "\n")
 
 
-_CACHE_DIR = click.option("--cache-dir", type=click.Path(file_okay=False), help="Cache root (default $SPLITC_CACHE or ~/.cache/splitc).")
-
-
 @click.group("tuning")
 def tuning_group():
     """The tuning databases in the cache: list them, export them to an archive, import one
@@ -218,14 +216,15 @@ def tuning_list(cache_dir, as_json):
     """The tuning databases in the cache: target key, where measured, workloads, records."""
     from splitc.backends import tuning
 
-    found = tuning.list_databases(Path(cache_dir) if cache_dir else None)
+    cache = Path(cache_dir) if cache_dir else None
+    found = tuning.list_databases(cache)
     if as_json:
         click.echo(json.dumps([info.to_json() for info in found], indent=2))
         return
     if not found:
-        console.print(f"no tuning database in {tuning.tuning_root(Path(cache_dir) if cache_dir else None)}")
+        console.print(f"no tuning database in {tuning.tuning_root(cache)}")
         return
-    table = Table(title=f"tuning databases in {tuning.tuning_root(Path(cache_dir) if cache_dir else None)}")
+    table = Table(title=f"tuning databases in {tuning.tuning_root(cache)}")
     for column in ("key", "measured", "workloads", "records"):
         table.add_column(column)
     for info in found:

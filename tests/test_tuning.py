@@ -275,6 +275,7 @@ def test_export_import_shares_records_with_another_cache(cnn_pt2, tuned_cache, t
     # Each workload's fastest record travels (the search's slower candidates stay home).
     assert tuning.database_stats(imported) == {"workloads": workloads, "records": workloads}
     assert f"{workloads} new record(s), 0 already here" in first.stdout
+    assert f"measured: host {socket.gethostname()}" in first.stdout  # the origin travels with the records
     again = splitc("import", str(archive), cache_root=other)
     assert f"0 new record(s), {workloads} already here" in again.stdout
     assert tuning.database_stats(imported)["records"] == workloads
@@ -297,6 +298,12 @@ def test_import_refuses_what_is_not_a_tuning_archive(tmp_path):
     not_tar.write_text("hello")
     with pytest.raises(InputError, match="is not a tuning archive"):
         tuning.import_databases(not_tar, tmp_path / "cache")
+    truncated = tmp_path / "truncated.tar.gz"
+    with tarfile.open(truncated, "w:gz") as archive:
+        archive.add(not_tar, arcname="llvm-x/database_workload.json")
+    truncated.write_bytes(truncated.read_bytes()[:40])
+    with pytest.raises(InputError, match="is not a tuning archive"):
+        tuning.import_databases(truncated, tmp_path / "cache")
     hostile = tmp_path / "hostile.tar.gz"
     payload = tmp_path / "payload"
     payload.write_text("x")
