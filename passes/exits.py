@@ -38,6 +38,7 @@ from torch import fx
 
 from splitc.errors import CutError, InputError, UnsupportedOperatorError
 from splitc.graph import EXIT, ModelGraph, returning
+from splitc.training import fit_minibatches
 
 aten = torch.ops.aten
 
@@ -297,16 +298,13 @@ def _train(head: _Head, x: torch.Tensor, y: torch.Tensor, epochs: int = TRAIN_EP
         pooled = head.pooled(x)
         mean = pooled.mean(0) if head.norm is None else torch.zeros(pooled.shape[1])
         std = pooled.std(0).clamp_min(1e-6) if head.norm is None else torch.ones(pooled.shape[1])
+    def loss_of(idx: torch.Tensor) -> torch.Tensor:
+        features = (head.pooled(x[idx]) - mean) / std
+        logits = head.linear(head.norm(features) if head.norm is not None else features)
+        return torch.nn.functional.cross_entropy(logits, y[idx])
+
     optimizer = torch.optim.Adam(head.parameters(), lr=1e-2, weight_decay=1e-4)
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(x), generator=generator).split(batch):
-            features = (head.pooled(x[idx]) - mean) / std
-            logits = head.linear(head.norm(features) if head.norm is not None else features)
-            loss = torch.nn.functional.cross_entropy(logits, y[idx])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+    fit_minibatches(optimizer, loss_of, len(x), epochs=epochs, batch=batch, seed=0)
     with torch.no_grad():
         if head.norm is None:  # W((x - m) / s) + b == (W / s) x + (b - W (m / s))
             weight = head.linear.weight / std

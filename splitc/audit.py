@@ -57,6 +57,7 @@ from splitc.passes.privacy import (
     distance_correlation,
 )
 from splitc.runtime.manifest import TensorSpec
+from splitc.training import fit_minibatches
 from splitc.targets import Target
 
 SCHEMA = "splitc.audit/1"
@@ -361,16 +362,8 @@ def _train_inverse(sent_aux: Sequence[torch.Tensor], x_aux: torch.Tensor, image_
     target = (x - x_mean) / x_scale
     zn = (z - z_mean) / z_std
     optimiser = torch.optim.Adam(decoder.parameters(), lr=1e-3, weight_decay=1e-5)
-    generator = torch.Generator().manual_seed(seed)
-    batch = 64
-    for _ in range(epochs):
-        order = torch.randperm(len(zn), generator=generator)
-        for i in range(0, len(zn), batch):
-            idx = order[i:i + batch]
-            optimiser.zero_grad()
-            loss = F.mse_loss(decoder(zn[idx]).reshape(len(idx), c, h, w), target[idx])
-            loss.backward()
-            optimiser.step()
+    fit_minibatches(optimiser, lambda idx: F.mse_loss(decoder(zn[idx]).reshape(len(idx), c, h, w), target[idx]), len(zn),
+                    epochs=epochs, batch=64, seed=seed)
     decoder.eval()
 
     def reconstruct(sent: Sequence[torch.Tensor]) -> torch.Tensor:

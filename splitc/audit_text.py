@@ -54,6 +54,7 @@ from splitc.passes.privacy import (
     _sample_indices,
     distance_correlation,
 )
+from splitc.training import fit_minibatches
 
 SCHEMA = "splitc.audit.tokens/1"
 DECODER = "linear softmax over the candidate vocabulary (tokens of the auxiliary and held-out sentences)"
@@ -163,15 +164,7 @@ def _train_token_decoder(features: torch.Tensor, labels: torch.Tensor, classes: 
     z = (features - mean) / std
     decoder = nn.Linear(z.shape[1], classes)
     optimiser = torch.optim.Adam(decoder.parameters(), lr=1e-2)
-    generator = torch.Generator().manual_seed(seed)
-    batch = 128
-    for _ in range(epochs):
-        order = torch.randperm(len(z), generator=generator)
-        for i in range(0, len(z), batch):
-            idx = order[i:i + batch]
-            optimiser.zero_grad()
-            F.cross_entropy(decoder(z[idx]), labels[idx]).backward()
-            optimiser.step()
+    fit_minibatches(optimiser, lambda idx: F.cross_entropy(decoder(z[idx]), labels[idx]), len(z), epochs=epochs, batch=128, seed=seed)
     decoder.eval()
 
     def predict(f: torch.Tensor) -> torch.Tensor:
