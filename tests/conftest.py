@@ -8,6 +8,12 @@ one model pays for one). Tests must not modify the graphs they get beyond the TI
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -117,3 +123,33 @@ def digits_split(tmp_path_factory):
     samples = [(torch.from_numpy(images[i:i + 1]),) for i in calib]
     return {"graph": graph, "pt2": pt2, "root": root, "samples": samples, "labels": labels[calib],
             "test_x": images[test], "test_y": labels[test]}
+
+
+@pytest.fixture(scope="module")
+def rpc_server(tmp_path_factory):
+    """A TVM RPC server on loopback, in its own process group (it forks a worker), stopped after;
+    yields HOST:PORT. For profiling and tuning over RPC without a device."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path_factory.mktemp("rpc") / "rpc_server.log"
+    with open(log, "w") as stream:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1", "--port", str(port), "--port-end", str(port + 1)],
+            stdout=stream, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while f"bind to 127.0.0.1:{port}" not in log.read_text():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"TVM RPC server did not start: {log.read_text()[-500:]}")
+            time.sleep(0.1)
+        time.sleep(0.2)  # bind is logged just before listen()
+        yield f"127.0.0.1:{port}"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # the group this test created: the server and its worker
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)

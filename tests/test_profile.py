@@ -5,12 +5,8 @@ the profile file."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import socket
-import subprocess
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -206,35 +202,6 @@ def test_unreachable_rpc_server_is_a_target_error(resnet_graph):
 
 
 # ----------------------------------------------------------------------------------------- RPC
-
-
-@pytest.fixture(scope="module")
-def rpc_server(tmp_path_factory):
-    """A TVM RPC server on loopback, in its own process group (it forks a worker), stopped after."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = tmp_path_factory.mktemp("rpc") / "rpc_server.log"
-    with open(log, "w") as stream:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1", "--port", str(port), "--port-end", str(port + 1)],
-            stdout=stream, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-    try:
-        deadline = time.monotonic() + 60
-        while f"bind to 127.0.0.1:{port}" not in log.read_text():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"TVM RPC server did not start: {log.read_text()[-500:]}")
-            time.sleep(0.1)
-        time.sleep(0.2)  # bind is logged just before listen()
-        yield f"127.0.0.1:{port}"
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the group this test created: the server and its worker
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
 
 
 def test_profile_over_rpc_against_local_server(rpc_server, resnet_graph, x86_profile):

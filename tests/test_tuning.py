@@ -425,34 +425,6 @@ def test_tune_cli_refuses_what_it_cannot_do(cnn_pt2, tmp_path):
     assert neither.returncode == 7 and "--from-host" in neither.stdout and "--rpc" in neither.stdout
 
 
-@pytest.fixture()
-def rpc_server(tmp_path):
-    """A TVM RPC server on loopback (as tests/test_profile.py starts one), stopped after."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = tmp_path / "rpc_server.log"
-    with open(log, "w") as stream:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1", "--port", str(port), "--port-end", str(port + 1)],
-            stdout=stream, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 60
-        while f"bind to 127.0.0.1:{port}" not in log.read_text():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"TVM RPC server did not start: {log.read_text()[-500:]}")
-            time.sleep(0.1)
-        time.sleep(0.2)
-        yield f"127.0.0.1:{port}"
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-
-
 @pytest.mark.slow
 def test_tune_over_rpc_against_a_local_server(cnn_pt2, rpc_server, tmp_path, monkeypatch):
     """MetaSchedule's RPCRunner wired to a server without a tracker: candidates are exported as
