@@ -42,7 +42,9 @@ measurement batches (see _DeadlineSearch), so a budgeted run normally ends clean
 Measuring: on this host (LocalRunner) for targets of this host's ISA, or on the device through TVM
 RPC (`rpc="HOST:PORT"` of `python -m tvm.exec.rpc_server`, or a tracker with `rpc_key`), candidates
 cross-compiled into shared libraries here. Timings from the build host are never stored for a
-target of another ISA except in the `--host-tuned` database, which says what it is.
+target of another ISA except in the `--host-tuned` database, which says what it is. Every candidate
+is timed with its weights and output flushed from the caches (as they arrive in a whole model) and
+with the thread count the deployed build runs with.
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ RECORD_FILE = "database_tuning_record.json"
 ORIGIN_FILE = "origin.json"
 TARGET_FILE = "target.json"
 HOST_TUNED_SUFFIX = "--host-tuned"
-_FORMAT = 2  # bump when the key or the pre-tuning passes change (old records would not match)
+_FORMAT = 3  # bump when the key, the pre-tuning passes or the measurement change (old records would not match or compare)
 _DIRECT_KEY = "splitc-direct"  # RPCConfig key meaning "connect to the server itself, no tracker"
 
 
@@ -1232,7 +1234,13 @@ def _tune(spec_path: str) -> None:
                     results.append(ms.builder.BuilderResult(None, "LocalBuilder: An exception occurred\n" + str(outcome.value)))
             return results
 
-    def make_runner(evaluator: EvaluatorConfig | None = None):
+    # Weights and outputs flushed from the caches before every timed call (the input stays warm, as
+    # the previous layer just wrote it): in a model, each kernel's weights arrive cold, and a schedule
+    # chosen on warm-cache timings can lose to another once its weights come from memory. One call
+    # per sample, ten samples, as Ansor's CPU measurements do with flushing.
+    cold = EvaluatorConfig(number=1, repeat=10, min_repeat_ms=0, enable_cpu_cache_flush=True)
+
+    def make_runner(evaluator: EvaluatorConfig = cold):
         if rpc is None:
             return ms.runner.LocalRunner(timeout_sec=30.0, evaluator_config=evaluator)
         config = RPCConfig(tracker_host=rpc["host"], tracker_port=int(rpc["port"]), tracker_key=rpc["key"] or _DIRECT_KEY,
@@ -1256,7 +1264,7 @@ def _tune(spec_path: str) -> None:
 
     # One untuned run per task (first run only: resumed runs keep theirs) as a record with an empty
     # schedule: the database's best record of a task is then the best of tuned and untuned.
-    _measure_untuned(contexts, builder, make_runner(EvaluatorConfig(number=1, repeat=1, min_repeat_ms=0)), database, target,
+    _measure_untuned(contexts, builder, make_runner(cold._replace(repeat=3)), database, target,
                      over_rpc=rpc is not None)
     ms.tune_tasks(
         tasks=contexts,
