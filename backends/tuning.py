@@ -621,15 +621,13 @@ def best_records(directory: Path) -> Iterator[Any]:
         yield None if snapshot is None else open_database(snapshot)
 
 
-def apply_database(prepared, target_json: dict[str, Any], directory: Path, prepack: bool, database=None):
-    """Replace every TIR function that has a record with its best schedule; with pre-packing, the
-    weight layout rewrites are split out and folded into the (constant) weights."""
+def apply_database(prepared, target_json: dict[str, Any], prepack: bool, database):
+    """Replace every TIR function that has a record in `database` (from `best_records`) with its best
+    schedule; with pre-packing, the weight layout rewrites are split out and folded into the
+    (constant) weights."""
     import tvm
     from tvm import relax
 
-    if database is None:
-        with best_records(directory) as opened:
-            return prepared if opened is None else apply_database(prepared, target_json, directory, prepack, opened)
     transform = relax.transform
     with tvm.target.Target(target_json), database:
         passes = [transform.MetaScheduleApplyDatabase()]

@@ -114,7 +114,7 @@ class TVMBackend:
                         f"tuned on this host with `splitc tune --target {partition.target.name} --from-host`")
             return [("untuned", mod)], info, [f"{where}: 0/{cov.tasks} TVM tasks had a tuning record; built untuned ({hint})"]
         try:
-            tuned = tuning.apply_database(prepared, target_json, directory, cov.prepack, database)
+            tuned = tuning.apply_database(prepared, target_json, cov.prepack, database)
         except Exception as exc:
             raise BackendError(f"TVM could not apply the tuning records to partition {partition.index}: {first_line(exc)}") from exc
         info["schedules"] = label
