@@ -683,7 +683,7 @@ def _fold_weight_prepack():
         if not found:
             return mod
         library = tvm.tirx.build(tvm.IRModule({name: func.with_attr("global_symbol", name) for name, func in found.items()}),
-                                 target=tvm.target.Target("llvm"))
+                                 target=tvm.target.Target({"kind": "llvm", "opt-level": 0}))
         for gvar, func in functions:
             mod[gvar] = rewrite_call(pattern, evaluate, func)
         return mod
@@ -735,9 +735,10 @@ def coverage(prepared, target_json: dict[str, Any], directory: Path, prepack: bo
 
 
 def best_variant(mod, target_json: dict[str, Any], directory: Path, database=None) -> tuple[Any, Coverage]:
-    """The prepared module (with or without pre-packing) whose tasks have more records."""
+    """The prepared module (with or without pre-packing) whose tasks have more records. `database`
+    is the one `best_records` opened (None: no records, only the pre-packed variant is prepared)."""
     best = None
-    variants = (True, False) if database_stats(directory)["records"] else (True,)
+    variants = (True, False) if database is not None else (True,)
     for prepack in variants:
         prepared = prepare(mod, target_json, prepack)
         cov = coverage(prepared, target_json, directory, prepack, database)
