@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -149,6 +150,11 @@ def main() -> None:
             eager = min(best["tuned"]["torch eager"], best["untuned"]["torch eager"])
             figures["ms"] = {"tvm_untuned": tvm_u, "tvm_tuned": tvm_t, "onnxruntime": ort, "torch_eager": eager}
             c = figures["compile_s"]
+            # Paired within each round (the same minute of host load for both runtimes): the figure
+            # least moved by a noisy neighbour, beside the best-round ratio.
+            paired = [r["compiled (tvm)"] / r["onnxruntime"] for r in rounds["tuned"]]
+            figures["paired"] = {"median_tuned/ort": statistics.median(paired),
+                                 "rounds_tvm_faster": f"{sum(p < 1 for p in paired)}/{len(paired)}"}
             figures["ratios"] = {"tuned/ort": tvm_t / ort, "untuned/ort": tvm_u / ort, "torch/ort": eager / ort,
                                  "untuned/tuned": tvm_u / tvm_t, "warm_compile/untuned_compile": c["tuned_warm_db"] / c["untuned"]}
             figures["load_average_after"] = os.getloadavg()
@@ -156,7 +162,8 @@ def main() -> None:
             run = figures["tuning"] or {}
             print(f"{name}: TVM untuned {tvm_u:.2f} ms, TVM tuned ({run.get('budget_s', 0) / 60:.0f} min budget, "
                   f"{run.get('tasks_with_record', '?')}/{run.get('tasks', '?')} tasks with a record) {tvm_t:.2f} ms, "
-                  f"ONNX Runtime {ort:.2f} ms, torch eager {eager:.2f} ms; tuned/ORT {tvm_t / ort:.2f}, untuned/ORT {tvm_u / ort:.1f}, "
+                  f"ONNX Runtime {ort:.2f} ms, torch eager {eager:.2f} ms; tuned/ORT {tvm_t / ort:.2f} (paired by round: median "
+                  f"{figures['paired']['median_tuned/ort']:.2f}, TVM faster in {figures['paired']['rounds_tvm_faster']} rounds), untuned/ORT {tvm_u / ort:.1f}, "
                   f"torch/ORT {eager / ort:.2f}; compile untuned {c['untuned']:.1f} s, warm-database recompile "
                   f"{c['tuned_warm_db']:.1f} s ({c['tuned_warm_db'] / c['untuned']:.2f}x)", flush=True)
     finally:
