@@ -683,6 +683,7 @@ def _fold_weight_prepack():
         if not found:
             return mod
         library = tvm.tirx.build(tvm.IRModule({name: func.with_attr("global_symbol", name) for name, func in found.items()}),
+                                 # -O0: code that runs once over the weights is not worth LLVM's optimisation time
                                  target=tvm.target.Target({"kind": "llvm", "opt-level": 0}))
         for gvar, func in functions:
             mod[gvar] = rewrite_call(pattern, evaluate, func)
