@@ -100,12 +100,11 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=60)
     args = parser.parse_args()
 
-    import onnxruntime as ort
     import tvm
     from tvm import relax
 
     from splitc.backends.onnx import export_onnx
-    from splitc.bench import _rebuild_partition, default_threads
+    from splitc.bench import _ort_runner, _rebuild_partition, default_threads
     from splitc.runtime import Bundle
     from splitc.runtime.manifest import ROLE_DEPLOY, RUNTIME_TVM
 
@@ -122,11 +121,8 @@ def main() -> None:
 
         vm = relax.VirtualMachine(tvm.runtime.load_module(str(bundle.file(artifact))), tvm.cpu())
         tvm_args = [tvm.runtime.tensor(x) for x in inputs]
-        options = ort.SessionOptions()
-        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-        session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-        feed = {i.name: x for i, x in zip(session.get_inputs(), inputs)}
-        whole = whole_calls({"tvm": lambda: vm["main"](*tvm_args), "onnxruntime": lambda: session.run(None, feed)})
+        run_ort = _ort_runner(onnx_path, threads)  # configured as `splitc bench` runs ONNX Runtime
+        whole = whole_calls({"tvm": lambda: vm["main"](*tvm_args), "onnxruntime": lambda: run_ort(inputs)})
 
     for title, rows in (("TVM (in-model, VM instrument)", tvm_rows), ("ONNX Runtime (profiler)", ort_rows)):
         print(f"{title}: {len(rows)} kernels, sum of medians {sum(ms for _, ms in rows):.3f} ms")
