@@ -642,6 +642,7 @@ def _fold_weight_prepack():
     results as constants: what FoldConstant does, but with all rewrites built as one library for
     this host (FoldConstant builds one per function: ~1.5 s of a ResNet-18 compile). Pure data
     movement, so building them for the host gives the device's layout too (cross targets)."""
+    import numpy as np
     import tvm
     from tvm import relax
     from tvm.relax.dpl import is_op, rewrite_call, wildcard
@@ -670,7 +671,10 @@ def _fold_weight_prepack():
                 return call
             out = call.ty
             types = list(out.fields) if isinstance(out, relax.TupleType) else [out]
-            results = [tvm.runtime.empty([int(d) for d in t.shape], t.dtype) for t in types]
+            # Zeroed, not empty: a layout with padded tiles (1000 classes packed as 16 x 64) leaves
+            # the padding unwritten, and garbage there would make every compile's constants, the
+            # bundle's bytes and the build cache's key differ.
+            results = [tvm.runtime.tensor(np.zeros([int(d) for d in t.shape], str(t.dtype))) for t in types]
             library[call.args[0].name_hint](*[a.value for a in call.args[1].fields], *results)
             consts = [relax.const(r) for r in results]
             return relax.Tuple(consts) if isinstance(out, relax.TupleType) else consts[0]
