@@ -13,6 +13,9 @@ too and the faster one kept. A cross target gets the tuned build unmeasured: its
 the device (tuned over RPC) or, labelled "host-tuned", from this host (`splitc tune --from-host`).
 The artifact's options say how many tasks had a record, where the schedules came from ("schedules")
 and what was chosen. `SPLITC_TUNING=0` skips the database.
+
+Every build goes through the build cache (backends/build_cache.py): a module, target and TVM seen
+before get their library copied back instead of rebuilt; the artifact's options say "hit" or "miss".
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from splitc.backends import tuning
+from splitc.backends import build_cache, tuning
 from splitc.backends.base import CompiledArtifact, CompiledPartition, op_name
 from splitc.passes.partition import Partition
 from splitc.runtime.executors import available_cpus, host_arch, target_threads, use_tvm_threads
@@ -80,6 +83,9 @@ class TVMBackend:
             else:
                 notes = [f"{notes[0]}; tuned {timings['tuned']:.3f} ms vs untuned {timings['untuned']:.3f} ms on this host, kept {chosen}"]
         deploy.options["tuning"] = info
+        if deploy.options.get("build_cache") == "hit":
+            notes = [*notes, f"partition {partition.index} ({target.name}): library reused from the build cache "
+                             "(same module, target and TVM; SPLITC_BUILD_CACHE=0 rebuilds)"]
         artifacts = [deploy]
         if target.arch != host_arch():
             twin = {"kind": "llvm", "mtriple": _HOST_TRIPLES.get(host_arch(), f"{host_arch()}-linux-gnu")}
@@ -136,9 +142,10 @@ class TVMBackend:
         executable, saves a second link of the same code (~1 s for ResNet-18)."""
         timings: dict[str, float] = {}
         files: dict[str, Path] = {}
+        built: dict[str, CompiledArtifact] = {}
         for index, (name, module) in enumerate(candidates):
             files[name] = path if index == 0 else path.with_name(f".{name}.{path.name}")
-            self._build(module, target_json, host_arch(), None, files[name], ROLE_DEPLOY)
+            built[name] = self._build(module, target_json, host_arch(), None, files[name], ROLE_DEPLOY)
             timings[name] = _time_library(files[name], partition, target_json)
         chosen = min(timings, key=timings.get)
         if files[chosen] != path:
@@ -146,23 +153,33 @@ class TVMBackend:
         for file in files.values():
             if file != path and file.exists():
                 file.unlink()
-        return CompiledArtifact(path, RUNTIME_TVM, ROLE_DEPLOY, host_arch(), {"target": target_json}), timings
+        return CompiledArtifact(path, RUNTIME_TVM, ROLE_DEPLOY, host_arch(), built[chosen].options), timings
 
     def _build(self, mod, target_json: dict, arch: str, cross_compiler: str | None, path: Path, role: str) -> CompiledArtifact:
         import tvm
 
+        linker = None
+        if arch != host_arch():
+            linker = cross_compiler or f"{arch}-linux-gnu-gcc"
+            if shutil.which(linker) is None:
+                raise ToolchainError(f"cross compiler {linker} not found; install it (Debian: apt-get install gcc-{arch}-linux-gnu)")
+        options: dict[str, Any] = {"target": target_json}
+        key = build_cache.build_key(mod, target_json, linker) if build_cache.enabled() else None
+        if key is not None and build_cache.fetch(key, path):
+            options["build_cache"] = "hit"
+            return CompiledArtifact(path, RUNTIME_TVM, role, arch, options)
         try:
             executable = tvm.compile(mod, target=tvm.target.Target(target_json))
         except Exception as exc:
             raise BackendError(f"TVM failed to build for {target_json}: {first_line(exc)}") from exc
-        if arch != host_arch():
-            compiler = cross_compiler or f"{arch}-linux-gnu-gcc"
-            if shutil.which(compiler) is None:
-                raise ToolchainError(f"cross compiler {compiler} not found; install it (Debian: apt-get install gcc-{arch}-linux-gnu)")
-            executable.export_library(str(path), fcompile=tvm.support.cc.cross_compiler(compiler))
+        if linker is not None:
+            executable.export_library(str(path), fcompile=tvm.support.cc.cross_compiler(linker))
         else:
             executable.export_library(str(path))
-        return CompiledArtifact(path, RUNTIME_TVM, role, arch, {"target": target_json})
+        if key is not None:
+            build_cache.store(key, path)
+            options["build_cache"] = "miss"
+        return CompiledArtifact(path, RUNTIME_TVM, role, arch, options)
 
 
 def _schedule_database(target_json: dict, arch: str) -> tuple[Path, str]:

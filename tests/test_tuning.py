@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from splitc.backends import tuning
+from splitc.backends import build_cache, tuning
 from torch import nn
 
 from splitc.cli_tune import parse_budget
@@ -214,6 +214,48 @@ def test_tuning_reports_progress(tuned_cache):
     fractions = [t.fraction for t in ticks]
     assert fractions == sorted(fractions) and 0 < fractions[-1] <= 1
     assert all(t.trials == 32 and t.budget_s is None for t in ticks)
+
+
+def test_recompile_copies_the_library_from_the_build_cache(cnn_pt2, tmp_path, monkeypatch):
+    """An unchanged model recompiles from the build cache (same library bytes, same outputs); other
+    weights are another module, so a miss; SPLITC_BUILD_CACHE=0 builds without the cache."""
+    monkeypatch.setenv("SPLITC_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(1)
+    other_pt2 = tmp_path / "other.pt2"
+    with torch.no_grad():
+        torch.export.save(torch.export.export(TwoConv().eval(), (torch.randn(1, 3, 16, 16),)), str(other_pt2))
+
+    def deploy(result):
+        artifact = result.manifest.partitions[0].artifacts[0]
+        return artifact, (result.bundle / artifact.path).read_bytes()
+
+    (first, first_bytes), (second, second_bytes) = (deploy(_compile(cnn_pt2, tmp_path / f"{n}.splitc")) for n in "ab")
+    assert first.options["build_cache"] == "miss" and second.options["build_cache"] == "hit"
+    assert first_bytes == second_bytes and first.sha256 == second.sha256
+    assert len(list((tmp_path / "cache" / build_cache.BUILDS_SUBDIR).glob("*.so"))) == 1
+    x = np.random.default_rng(0).standard_normal((1, 3, 16, 16)).astype(np.float32)
+    np.testing.assert_array_equal(_run(tmp_path / "a.splitc", x), _run(tmp_path / "b.splitc", x))
+
+    other, other_bytes = deploy(_compile(other_pt2, tmp_path / "other.splitc"))
+    assert other.options["build_cache"] == "miss" and other_bytes != first_bytes
+
+    monkeypatch.setenv("SPLITC_BUILD_CACHE", "0")
+    off, _ = deploy(_compile(cnn_pt2, tmp_path / "off.splitc"))
+    assert "build_cache" not in off.options
+
+
+def test_build_cache_drops_least_recently_used_libraries(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPLITC_BUILD_CACHE_MB", "1")
+    library = tmp_path / "lib.so"
+    for name in ("old", "used", "new"):
+        library.write_bytes((name.encode() * 200_000)[: 400 << 10])  # 400 KiB each: three exceed 1 MiB
+        build_cache.store(name, library, tmp_path)
+        time.sleep(0.01)
+        if name == "used":
+            assert build_cache.fetch("old", tmp_path / "back.so", tmp_path)  # a hit makes "old" recent again
+    kept = sorted(p.stem for p in (tmp_path / build_cache.BUILDS_SUBDIR).glob("*.so"))
+    assert kept == ["new", "old"], kept
+    assert not build_cache.fetch("used", tmp_path / "gone.so", tmp_path) and not (tmp_path / "gone.so").exists()
 
 
 def test_compile_with_tuning_disabled(cnn_pt2, tmp_path, monkeypatch):
