@@ -1220,7 +1220,11 @@ def _tune(spec_path: str) -> None:
         (a third of the build stage). Workers are recycled after 64 builds each instead
         (LocalBuilder's reason for fresh pools is a slow leak in long-lived workers)."""
 
-        def __init__(self, f_export=None, timeout_sec: float = 60.0):
+        # A candidate whose code LLVM needs more than 15 s for is rejected, not measured: kernels
+        # build in 0.1-1.5 s here, but ResNet-18's classifier with 40-lane vectors took 30 s to
+        # generate code for (at every compile that applies it: 35 of a 44 s warm-database compile)
+        # and cost its tuning batch 40 s of the budget, all for a 0.1 ms kernel.
+        def __init__(self, f_export=None, timeout_sec: float = 15.0):
             super().__init__()
             self.f_export = f_export
             self.timeout_sec = timeout_sec
