@@ -256,6 +256,9 @@ def test_build_cache_drops_least_recently_used_libraries(tmp_path, monkeypatch):
     kept = sorted(p.stem for p in (tmp_path / build_cache.BUILDS_SUBDIR).glob("*.so"))
     assert kept == ["new", "old"], kept
     assert not build_cache.fetch("used", tmp_path / "gone.so", tmp_path) and not (tmp_path / "gone.so").exists()
+    monkeypatch.setenv("SPLITC_BUILD_CACHE_MB", "lots")
+    with pytest.raises(InputError, match="SPLITC_BUILD_CACHE_MB='lots'"):
+        build_cache.enabled()  # before a build starts, not after it
 
 
 def test_compile_with_tuning_disabled(cnn_pt2, tmp_path, monkeypatch):
