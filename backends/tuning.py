@@ -61,6 +61,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -987,26 +988,37 @@ def _run_worker(spec: Path, seconds: float | None, directory: Path, log: Callabl
     # The child finishes the batch it is measuring past its own deadline; allow that much more.
     hard = None if seconds is None else seconds + max(60.0, 0.25 * seconds)
     entry = "import sys; from splitc.backends.tuning import _worker; _worker(sys.argv[1])"
+    # Ctrl-C sets a flag this loop reads, rather than raising KeyboardInterrupt wherever the main
+    # thread happens to be: raised inside the progress bar's lock, it left the lock held, and the
+    # bar's refresh thread (and with it the exit) hung for good.
+    interrupted = threading.Event()
+    previous = (signal.signal(signal.SIGINT, lambda *_: interrupted.set())
+                if threading.current_thread() is threading.main_thread() else None)
     with open(log_path, "w") as out:
         child = subprocess.Popen([sys.executable, "-c", entry, str(spec)], stdout=out, stderr=subprocess.STDOUT,
                                  start_new_session=True)
         begun = time.monotonic()
         try:
             while True:
+                if interrupted.is_set():
+                    raise KeyboardInterrupt
                 try:
                     code = child.wait(timeout=1.0)
                     break
                 except subprocess.TimeoutExpired:
-                    if tick is not None:
+                    if tick is not None and not interrupted.is_set():
                         tick()
                     if hard is not None and time.monotonic() - begun > hard:
                         log("tuning ran past its budget; stopping it (finished records are kept)")
                         _stop(child)
                         return "deadline"
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # from the flag above
             log("interrupted: stopping the tuning run (finished records are kept)")
             _stop(child)
             return "interrupted"
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
     text = log_path.read_text(errors="replace")
     failure = [line for line in text.splitlines() if line.startswith("splitc: error: ")]
     if failure:
@@ -1221,7 +1233,7 @@ def _tune(spec_path: str) -> None:
         (LocalBuilder's reason for fresh pools is a slow leak in long-lived workers)."""
 
         # A candidate whose code LLVM needs more than 15 s for is rejected, not measured: kernels
-        # build in 0.1-1.5 s here, but ResNet-18's classifier with 40-lane vectors took 30 s to
+        # build in 0.1-3 s here, but ResNet-18's classifier with 40-lane vectors took 30 s to
         # generate code for (at every compile that applies it: 35 of a 44 s warm-database compile)
         # and cost its tuning batch 40 s of the budget, all for a 0.1 ms kernel.
         def __init__(self, f_export=None, timeout_sec: float = 15.0):
