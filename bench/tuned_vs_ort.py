@@ -172,7 +172,7 @@ def main() -> None:
                   f"{run.get('tasks_with_record', '?')}/{run.get('tasks', '?')} tasks with a record) {tvm_t:.2f} ms, "
                   f"ONNX Runtime {ort:.2f} ms, torch eager {eager:.2f} ms; tuned/ORT {tvm_t / ort:.2f} (paired by round: median "
                   f"{figures['paired']['median_tuned/ort']:.2f}, TVM faster in {figures['paired']['rounds_tvm_faster']} rounds), untuned/ORT {tvm_u / ort:.1f}, "
-                  f"torch/ORT {eager / ort:.2f}; compile untuned {c['untuned']:.1f} s, warm-database recompile "
+                  f"torch/ORT {eager / ort:.2f}; compile untuned {c['untuned']:.1f} s, first compile with the warm database "
                   f"{c['tuned_warm_db']:.1f} s ({c['tuned_warm_db'] / c['untuned']:.2f}x), recompiled from the build cache "
                   f"{c['tuned_recompile_build_cache']:.1f} s ({c['tuned_recompile_build_cache'] / c['untuned']:.2f}x)", flush=True)
     finally:
