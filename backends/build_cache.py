@@ -52,9 +52,9 @@ def _limit_bytes() -> int:
 
 
 def _root(cache_dir: Path | None) -> Path:
-    from splitc.backends.emulation import default_cache_dir
+    from splitc.backends.emulation import cache_subdir
 
-    return (default_cache_dir() if cache_dir is None else Path(cache_dir)) / BUILDS_SUBDIR
+    return cache_subdir(BUILDS_SUBDIR, cache_dir)
 
 
 def build_key(mod, target_json: dict[str, Any], linker: str | None) -> str:

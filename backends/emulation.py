@@ -36,6 +36,7 @@ from splitc.errors import ToolchainError  # re-exported: callers catch it from h
 __all__ = [
     "Aarch64Toolchain",
     "ToolchainError",
+    "cache_subdir",
     "default_cache_dir",
     "find_aarch64_toolchain",
     "provision_aarch64",
@@ -173,8 +174,14 @@ def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "splitc"
 
 
+def cache_subdir(name: str, cache_dir: Path | None = None) -> Path:
+    """``name`` under ``cache_dir``, or under default_cache_dir() when None: where each of splitc's
+    caches (toolchains, tuning databases, built libraries) lives."""
+    return (default_cache_dir() if cache_dir is None else Path(cache_dir)) / name
+
+
 def _toolchain_root(cache_dir: Path | None) -> Path:
-    return (default_cache_dir() if cache_dir is None else Path(cache_dir)) / _TOOLCHAIN_SUBDIR
+    return cache_subdir(_TOOLCHAIN_SUBDIR, cache_dir)
 
 
 def _expected_stamp() -> dict[str, object]:

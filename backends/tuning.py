@@ -136,9 +136,9 @@ def target_key(target_json: dict[str, Any]) -> str:
 
 
 def tuning_root(cache_dir: Path | None = None) -> Path:
-    from splitc.backends.emulation import default_cache_dir
+    from splitc.backends.emulation import cache_subdir
 
-    return (default_cache_dir() if cache_dir is None else Path(cache_dir)) / TUNING_SUBDIR
+    return cache_subdir(TUNING_SUBDIR, cache_dir)
 
 
 def database_dir(target_json: dict[str, Any], cache_dir: Path | None = None) -> Path:
