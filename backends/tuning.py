@@ -24,7 +24,8 @@ weights) and by target (the directory), so any model with the same operator shap
 What is tuned (`prepare`) is the partition after splitc's pre-tuning rewrites: batch norm folded
 into the preceding convolution's weights and bias, zero padding folded into the convolution, clip
 written as max/min, and, on CPU targets, 2-D convolutions converted to NHWC (channels innermost, so
-the output-channel loop vectorizes for any spatial size), weight transposes folded in numpy. Then
+the output-channel loop vectorizes for any spatial size), weight transposes folded in numpy, and
+3x3 stride-1 convolutions rewritten as Winograd (backends/winograd.py; SPLITC_WINOGRAD=0: not). Then
 TVM's zero pipeline (legalize, fuse) and, by default, weight pre-packing (`cpu_weight_prepack`:
 layout-free weight buffers whose layout each schedule chooses, rewritten once at compile time by
 constant folding, since splitc binds weights as constants).
@@ -592,9 +593,17 @@ def _function_rewrites(*rewrites):
     return rewrite_module
 
 
-def prepare(mod, target_json: dict[str, Any], prepack: bool):
+def winograd_enabled() -> bool:
+    """Whether 3x3 convolutions become Winograd on CPU targets (backends/winograd.py): yes, unless
+    SPLITC_WINOGRAD=0 (direct convolutions only: results closer to PyTorch's, and the workloads
+    of databases tuned before Winograd existed)."""
+    return os.environ.get("SPLITC_WINOGRAD", "1") != "0"
+
+
+def prepare(mod, target_json: dict[str, Any], prepack: bool, winograd: bool | None = None):
     """The pre-tuning passes: what tasks are extracted from and what the database is applied to.
-    Deterministic for a given module and target, so tune and compile see the same workloads."""
+    Deterministic for a given module, target and variant, so tune and compile see the same
+    workloads. `winograd` None: `winograd_enabled()`."""
     import tvm
     from tvm import relax
 
@@ -603,6 +612,10 @@ def prepare(mod, target_json: dict[str, Any], prepack: bool):
             transform.DecomposeOpsForInference(), transform.CanonicalizeBindings()]
     nhwc = [transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]}), transform.Normalize(),
             _function_rewrites(_fold_constant_permutes), transform.CanonicalizeBindings()]
+    if winograd_enabled() if winograd is None else winograd:
+        from splitc.backends.winograd import rewrite_winograd
+
+        nhwc += [rewrite_winograd(vector_bits(target_json))]
     tail = [relax.get_pipeline("zero")] + ([transform.AttachAttrLayoutFreeBuffers()] if prepack else [])
     with tvm.target.Target(target_json):
         mod = tvm.transform.Sequential(head)(mod)
@@ -701,8 +714,9 @@ def extract_tasks(prepared, target_json: dict[str, Any]):
     import tvm
     from tvm.s_tir import meta_schedule as ms
 
+    # A function scheduled by splitc itself (backends/winograd.py) says so on the function, not the module.
     return [t for t in ms.relax_integration.extract_tasks(prepared, tvm.target.Target(target_json))
-            if not t.mod.attrs.get("tirx.is_scheduled", False)]
+            if not t.mod.attrs.get("tirx.is_scheduled", False) and not t.mod["main"].attrs.get("tirx.is_scheduled", False)]
 
 
 @dataclass
@@ -712,6 +726,7 @@ class Coverage:
     prepack: bool
     names: list[str] = field(default_factory=list)  # tasks with a record
     untuned_best: int = 0       # tasks whose fastest record is their untuned code
+    winograd: bool = False      # the variant whose tasks these are: 3x3 convolutions as Winograd
 
     @property
     def complete(self) -> bool:
@@ -721,13 +736,14 @@ class Coverage:
         return asdict(self)
 
 
-def coverage(prepared, target_json: dict[str, Any], directory: Path, prepack: bool, database=None) -> Coverage:
+def coverage(prepared, target_json: dict[str, Any], directory: Path, prepack: bool, database=None,
+             winograd: bool = False) -> Coverage:
     import tvm
 
     if database is None:
         with best_records(directory) as opened:
-            return coverage(prepared, target_json, directory, prepack, opened) if opened is not None else \
-                Coverage(len(extract_tasks(prepared, target_json)), 0, prepack)
+            return coverage(prepared, target_json, directory, prepack, opened, winograd) if opened is not None else \
+                Coverage(len(extract_tasks(prepared, target_json)), 0, prepack, winograd=winograd)
     tasks = extract_tasks(prepared, target_json)
     covered: list[str] = []
     untuned = 0
@@ -737,21 +753,25 @@ def coverage(prepared, target_json: dict[str, Any], directory: Path, prepack: bo
         if record is not None:
             covered.append(task.task_name)
             untuned += is_untuned(record)
-    return Coverage(len(tasks), len(covered), prepack, covered, untuned)
+    return Coverage(len(tasks), len(covered), prepack, covered, untuned, winograd)
 
 
 def best_variant(mod, target_json: dict[str, Any], directory: Path, database=None) -> tuple[Any, Coverage]:
-    """The prepared module (with or without pre-packing) whose tasks have more records. `database`
-    is the one `best_records` opened (None: no records, only the pre-packed variant is prepared)."""
+    """The prepared module of the first variant whose tasks all have a record, else of the one with
+    the most records (the first of equals). Variants, in order of preference: with and without
+    pre-packing, and, unless Winograd is off, the same again without Winograd (so a database tuned
+    before Winograd existed still applies in full). `database` is the one `best_records` opened
+    (None: no records, only the preferred variant is prepared)."""
     best = None
-    variants = (True, False) if database is not None else (True,)
-    for prepack in variants:
-        prepared = prepare(mod, target_json, prepack)
-        cov = coverage(prepared, target_json, directory, prepack, database)
+    winograd = winograd_enabled()
+    variants = [(True, winograd), (False, winograd)] + ([(True, False), (False, False)] if winograd else [])
+    for prepack, with_winograd in variants if database is not None else variants[:1]:
+        prepared = prepare(mod, target_json, prepack, with_winograd)
+        cov = coverage(prepared, target_json, directory, prepack, database, with_winograd)
+        if cov.complete:
+            return prepared, cov
         if best is None or cov.with_record > best[1].with_record:
             best = (prepared, cov)
-        if cov.complete:
-            break
     return best
 
 
@@ -962,7 +982,7 @@ def tune_module(
         after = database_stats(directory)["records"]
     report = TuneReport(directory, len(tasks), int(trials), time.perf_counter() - started, before, after, stopped, dropped,
                         measured_on=measured_on)
-    report.coverage = coverage(prepared, target_json, directory, prepack)
+    report.coverage = coverage(prepared, target_json, directory, prepack, winograd=winograd_enabled())
     return report
 
 

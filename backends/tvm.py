@@ -111,7 +111,8 @@ class TVMBackend:
         except Exception as exc:  # noqa: BLE001 - the untuned build does not need these passes: build it and say why
             info["chosen"] = "untuned (tuning passes failed)"
             return [("untuned", mod)], info, [f"{where}: could not prepare it for tuning records ({first_line(exc)}); built untuned"]
-        info.update(tasks=cov.tasks, tasks_with_record=cov.with_record, tasks_untuned_best=cov.untuned_best, prepack=cov.prepack)
+        info.update(tasks=cov.tasks, tasks_with_record=cov.with_record, tasks_untuned_best=cov.untuned_best, prepack=cov.prepack,
+                    winograd=cov.winograd)
         if cov.with_record == 0:
             if arch == host_arch():
                 hint = "run `splitc tune` to tune"
