@@ -106,7 +106,8 @@ def _coefficient(matrix, row: int, column, dtype: str):
 
 
 def _weighted_sum(matrix, column, dtype: str, term):
-    """sum over r of matrix[r, column] * term(r), unrolled here, zero rows of the column skipped at run time."""
+    """sum over r of matrix[r, column] * term(r), written out term by term; rows that are zero in
+    every column are left out."""
     total = None
     for r in range(matrix.shape[0]):
         if not any(matrix[r]):

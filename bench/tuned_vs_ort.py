@@ -14,7 +14,8 @@ of the same model: its library comes back from the build cache), timing each; ve
 input, in interleaved rounds (each runtime's best round counts). Prints figures; asserts nothing. The
 tuning budget is printed with every tuned figure: a short budget is a short budget, not what TVM
 reaches with a full search. Other processes on a shared host slow the search and add noise to every
-timing; load averages are recorded.
+timing; load averages are recorded. With SPLITC_WINOGRAD=0 in the environment (tuning and
+measuring), 3x3 convolutions stay direct: the A/B of backends/winograd.py.
 """
 
 from __future__ import annotations

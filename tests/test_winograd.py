@@ -30,6 +30,27 @@ def test_transforms_compute_a_3x3_correlation(tile):
     np.testing.assert_allclose(u[:, 1, 3].reshape(tile + 2, tile + 2), g @ w[:, :, 1, 3].astype(np.float64) @ g.T, rtol=1e-6)
 
 
+def _prepared(model: nn.Module, x: torch.Tensor, **options):
+    """The model's Relax module after splitc's pre-tuning passes, and what torch computes."""
+    from tvm.relax.frontend.torch import from_exported_program
+
+    with torch.no_grad():
+        program = torch.export.export(model, (x,))
+        expected = model(x).numpy()
+    prepared = tuning.prepare(from_exported_program(program, keep_params_as_input=False), tuning.resolve_target(X86), **options)
+    return prepared, expected
+
+
+def _run(prepared, x: torch.Tensor) -> np.ndarray:
+    """`prepared` built untuned (the input transform keeps splitc's schedule) and run on x."""
+    import tvm
+    from tvm import relax
+
+    vm = relax.VirtualMachine(tvm.compile(prepared, target=tvm.target.Target(tuning.resolve_target(X86))), tvm.cpu())
+    got = vm["main"](tvm.runtime.tensor(x.numpy()))
+    return (got[0] if not hasattr(got, "numpy") else got).numpy()
+
+
 class Stages(nn.Module):
     """A residual 3x3 block at 28x28 (F(4x4): 49 tiles), one at 14x14 (F(2x2): 49 tiles), a 3x3
     convolution at 7x7 (16 tiles of 2x2: stays direct) and one with 3 input channels (stays direct)."""
@@ -50,19 +71,9 @@ class Stages(nn.Module):
 
 
 def test_rewrite_applies_where_it_pays_and_matches_torch():
-    import tvm
-    from tvm import relax
-    from tvm.relax.frontend.torch import from_exported_program
-
     torch.manual_seed(0)
-    model = Stages().eval()
     x = torch.randn(1, 3, 28, 28)
-    with torch.no_grad():
-        program = torch.export.export(model, (x,))
-        expected = model(x).numpy()
-    mod = from_exported_program(program, keep_params_as_input=False)
-    target = tuning.resolve_target(X86)
-    prepared = tuning.prepare(mod, target, prepack=True, winograd=True)
+    prepared, expected = _prepared(Stages().eval(), x, prepack=True, winograd=True)
     names = [gv.name_hint for gv in prepared.functions if gv.name_hint != "main"]
     script = prepared["main"].script(show_meta=False)
     # 28x28 x 16 channels: F(4x4), 36 x 49 tiles; 14x14 x 32: F(2x2), 16 x 49 tiles.
@@ -73,25 +84,70 @@ def test_rewrite_applies_where_it_pays_and_matches_torch():
     # The stem (3 input channels) and the 7x7 convolution stay direct, as does the strided one.
     assert sum("conv2d" in n for n in names) == 3, names
     # The input transforms are scheduled by splitc: not tuning tasks.
-    tasks = [t.task_name for t in tuning.extract_tasks(prepared, target)]
+    tasks = [t.task_name for t in tuning.extract_tasks(prepared, tuning.resolve_target(X86))]
     assert not any("winograd_input" in t for t in tasks) and any("matmul" in t for t in tasks), tasks
 
-    vm = relax.VirtualMachine(tvm.compile(prepared, target=tvm.target.Target(target)), tvm.cpu())
-    got = vm["main"](tvm.runtime.tensor(x.numpy()))
-    got = (got[0] if not hasattr(got, "numpy") else got).numpy()
+    got = _run(prepared, x)
     assert got.shape == expected.shape
     assert np.linalg.norm(got - expected) / np.linalg.norm(expected) < 1e-5
     assert np.abs(got - expected).max() < 1e-4 * np.abs(expected).max()
 
 
+class Padded(nn.Module):
+    """Uneven zero padding (folded into the convolution: top 2, left 1, bottom 1, right 0), an odd
+    output size (29 x 27: the last tiles partly outside)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(16, 24, 3)
+
+    def forward(self, x):
+        return torch.relu(self.conv(nn.functional.pad(x, (1, 0, 2, 1))))
+
+
+def test_uneven_padding_and_partial_tiles_match_torch():
+    torch.manual_seed(1)
+    x = torch.randn(1, 16, 28, 28)
+    prepared, expected = _prepared(Padded().eval(), x, prepack=False, winograd=True)
+    assert expected.shape == (1, 24, 29, 27)
+    names = [gv.name_hint for gv in prepared.functions]
+    assert any(n.startswith("winograd_input") for n in names) and not any("conv2d" in n for n in names), names
+    assert "R.Tensor((36, 56, 16)" in prepared["main"].script(show_meta=False)  # F(4x4): 8 x 7 tiles
+    np.testing.assert_allclose(_run(prepared, x), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
 def test_winograd_off_keeps_direct_convolutions(monkeypatch):
+    monkeypatch.setenv("SPLITC_WINOGRAD", "0")
+    assert not tuning.winograd_enabled()
+    torch.manual_seed(0)
+    prepared, _ = _prepared(Stages().eval(), torch.randn(1, 3, 28, 28), prepack=True)
+    names = [gv.name_hint for gv in prepared.functions]
+    assert not any("winograd" in n for n in names) and sum("conv2d" in n for n in names) == 5, names
+
+
+def test_a_database_tuned_without_winograd_still_applies_in_full(tmp_path, monkeypatch):
+    """Records tuned with SPLITC_WINOGRAD=0 (or before Winograd existed) cover the direct variant
+    only: compile's best_variant picks that variant instead of a Winograd one without records."""
     from tvm.relax.frontend.torch import from_exported_program
 
     torch.manual_seed(0)
+    x = torch.randn(1, 3, 28, 28)
     with torch.no_grad():
-        program = torch.export.export(Stages().eval(), (torch.randn(1, 3, 28, 28),))
-    mod = from_exported_program(program, keep_params_as_input=False)
+        mod = from_exported_program(torch.export.export(Stages().eval(), (x,)), keep_params_as_input=False)
+    target = tuning.resolve_target(X86)
+    monkeypatch.setenv("SPLITC_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("SPLITC_WINOGRAD", "0")
-    assert not tuning.winograd_enabled()
-    names = [gv.name_hint for gv in tuning.prepare(mod, tuning.resolve_target(X86), prepack=True).functions]
-    assert not any("winograd" in n for n in names) and sum("conv2d" in n for n in names) == 5, names
+    report = tuning.tune_module(mod, X86, trials=4, trials_per_task=1, population=16)
+    assert report.coverage.complete and not report.coverage.winograd
+
+    monkeypatch.delenv("SPLITC_WINOGRAD")
+    directory = tuning.database_dir(target)
+    with tuning.best_records(directory) as database:
+        prepared, cov = tuning.best_variant(mod, target, directory, database)
+    assert cov.complete and not cov.winograd and cov.tasks == report.tasks, cov
+    assert not any("winograd" in gv.name_hint for gv in prepared.functions)
+    # With no records at all, the preferred variant: Winograd, pre-packed.
+    monkeypatch.setenv("SPLITC_CACHE", str(tmp_path / "empty"))
+    with tuning.best_records(tuning.database_dir(target)) as database:
+        _, cov = tuning.best_variant(mod, target, tuning.database_dir(target), database)
+    assert cov.winograd and cov.prepack and cov.with_record == 0
