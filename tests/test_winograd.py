@@ -94,22 +94,23 @@ def test_rewrite_applies_where_it_pays_and_matches_torch():
 
 
 class Padded(nn.Module):
-    """Uneven zero padding (folded into the convolution: top 2, left 1, bottom 1, right 0), an odd
-    output size (29 x 27: the last tiles partly outside)."""
+    """Uneven zero padding (folded into the convolution: top 2, left 0, bottom 3, right 1; four
+    different sides, so reading them in another order gives other results) and an odd output size
+    (31 x 27: the last tiles partly outside)."""
 
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(16, 24, 3)
 
     def forward(self, x):
-        return torch.relu(self.conv(nn.functional.pad(x, (1, 0, 2, 1))))
+        return torch.relu(self.conv(nn.functional.pad(x, (0, 1, 2, 3))))
 
 
 def test_uneven_padding_and_partial_tiles_match_torch():
     torch.manual_seed(1)
     x = torch.randn(1, 16, 28, 28)
     prepared, expected = _prepared(Padded().eval(), x, prepack=False, winograd=True)
-    assert expected.shape == (1, 24, 29, 27)
+    assert expected.shape == (1, 24, 31, 27)
     names = [gv.name_hint for gv in prepared.functions]
     assert any(n.startswith("winograd_input") for n in names) and not any("conv2d" in n for n in names), names
     assert "R.Tensor((36, 56, 16)" in prepared["main"].script(show_meta=False)  # F(4x4): 8 x 7 tiles
