@@ -719,6 +719,11 @@ def extract_tasks(prepared, target_json: dict[str, Any]):
             if not t.mod.attrs.get("tirx.is_scheduled", False) and not t.mod["main"].attrs.get("tirx.is_scheduled", False)]
 
 
+def uses_winograd(prepared) -> bool:
+    """Whether `prepare` rewrote any convolution of this module as Winograd."""
+    return any("winograd" in gvar.name_hint for gvar in prepared.functions)
+
+
 @dataclass
 class Coverage:
     tasks: int
@@ -726,7 +731,7 @@ class Coverage:
     prepack: bool
     names: list[str] = field(default_factory=list)  # tasks with a record
     untuned_best: int = 0       # tasks whose fastest record is their untuned code
-    winograd: bool = False      # the variant whose tasks these are: 3x3 convolutions as Winograd
+    winograd: bool = False      # whether these tasks are of a module with Winograd convolutions
 
     @property
     def complete(self) -> bool:
@@ -765,8 +770,13 @@ def best_variant(mod, target_json: dict[str, Any], directory: Path, database=Non
     best = None
     winograd = winograd_enabled()
     variants = [(True, winograd), (False, winograd)] + ([(True, False), (False, False)] if winograd else [])
+    applies = True  # False once a Winograd variant rewrote nothing: the variants without it are the same modules
     for prepack, with_winograd in variants if database is not None else variants[:1]:
+        if winograd and not with_winograd and not applies:
+            continue
         prepared = prepare(mod, target_json, prepack, with_winograd)
+        if with_winograd and not uses_winograd(prepared):
+            applies = with_winograd = False
         cov = coverage(prepared, target_json, directory, prepack, database, with_winograd)
         if cov.complete:
             return prepared, cov
@@ -982,7 +992,7 @@ def tune_module(
         after = database_stats(directory)["records"]
     report = TuneReport(directory, len(tasks), int(trials), time.perf_counter() - started, before, after, stopped, dropped,
                         measured_on=measured_on)
-    report.coverage = coverage(prepared, target_json, directory, prepack, winograd=winograd_enabled())
+    report.coverage = coverage(prepared, target_json, directory, prepack, winograd=uses_winograd(prepared))
     return report
 
 
