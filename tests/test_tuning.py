@@ -191,7 +191,7 @@ def test_tune_then_compile_reuses_records(cnn_pt2, tuned_cache, tmp_path, monkey
         assert info["tasks"] == n and info["tasks_with_record"] == n, info
         # Complete coverage: per task the fastest of tuned and untuned, no whole-module untuned build.
         assert info["chosen"] == "tuned" and info["tuned_ms"] > 0 and "untuned_ms" not in info, info
-        assert info["schedules"] == "tuned on this host" and info["prepack"] is True
+        assert info["schedules"] == "tuned on this host" and info["prepack"] is True and info["winograd"] is True
         assert any(f"{n}/{n} TVM tasks had a tuning record" in note for note in result.notes)
     # Compiling ran no tuning: the database is untouched.
     assert tuning.database_stats(report.directory)["records"] == records and record_file.stat().st_mtime_ns == stamp
@@ -419,6 +419,7 @@ def test_host_tuned_schedules_for_rpi4_are_applied_labelled_and_verified(cnn_pt2
     assert deploy.arch == "aarch64" and info["schedules"] == report.label, info
     assert info["chosen"] == "tuned (not measured: cross target)" and "tuned_ms" not in info
     assert info["tasks_with_record"] == report.already
+    assert info["winograd"] is True  # the aarch64 library verified below has a Winograd layer (4-lane input transform)
     assert any(report.label in n and "no timing" in n for n in result.notes), result.notes
     monkeypatch.delenv("SPLITC_CACHE")  # verify finds the emulation toolchain in the default cache
     verdict = verify_bundle(result.bundle)
