@@ -223,7 +223,7 @@ def schedule_input_transform(func, lanes: int):
     sch.unroll(a)
     sch.unroll(n)
     sch.vectorize(c_rows)
-    return sch.mod["main"].with_attr("tirx.is_scheduled", True).with_attr("op_pattern", _OPAQUE)
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
 
 def _prim_func(compute, input_shape, dtype: str, pattern: int):
@@ -271,7 +271,7 @@ def rewrite_winograd(vector_bits: int | None):
             co = int(weight.value.shape[3])
             g = Geometry(n, h, w, tuple(int(p) for p in call.attrs.padding), tile)
             transform_in = function(("input", g, ci), "winograd_input", lambda: schedule_input_transform(
-                _prim_func(lambda x: input_transform(x, g), (n, h, w, ci), "float32", _OUT_EWISE_FUSABLE),
+                _prim_func(lambda x: input_transform(x, g), (n, h, w, ci), "float32", _OPAQUE),
                 _vector_lanes(ci, vector_bits)))
             transform_out = function(("output", g, co), "winograd_output", lambda: _prim_func(
                 lambda m: output_transform(m, g), (g.alpha**2, g.tiles, co), "float32", _OUT_EWISE_FUSABLE))
