@@ -173,19 +173,26 @@ def schedules_label(directory: Path, default: str) -> str:
 
 
 def vector_bits(target_json: dict[str, Any]) -> int | None:
-    """LLVM's natural vector width in bits for the target's CPU (None when LLVM does not say)."""
+    """The width in bits of the vectors LLVM generates for the target's CPU, from its features:
+    512 with AVX-512 (unless the CPU prefers 256-bit vectors, as Skylake-X does), 256 with AVX,
+    128 with SSE2 or NEON (SVE: its minimum); None when unknown. TVM's `llvm_get_vector_width`
+    is not used: it answers 512 for every x86 CPU, AVX2-only ones included."""
+    if target_json.get("kind") != "llvm":
+        return None
     try:
         import tvm
-        from tvm.target.codegen import llvm_get_vector_width
+        from tvm.target.codegen import llvm_get_cpu_features
 
-        with tvm.target.Target(target_json):
-            width = int(llvm_get_vector_width(tvm.target.Target(target_json)))
-        return width if width > 0 else None
+        features = set(llvm_get_cpu_features(tvm.target.Target(target_json)))
     except Exception:  # noqa: BLE001 - an LLVM without the target's backend, or an older TVM: width unknown
         return None
-
-
-# ------------------------------------------------------------------------------- database files
+    if "avx512f" in features and "prefer-256-bit" not in features:
+        return 512
+    if "avx" in features:
+        return 256
+    if features & {"sse2", "neon", "sve"}:
+        return 128
+    return None
 
 
 def _valid_lines(path: Path, check: Callable[[Any], bool]) -> tuple[list[str], int]:

@@ -63,6 +63,20 @@ def test_target_key_is_per_target_and_resolves_host():
     assert tuning.target_key(resolved) == tuning.target_key(dict(reversed(list(resolved.items()))))
 
 
+def test_vector_width_comes_from_the_cpu_features():
+    """AVX2 CPUs have 256-bit vectors (TVM's own query says 512 for every x86 CPU); the width sizes
+    the Winograd input transform's vectors and appears in the host-tuned label."""
+    def x86(cpu):
+        return {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": cpu}
+
+    assert tuning.vector_bits(x86("haswell")) == tuning.vector_bits(x86("znver3")) == 256
+    assert tuning.vector_bits(x86("znver4")) == 512
+    assert tuning.vector_bits(x86("skylake-avx512")) == 256  # AVX-512, but LLVM prefers 256-bit vectors there
+    assert tuning.vector_bits(x86("x86-64")) == 128 and tuning.vector_bits(RPI4) == 128
+    assert tuning.vector_bits({"kind": "cuda"}) is None
+    assert "256-bit vs 128-bit" in tuning.host_tuned_label(x86("haswell"), RPI4)
+
+
 def test_repair_drops_a_cut_line_and_keeps_whole_ones(tmp_path):
     (tmp_path / tuning.WORKLOAD_FILE).write_text('["h1", "mod1"]\n["h2", "mod2"]\n["h3", "mo')
     (tmp_path / tuning.RECORD_FILE).write_text('[0, ["trace"]]\n[1, ["trace"]]\n[2, ["trace"]]\n[1, ["tr')
