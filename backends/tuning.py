@@ -195,6 +195,9 @@ def vector_bits(target_json: dict[str, Any]) -> int | None:
     return None
 
 
+# ------------------------------------------------------------------------------- database files
+
+
 def _valid_lines(path: Path, check: Callable[[Any], bool]) -> tuple[list[str], int]:
     """Lines of `path` that parse as JSON and pass `check`, up to the first bad one; and the count
     of lines dropped (a line cut short by a kill, and whatever follows it)."""

@@ -396,7 +396,7 @@ def _records(directory: Path) -> list[tuple[int, bool, str]]:
     rows = []
     for line in (directory / tuning.RECORD_FILE).read_text().splitlines():
         workload, (trace, run_secs, *_) = json.loads(line)
-        if run_secs and max(run_secs) < 1e9:
+        if run_secs and max(run_secs) < tuning._FAILED_RUN:
             rows.append((workload, all(inst[0] == "GetSBlock" for inst in trace[0]), line))
     return rows
 
