@@ -82,6 +82,7 @@ WORKLOAD_FILE = "database_workload.json"
 RECORD_FILE = "database_tuning_record.json"
 ORIGIN_FILE = "origin.json"
 TARGET_FILE = "target.json"
+RETIMED_FILE = "retimed.json"  # in a run's temporary directory: the child's re-timing factors, for the report
 HOST_TUNED_SUFFIX = "--host-tuned"
 _FORMAT = 3  # bump when the key, the pre-tuning passes or the measurement change (old records would not match or compare)
 _DIRECT_KEY = "splitc-direct"  # RPCConfig key meaning "connect to the server itself, no tracker"
@@ -232,10 +233,35 @@ def repair_database(directory: Path) -> int:
     workloads, records, dropped = _read_database(directory)
     if dropped:
         for name, lines in ((WORKLOAD_FILE, workloads), (RECORD_FILE, records)):
-            tmp = directory / f".{name}.tmp"
-            tmp.write_text("".join(line + "\n" for line in lines))
-            os.replace(tmp, directory / name)
+            _write_lines(directory / name, lines)
     return dropped
+
+
+def _write_lines(path: Path, lines: list[str]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in lines))
+    os.replace(tmp, path)
+
+
+def scale_records(directory: Path, factors: dict[str, float]) -> int:
+    """Multiply the run times of every record of each workload in `factors` (keyed by the
+    workload's structural hash, as the workload file stores it) by its factor, atomically; failed
+    measurements keep their marker. Returns how many records changed."""
+    workloads, records, _ = _read_database(directory)
+    index_of = {json.loads(line)[0]: index for index, line in enumerate(workloads)}
+    scale = {index_of[key]: factor for key, factor in factors.items() if key in index_of}
+    changed, lines = 0, []
+    for line in records:
+        index, record = json.loads(line)
+        runs = record[1] if index in scale and isinstance(record, list) and len(record) > 1 else None
+        if runs and all(float(v) < _FAILED_RUN for v in runs):
+            record[1] = [float(v) * scale[index] for v in runs]
+            line = json.dumps([index, record], separators=(",", ":"))
+            changed += 1
+        lines.append(line)
+    if changed:
+        _write_lines(directory / RECORD_FILE, lines)
+    return changed
 
 
 def database_stats(directory: Path) -> dict[str, int]:
@@ -454,9 +480,7 @@ def _merge_database(directory: Path, files: dict[str, str], source: Path) -> Imp
             seen.add(_canonical(moved))
             new_r.append(moved)
         for name, lines in ((WORKLOAD_FILE, ours_w + new_w), (RECORD_FILE, ours_r + new_r)):
-            tmp_file = directory / f".{name}.tmp"
-            tmp_file.write_text("".join(line + "\n" for line in lines))
-            os.replace(tmp_file, directory / name)
+            _write_lines(directory / name, lines)
         for name in (TARGET_FILE, ORIGIN_FILE):  # a new database takes the archive's description
             if files.get(name) and not (directory / name).is_file():
                 (directory / name).write_text(files[name])
@@ -911,6 +935,7 @@ class TuneReport:
     dropped_lines: int = 0
     coverage: Coverage | None = None
     measured_on: str = "this host"
+    retimed: list[float] = field(default_factory=list)  # per task with records: now / recorded time of its best (sorted)
 
     @property
     def new_records(self) -> int:
@@ -998,10 +1023,16 @@ def tune_module(
             tick = None if progress is None else lambda: progress(
                 TuneProgress(time.monotonic() - begun, seconds, max(_line_count(directory / RECORD_FILE) - before, 0), int(trials)))
             stopped = _run_worker(spec, seconds, directory, log, tick)
+            retimed = Path(tmp) / RETIMED_FILE
+            factors = json.loads(retimed.read_text()) if retimed.is_file() else []
+        if factors:
+            log(f"re-timed the best record of {len(factors)} task(s) first: now x{factors[0]:.2f}-x{factors[-1]:.2f} of their "
+                f"recorded times (median x{factors[len(factors) // 2]:.2f}); their records were rescaled so new candidates "
+                "compete with timings from this run")
         dropped += repair_database(directory)
         after = database_stats(directory)["records"]
     report = TuneReport(directory, len(tasks), int(trials), time.perf_counter() - started, before, after, stopped, dropped,
-                        measured_on=measured_on)
+                        measured_on=measured_on, retimed=factors)
     report.coverage = coverage(prepared, target_json, directory, prepack, winograd=uses_winograd(prepared))
     return report
 
@@ -1309,6 +1340,9 @@ def _tune(spec_path: str) -> None:
                                    f_create_session=None if rpc["key"] else _direct_session, f_alloc_argument=_alloc_arguments)
 
     builder = _PoolBuilder(f_export=_export_shared_library if rpc else None)
+    factors = _retime_best_records([(t["name"], tvm.ir.load_json(t["mod"])) for t in tasks], builder,
+                                   make_runner(cold._replace(repeat=3)), directory, target)
+    (Path(spec["tmp"]) / RETIMED_FILE).write_text(json.dumps(sorted(factors.values())))
     database = open_database(directory)
     population = int(spec.get("population") or 512)
     contexts, weights = [], []
@@ -1363,6 +1397,44 @@ def _cpu_tensor_intrinsics() -> None:
         for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
             del sys.modules[key]
         importlib.import_module(name)
+
+
+def _retime_best_records(task_mods, builder, runner, directory: Path, target) -> dict[str, float]:
+    """Time each task's best record again, now, and scale all that task's records by now/recorded.
+    A database mixes timings from other runs, and from other machines of the same target key; on a
+    host that is slower today (a busy neighbour halved this 2-core host's speed between two runs of
+    one day), every old record would beat every new candidate, and a resumed run could only add
+    records that are never used. Returns the factor per workload (its structural hash)."""
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    with readable_copy(directory) as snapshot:
+        if snapshot is None:
+            return {}
+        database = open_database(snapshot)
+        best = [record for name, mod in task_mods if (record := database.query_tuning_record(mod, target, name)) is not None]
+    if not best:
+        return {}
+    print(f"splitc: re-timing the best record of {len(best)} task(s)", flush=True)
+    scheduled = []
+    for record in best:
+        schedule = tvm.s_tir.Schedule(record.workload.mod)
+        record.trace.apply_to_schedule(schedule, remove_postproc=False)
+        scheduled.append(schedule.mod)
+    built = builder.build([ms.builder.BuilderInput(mod, target) for mod in scheduled])
+    pending = [(record, ms.runner.RunnerInput(result.artifact_path, "cpu", record.args_info))
+               for record, result in zip(best, built) if not result.error_msg]
+    factors: dict[str, float] = {}
+    for (record, _), future in zip(pending, runner.run([p[1] for p in pending])):
+        result = future.result()
+        if not result.error_msg and result.run_secs:
+            factors[record.workload.as_json()[0]] = _mean(result.run_secs) / _mean(record.run_secs)
+    changed = scale_records(directory, factors)
+    if factors:
+        ratios = sorted(factors.values())
+        print(f"splitc: re-timed {len(factors)} task(s): now x{ratios[0]:.2f}-x{ratios[-1]:.2f} of their recorded times "
+              f"(median x{ratios[len(ratios) // 2]:.2f}); {changed} record(s) rescaled", flush=True)
+    return factors
 
 
 def _measure_untuned(contexts, builder, runner, database, target, *, over_rpc: bool) -> None:

@@ -311,6 +311,43 @@ def test_ctrl_c_keeps_finished_records(cnn_pt2, tmp_path):
     tuning.open_database(directory)  # MetaSchedule itself reads it
 
 
+def _best_means(directory: Path) -> dict[int, float]:
+    best: dict[int, float] = {}
+    for workload, _, line in _records(directory):
+        runs = json.loads(line)[1][1]
+        best[workload] = min(best.get(workload, float("inf")), sum(runs) / len(runs))
+    return best
+
+
+def test_resumed_tuning_retimes_records_left_by_a_faster_run(cnn_pt2, tuned_cache, tmp_path, monkeypatch):
+    """A database whose timings came from a faster host (here: the fixture's, divided by 100) would
+    beat every new candidate; a resumed run first times each task's best record again and rescales
+    that task's records to what this host measures now."""
+    source, tuned, _ = tuned_cache
+    cache = tmp_path / "cache"
+    shutil.copytree(source, cache)
+    database = cache / tuned.directory.relative_to(source)
+    measured = _best_means(database)
+    lines = []
+    for line in (database / tuning.RECORD_FILE).read_text().splitlines():
+        workload, record = json.loads(line)
+        if max(record[1]) < tuning._FAILED_RUN:
+            record[1] = [v / 100 for v in record[1]]
+        lines.append(json.dumps([workload, record]))
+    (database / tuning.RECORD_FILE).write_text("".join(line + "\n" for line in lines))
+    failed = [line for line in lines if max(json.loads(line)[1][1]) >= tuning._FAILED_RUN]
+
+    monkeypatch.setenv("SPLITC_CACHE", str(cache))
+    said: list[str] = []
+    report = tuning.tune_module(_cnn_module(cnn_pt2), X86, trials=0, log=said.append)
+    assert len(report.retimed) == 5 and all(factor > 10 for factor in report.retimed), report.retimed
+    assert any("re-timed the best record of 5 task(s)" in line for line in said), said
+    now = _best_means(database)
+    assert now.keys() == measured.keys()
+    assert all(0.1 < now[w] / measured[w] < 10 for w in measured), {w: now[w] / measured[w] for w in measured}
+    assert all(line in (database / tuning.RECORD_FILE).read_text() for line in failed)  # failed runs keep their marker
+
+
 def test_export_import_shares_records_with_another_cache(cnn_pt2, tuned_cache, tmp_path, monkeypatch):
     """`splitc tuning export` on one machine, `import` on another (another cache here): the next
     compile there applies every record without tuning; importing twice adds nothing."""
