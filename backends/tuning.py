@@ -1024,11 +1024,12 @@ def tune_module(
                 TuneProgress(time.monotonic() - begun, seconds, max(_line_count(directory / RECORD_FILE) - before, 0), int(trials)))
             stopped = _run_worker(spec, seconds, directory, log, tick)
             retimed = Path(tmp) / RETIMED_FILE
-            factors = json.loads(retimed.read_text()) if retimed.is_file() else []
+            retiming = json.loads(retimed.read_text()) if retimed.is_file() else {"factors": [], "seconds": 0.0}
+        factors = retiming["factors"]
         if factors:
-            log(f"re-timed the best record of {len(factors)} task(s) first: now x{factors[0]:.2f}-x{factors[-1]:.2f} of their "
-                f"recorded times (median x{factors[len(factors) // 2]:.2f}); their records were rescaled so new candidates "
-                "compete with timings from this run")
+            log(f"re-timed the best record of {len(factors)} task(s) first ({retiming['seconds']:.0f} s): now x{factors[0]:.2f}-"
+                f"x{factors[-1]:.2f} of their recorded times (median x{factors[len(factors) // 2]:.2f}); their records were "
+                "rescaled so new candidates compete with timings from this run")
         dropped += repair_database(directory)
         after = database_stats(directory)["records"]
     report = TuneReport(directory, len(tasks), int(trials), time.perf_counter() - started, before, after, stopped, dropped,
@@ -1340,9 +1341,10 @@ def _tune(spec_path: str) -> None:
                                    f_create_session=None if rpc["key"] else _direct_session, f_alloc_argument=_alloc_arguments)
 
     builder = _PoolBuilder(f_export=_export_shared_library if rpc else None)
+    begun = time.monotonic()
     factors = _retime_best_records([(t["name"], tvm.ir.load_json(t["mod"])) for t in tasks], builder,
                                    make_runner(cold._replace(repeat=3)), directory, target)
-    (Path(spec["tmp"]) / RETIMED_FILE).write_text(json.dumps(sorted(factors.values())))
+    (Path(spec["tmp"]) / RETIMED_FILE).write_text(json.dumps({"factors": sorted(factors.values()), "seconds": time.monotonic() - begun}))
     database = open_database(directory)
     population = int(spec.get("population") or 512)
     contexts, weights = [], []
