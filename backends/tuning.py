@@ -1404,9 +1404,11 @@ def _cpu_tensor_intrinsics() -> None:
 def _retime_best_records(task_mods, builder, runner, directory: Path, target) -> dict[str, float]:
     """Time each task's best record again, now, and scale all that task's records by now/recorded.
     A database mixes timings from other runs, and from other machines of the same target key; on a
-    host that is slower today (a busy neighbour halved this 2-core host's speed between two runs of
-    one day), every old record would beat every new candidate, and a resumed run could only add
-    records that are never used. Returns the factor per workload (its structural hash)."""
+    host that is slower today (on this 2-core host, a MobileNetV2 database's best records ran
+    x1.1-x2.4 slower, median x1.55, an hour after they were recorded), old records beat new
+    candidates by the difference, and a resumed run adds records that are never used. One factor
+    per task keeps the order of its records, so what compile applies changes only where a new
+    candidate beats them. Returns the factor per workload (its structural hash)."""
     import tvm
     from tvm.s_tir import meta_schedule as ms
 
