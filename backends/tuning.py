@@ -651,9 +651,14 @@ def prepare(mod, target_json: dict[str, Any], prepack: bool, winograd: bool | No
 
         nhwc += [rewrite_winograd(vector_bits(target_json))]
     tail = [relax.get_pipeline("zero")] + ([transform.AttachAttrLayoutFreeBuffers()] if prepack else [])
+    cpu = str(target_json.get("kind", "llvm")) == "llvm"
+    if cpu:
+        from splitc.backends.depthwise import schedule_depthwise_functions
+
+        tail += [schedule_depthwise_functions(vector_bits(target_json))]
     with tvm.target.Target(target_json):
         mod = tvm.transform.Sequential(head)(mod)
-        if str(target_json.get("kind", "llvm")) == "llvm":
+        if cpu:
             try:
                 mod = tvm.transform.Sequential(nhwc)(mod)
             except Exception:  # noqa: BLE001, S110 - an operator ConvertLayout cannot handle: tune the NCHW graph (same choice every time)
