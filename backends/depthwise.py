@@ -6,9 +6,9 @@ in parallel: tiles of a few output pixels by two vectors of channels, the 3x3 wi
 the zero padding inlined into the loads, and the fused epilogue (bias, ReLU6, ...) applied to each
 tile while it is in registers. Timed interleaved with the tuned records of a 30-minute MobileNetV2
 database on a 2-core AVX2 host (cold weights and outputs, as tuning times them), this schedule ran
-56x56x144 in 398 us against 645, 7x7x960 in 56 against 104, 112x112x32 in 177 against 232, and
-within 10 % either way on the others; and each depthwise function it takes is a task the search no
-longer spends trials on (about 10 of MobileNetV2's 34).
+56x56x144 in 398 us against 645, 7x7x960 in 62 against 104, 112x112x32 in 201 against 232, the
+stride-2 112->56 layer in 330 against 374, 28x28x192 within noise; and each depthwise function it
+takes is a task the search no longer spends trials on (10 of MobileNetV2's 34).
 
 `schedule_depthwise_functions` runs after fusion in `tuning.prepare`: a fused TIR function whose
 only reduction is a depthwise NHWC convolution, followed only by elementwise blocks, is scheduled
@@ -18,7 +18,7 @@ function, or one where a schedule step does not apply, is left to MetaSchedule u
 
 from __future__ import annotations
 
-PIXELS_PER_TILE = 2      # output pixels along the row per tile (2 and 4 timed within noise; 2 fits odd widths better)
+PIXELS_PER_TILE = 2      # output pixels along the row per tile (4 won on two layers, 2 on one, the rest even)
 VECTORS_PER_TILE = 2     # channel vectors per tile: 2 x 2 accumulators, plus the 9 weights, fit 16 registers
 
 
