@@ -348,6 +348,44 @@ def test_resumed_tuning_retimes_records_left_by_a_faster_run(cnn_pt2, tuned_cach
     assert all(line in (database / tuning.RECORD_FILE).read_text() for line in failed)  # failed runs keep their marker
 
 
+def test_final_retiming_unseats_a_record_whose_timing_was_lucky(cnn_pt2, tuned_cache, tmp_path, monkeypatch):
+    """The winner's curse: a task's recorded best is the minimum of noisy timings. Here one task's
+    slowest record is given a time ten times below its best, as a lucky measurement would; after
+    the search, a run times each task's fastest records again side by side, and that record loses
+    its place to the one that really is faster."""
+    source, tuned, _ = tuned_cache
+    cache = tmp_path / "cache"
+    shutil.copytree(source, cache)
+    database = cache / tuned.directory.relative_to(source)
+    rows = _records(database)
+    means = {}
+    for workload, _, line in rows:
+        runs = json.loads(line)[1][1]
+        means.setdefault(workload, []).append((sum(runs) / len(runs), line))
+    spread = {w: max(entries)[0] / min(entries)[0] for w, entries in means.items() if len(entries) > 1}
+    task = max(spread, key=spread.get)
+    assert spread[task] > 2, spread  # the fixture's run holds a task whose records differ clearly
+    slow_line, best_time = max(means[task])[1], min(means[task])[0]
+    workload, record = json.loads(slow_line)
+    lucky_trace = record[0]
+    record[1] = [best_time / 10]
+    _write_records(database, [(w, u, json.dumps([workload, record]) if line == slow_line else line) for w, u, line in rows])
+
+    monkeypatch.setenv("SPLITC_CACHE", str(cache))
+    said: list[str] = []
+    report = tuning.tune_module(_cnn_module(cnn_pt2), X86, trials=0, log=said.append)
+    assert report.final_tasks == 5 and report.final_best_changed >= 1, (report.final_tasks, report.final_best_changed)
+    assert any("fastest records of 5 task(s) side by side" in line for line in said), said
+    after = {}
+    for w, _, line in _records(database):
+        if w == task:
+            trace, runs = json.loads(line)[1][:2]
+            after[json.dumps(trace)] = sum(runs) / len(runs)
+    best = min(after, key=after.get)
+    assert best != json.dumps(lucky_trace), after
+    assert after[json.dumps(lucky_trace)] > 1.5 * after[best], after  # its time is now what this host measures
+
+
 def test_export_import_shares_records_with_another_cache(cnn_pt2, tuned_cache, tmp_path, monkeypatch):
     """`splitc tuning export` on one machine, `import` on another (another cache here): the next
     compile there applies every record without tuning; importing twice adds nothing."""
