@@ -18,6 +18,8 @@ function, or one where a schedule step does not apply, is left to MetaSchedule u
 
 from __future__ import annotations
 
+from splitc.backends.lanes import float32_lanes, widest_dividing
+
 PIXELS_PER_TILE = 2      # output pixels along the row per tile (4 won on two layers, 2 on one, the rest even)
 VECTORS_PER_TILE = 2     # channel vectors per tile: 2 x 2 accumulators, plus the 9 weights, fit 16 registers
 
@@ -29,14 +31,6 @@ def _is_depthwise(sch, block) -> bool:
     if kinds != [0, 0, 0, 0, 2, 2, 2]:  # 0: data parallel, 2: commutative reduction
         return False
     return int(stmt.iter_vars[6].dom.extent) == 1 and "conv2d" in stmt.name_hint
-
-
-def _channel_tile(channels: int, lanes: int) -> int:
-    """Channels per tile: VECTORS_PER_TILE vectors of `lanes`, halved until they divide `channels`."""
-    tile = lanes * VECTORS_PER_TILE
-    while tile > 1 and channels % tile:
-        tile //= 2
-    return tile
 
 
 def schedule_depthwise(func, vector_bits: int | None):
@@ -65,9 +59,9 @@ def schedule_depthwise(func, vector_bits: int | None):
         for block in after[:-1]:
             sch.compute_inline(block)           # bias, max, min ... into the last elementwise block
         n, y, x, c, ry, rx, rc = sch.get_loops(conv)
-        lanes = max(1, (vector_bits or 128) // 32)
         x_outer, x_inner = sch.split(x, [None, PIXELS_PER_TILE])
-        c_outer, c_inner = sch.split(c, [None, _channel_tile(int(sch.get(c).extent), lanes)])
+        channels_per_tile = widest_dividing(float32_lanes(vector_bits) * VECTORS_PER_TILE, int(sch.get(c).extent))
+        c_outer, c_inner = sch.split(c, [None, channels_per_tile])
         sch.reorder(n, y, x_outer, c_outer, ry, rx, rc, x_inner, c_inner)
         sch.parallel(sch.fuse(n, y))
         if after:

@@ -36,6 +36,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from splitc.backends.lanes import float32_lanes, widest_dividing
+
 TILES = (4, 2)          # output tile sizes tried, largest first: F(4x4, 3x3), F(2x2, 3x3)
 MIN_TILES = 49          # a batched product of fewer rows than this does not pay for the transforms
 MIN_CHANNELS = 8        # nor does one with fewer input or output channels
@@ -235,14 +237,6 @@ def _prim_func(compute, input_shape, dtype: str, pattern: int):
     return te.create_prim_func([source, compute(source)]).without_attr("global_symbol").with_attr("op_pattern", pattern)
 
 
-def _vector_lanes(channels: int, vector_bits: int | None) -> int:
-    """float32 lanes of the target's vectors, halved until they divide the channel count."""
-    lanes = max(1, (vector_bits or 128) // 32)
-    while channels % lanes:
-        lanes //= 2
-    return lanes
-
-
 def rewrite_winograd(vector_bits: int | None):
     """Module pass: every eligible NHWC 3x3 convolution of the Relax functions -> Winograd (module
     docstring). `vector_bits`: the target's natural vector width (the input transform's lanes)."""
@@ -272,7 +266,7 @@ def rewrite_winograd(vector_bits: int | None):
             g = Geometry(n, h, w, tuple(int(p) for p in call.attrs.padding), tile)
             transform_in = function(("input", g, ci), "winograd_input", lambda: schedule_input_transform(
                 _prim_func(lambda x: input_transform(x, g), (n, h, w, ci), "float32", _OPAQUE),
-                _vector_lanes(ci, vector_bits)))
+                widest_dividing(float32_lanes(vector_bits), ci)))
             transform_out = function(("output", g, co), "winograd_output", lambda: _prim_func(
                 lambda m: output_transform(m, g), (g.alpha**2, g.tiles, co), "float32", _OUT_EWISE_FUSABLE))
             transformed = relax.call_tir(transform_in, (data,), relax.TensorType((g.alpha**2, g.tiles, ci), "float32"))
