@@ -1505,9 +1505,12 @@ def _remeasure_top(task_mods, builder, runner, directory: Path, target, *, keep:
     for index in sorted(indices & ranked.keys()):
         workload = ms.database.Workload.from_json(json.loads(workloads[index]))
         for recorded, position in ranked[index][:keep]:
-            record = ms.database.TuningRecord.from_json(json.loads(records[position])[1], workload)
-            schedule = tvm.s_tir.Schedule(workload.mod)
-            record.trace.apply_to_schedule(schedule, remove_postproc=False)
+            try:
+                record = ms.database.TuningRecord.from_json(json.loads(records[position])[1], workload)
+                schedule = tvm.s_tir.Schedule(workload.mod)
+                record.trace.apply_to_schedule(schedule, remove_postproc=False)
+            except Exception:  # noqa: BLE001 - a record that no longer replays: scaled like the rest
+                continue
             finalists.append((index, position, schedule.mod, record.args_info, recorded))
     if not finalists:
         return []
