@@ -1395,7 +1395,7 @@ def _tune(spec_path: str) -> None:
 
     # One untuned run per task (first run only: resumed runs keep theirs) as a record with an empty
     # schedule: the database's best record of a task is then the best of tuned and untuned.
-    _measure_untuned(contexts, builder, make_runner(cold._replace(repeat=3)), database, target,
+    _measure_baselines(contexts, builder, make_runner(cold._replace(repeat=3)), database, target, vector_bits(spec["target"]),
                      over_rpc=rpc is not None)
     ms.tune_tasks(
         tasks=contexts,
@@ -1442,6 +1442,15 @@ def _cpu_tensor_intrinsics() -> None:
         for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
             del sys.modules[key]
         importlib.import_module(name)
+
+
+def _replay(func_mod, trace):
+    """`func_mod` scheduled by `trace` (a tvm.s_tir.Schedule)."""
+    import tvm
+
+    schedule = tvm.s_tir.Schedule(func_mod)
+    trace.apply_to_schedule(schedule, remove_postproc=False)
+    return schedule
 
 
 def _time_candidates(candidates, builder, runner, target, *, rounds: int = 1,
@@ -1494,7 +1503,6 @@ def _remeasure_top(task_mods, builder, runner, directory: Path, target, *, keep:
     timings, taken minutes apart, and is often not the fastest (held out, re-timing the top 3 of
     a 30-minute MobileNetV2 database changed the pick in 21 of 34 tasks and cut the summed kernel
     time by 4.9 %). Scaling the rest by one factor keeps their order."""
-    import tvm
     from tvm.s_tir import meta_schedule as ms
 
     workloads, records, _ = _read_database(directory)
@@ -1507,8 +1515,7 @@ def _remeasure_top(task_mods, builder, runner, directory: Path, target, *, keep:
         for recorded, position in ranked[index][:keep]:
             try:
                 record = ms.database.TuningRecord.from_json(json.loads(records[position])[1], workload)
-                schedule = tvm.s_tir.Schedule(workload.mod)
-                record.trace.apply_to_schedule(schedule, remove_postproc=False)
+                schedule = _replay(workload.mod, record.trace)
             except Exception:  # noqa: BLE001 - a record that no longer replays: scaled like the rest
                 continue
             finalists.append((index, position, schedule.mod, record.args_info, recorded))
@@ -1530,25 +1537,39 @@ def _remeasure_top(task_mods, builder, runner, directory: Path, target, *, keep:
     return results
 
 
-def _measure_untuned(contexts, builder, runner, database, target, *, over_rpc: bool) -> None:
+def _measure_baselines(contexts, builder, runner, database, target, vector_bits: int | None, *, over_rpc: bool) -> None:
+    """Time and store, for each task without an untuned record yet, its untuned code and, where
+    one applies (backends/pointwise.py), splitc's own schedule: records the search starts from and
+    must beat."""
     from tvm.s_tir import meta_schedule as ms
     from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+
+    from splitc.backends.pointwise import schedule_pointwise
 
     have = {r.workload.as_json()[0] for r in database.get_all_tuning_records() if is_untuned(r)}
     todo = [(ctx, database.commit_workload(ctx.mod)) for ctx in contexts]
     todo = [(ctx, workload) for ctx, workload in todo if workload.as_json()[0] not in have]
     if not todo:
         return
-    print(f"splitc: measuring the untuned code of {len(todo)} task(s)", flush=True)
-    candidates = [(ctx.mod, ArgInfo.from_prim_func(ctx.mod["main"])) for ctx, _ in todo]
+    jobs = []  # (task context, workload, trace, is the untuned code)
+    for ctx, workload in todo:
+        jobs.append((ctx, workload, _untuned_trace(ctx.mod), True))
+        if (own := schedule_pointwise(ctx.mod["main"], vector_bits)) is not None:
+            jobs.append((ctx, workload, own.trace, False))
+    print(f"splitc: measuring the untuned code of {len(todo)} task(s) and splitc's schedule of {len(jobs) - len(todo)}", flush=True)
+    candidates = []
+    for ctx, _, trace, _ in jobs:
+        schedule = _replay(ctx.mod, trace)
+        candidates.append((schedule.mod, ArgInfo.from_prim_func(ctx.mod["main"])))
     times, failures = _time_candidates(candidates, builder, runner, target)
     measured, errors = 0, []
-    for (ctx, workload), (_, args), runs, failure in zip(todo, candidates, times, failures):
+    for (ctx, workload, trace, untuned), (_, args), runs, failure in zip(jobs, candidates, times, failures):
         if failure or not runs:
-            errors.append(f"{ctx.task_name}: {failure or 'no timing'}")
+            if untuned:
+                errors.append(f"{ctx.task_name}: {failure or 'no timing'}")
             continue
-        database.commit_tuning_record(ms.database.TuningRecord(_untuned_trace(ctx.mod), workload, runs, target, args))
-        measured += 1
+        database.commit_tuning_record(ms.database.TuningRecord(trace, workload, runs, target, args))
+        measured += untuned
     for line in errors:
         print(f"splitc: untuned baseline failed: {line}", flush=True)
     if measured == 0 and over_rpc:

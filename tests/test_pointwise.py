@@ -1,0 +1,103 @@
+"""splitc's own schedule for 1x1 convolutions (backends/pointwise.py): which functions it takes, that
+the scheduled code computes what torch computes, and that a tuning run offers it to the search as a
+record that compile applies."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+from splitc.backends import tuning
+from torch import nn
+
+X86 = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "host"}
+
+
+class Pointwise(nn.Module):
+    """An inverted-residual-like stack: 1x1 expansion with ReLU6 (16 -> 32 channels: two vectors
+    per tile on AVX2), a 3x3 depthwise layer (not pointwise), a 1x1 projection to 24 channels with
+    a residual add (three 8-lane vectors: one per tile), a 1x1 stride-2 convolution to 16 on an odd
+    width, and a 1x1 convolution to 12 channels (not a multiple of the vector: left alone)."""
+
+    def __init__(self):
+        super().__init__()
+        self.expand = nn.Conv2d(16, 32, 1)
+        self.dw = nn.Conv2d(32, 32, 3, padding=1, groups=32)
+        self.project = nn.Conv2d(32, 24, 1)
+        self.skip = nn.Conv2d(16, 24, 1, bias=False)
+        self.down = nn.Conv2d(24, 16, 1, stride=2)
+        self.narrow = nn.Conv2d(16, 12, 1)
+
+    def forward(self, x):
+        y = self.project(self.dw(torch.clamp(self.expand(x), 0, 6))) + self.skip(x)
+        return self.narrow(self.down(y))
+
+
+def _prepared(model, x):
+    from tvm.relax.frontend.torch import from_exported_program
+
+    program = torch.export.export(model, (x,))
+    return tuning.prepare(from_exported_program(program, keep_params_as_input=False), tuning.resolve_target(X86), True)
+
+
+def test_pointwise_schedule_takes_1x1_convolutions_and_matches_the_untuned_code():
+    import tvm
+    from splitc.backends.pointwise import schedule_pointwise
+    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+
+    torch.manual_seed(0)
+    prepared = _prepared(Pointwise().eval(), torch.randn(1, 16, 15, 15))
+    target = tvm.target.Target(tuning.resolve_target(X86))
+    bits = tuning.vector_bits(tuning.resolve_target(X86))
+    taken, left = [], []
+    rng = np.random.default_rng(0)
+    for gvar, func in prepared.functions.items():
+        if not isinstance(func, tvm.tirx.PrimFunc) or func.attrs.get("tirx.is_scheduled"):
+            continue
+        schedule = schedule_pointwise(func, bits)
+        (left if schedule is None else taken).append(gvar.name_hint)
+        if schedule is None:
+            continue
+        plain = tvm.tirx.build(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
+        own = tvm.tirx.build(tvm.IRModule({"main": schedule.mod["main"].with_attr("global_symbol", "main")}), target=target)
+        shapes = [[int(d) for d in arg.shape] for arg in ArgInfo.from_prim_func(func)]
+        inputs = [rng.standard_normal(shape).astype("float32") for shape in shapes[:-1]]
+        outputs = []
+        for lib in (plain, own):
+            args = [tvm.runtime.tensor(a) for a in inputs] + [tvm.runtime.tensor(np.zeros(shapes[-1], "float32"))]
+            lib["main"](*args)
+            outputs.append(args[-1].numpy())
+        np.testing.assert_allclose(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
+    # expansion (+ReLU6), projection (+bias +residual), skip, stride-2 down; not the depthwise, not the 12-channel one
+    assert len(taken) == 4 and all("conv2d" in name for name in taken), taken
+    assert any("conv2d" in name for name in left), left
+
+
+def test_tuning_offers_the_pointwise_schedule_and_compile_applies_it(tmp_path, monkeypatch):
+    import tvm
+    from tvm import relax
+
+    torch.manual_seed(0)
+    model, x = Pointwise().eval(), torch.randn(1, 16, 15, 15)
+    with torch.no_grad():
+        expected = model(x).numpy()
+    from tvm.relax.frontend.torch import from_exported_program
+
+    mod = from_exported_program(torch.export.export(model, (x,)), keep_params_as_input=False)
+    monkeypatch.setenv("SPLITC_CACHE", str(tmp_path / "cache"))
+    report = tuning.tune_module(mod, X86, trials=0)
+    own = 0
+    for line in (report.directory / tuning.RECORD_FILE).read_text().splitlines():
+        trace = json.loads(line)[1][0]
+        own += any(inst[0] == "Vectorize" for inst in trace[0]) and not any(inst[0].startswith("Sample") for inst in trace[0])
+    assert own == 4, own  # one record of splitc's schedule per 1x1 task (trials=0: nothing searched)
+
+    target = tuning.resolve_target(X86)
+    with tuning.best_records(report.directory) as database:
+        prepared, cov = tuning.best_variant(mod, target, report.directory, database)
+        applied = tuning.apply_database(prepared, target, cov.prepack, database)
+    assert cov.with_record == cov.tasks
+    vm = relax.VirtualMachine(tvm.compile(applied, target=tvm.target.Target(target)), tvm.cpu())
+    got = vm["main"](tvm.runtime.tensor(x.numpy()))
+    got = (got[0] if not hasattr(got, "numpy") else got).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
