@@ -31,7 +31,8 @@ layout-free weight buffers whose layout each schedule chooses, rewritten once at
 constant folding, since splitc binds weights as constants).
 
 Best of tuned and untuned, per task: before searching, a tuning run measures every task's untuned
-code and stores it as a record with an empty schedule. MetaSchedule applies the fastest record of
+code and stores it as a record with an empty schedule, and, for 1x1 convolutions, splitc's own
+schedule (backends/pointwise.py) as another record. MetaSchedule applies the fastest record of
 each task, so a task whose tuned schedules are all slower than its untuned code stays untuned.
 
 Tuning runs in a child process in its own session. The parent enforces the wall-clock budget and
