@@ -1395,7 +1395,8 @@ def _tune(spec_path: str) -> None:
         weights.append(task["weight"])
 
     # One untuned run per task (first run only: resumed runs keep theirs) as a record with an empty
-    # schedule: the database's best record of a task is then the best of tuned and untuned.
+    # schedule, and splitc's schedule where it has one: the database's best record of a task is then
+    # the best of tuned, untuned and splitc's.
     _measure_baselines(contexts, builder, make_runner(cold._replace(repeat=3)), database, target, vector_bits(spec["target"]),
                      over_rpc=rpc is not None)
     ms.tune_tasks(
