@@ -1446,15 +1446,6 @@ def _cpu_tensor_intrinsics() -> None:
         importlib.import_module(name)
 
 
-def _replay(func_mod, trace):
-    """`func_mod` scheduled by `trace` (a tvm.s_tir.Schedule)."""
-    import tvm
-
-    schedule = tvm.s_tir.Schedule(func_mod)
-    trace.apply_to_schedule(schedule, remove_postproc=False)
-    return schedule
-
-
 def _time_candidates(candidates, builder, runner, target, *, rounds: int = 1,
                      end: float | None = None) -> tuple[list[list[float]], list[str | None]]:
     """Build each (TIR module, args info) once and time it in `rounds` rounds, every candidate once
@@ -1505,6 +1496,7 @@ def _remeasure_top(task_mods, builder, runner, directory: Path, target, *, keep:
     timings, taken minutes apart, and is often not the fastest (held out, re-timing the top 3 of
     a 30-minute MobileNetV2 database changed the pick in 21 of 34 tasks and cut the summed kernel
     time by 4.9 %). Scaling the rest by one factor keeps their order."""
+    import tvm
     from tvm.s_tir import meta_schedule as ms
 
     workloads, records, _ = _read_database(directory)
@@ -1517,7 +1509,8 @@ def _remeasure_top(task_mods, builder, runner, directory: Path, target, *, keep:
         for recorded, position in ranked[index][:keep]:
             try:
                 record = ms.database.TuningRecord.from_json(json.loads(records[position])[1], workload)
-                schedule = _replay(workload.mod, record.trace)
+                schedule = tvm.s_tir.Schedule(workload.mod)
+                record.trace.apply_to_schedule(schedule, remove_postproc=False)
             except Exception:  # noqa: BLE001 - a record that no longer replays: scaled like the rest
                 continue
             finalists.append((index, position, schedule.mod, record.args_info, recorded))
@@ -1553,19 +1546,16 @@ def _measure_baselines(contexts, builder, runner, database, target, vector_bits:
     todo = [(ctx, workload) for ctx, workload in todo if workload.as_json()[0] not in have]
     if not todo:
         return
-    jobs = []  # (task context, workload, trace, is the untuned code)
+    jobs = []  # (task context, workload, trace, scheduled module, is the untuned code)
     for ctx, workload in todo:
-        jobs.append((ctx, workload, _untuned_trace(ctx.mod), True))
+        jobs.append((ctx, workload, _untuned_trace(ctx.mod), ctx.mod, True))
         if (own := schedule_pointwise(ctx.mod["main"], vector_bits)) is not None:
-            jobs.append((ctx, workload, own.trace, False))
+            jobs.append((ctx, workload, own.trace, own.mod, False))
     print(f"splitc: measuring the untuned code of {len(todo)} task(s) and splitc's schedule of {len(jobs) - len(todo)}", flush=True)
-    candidates = []
-    for ctx, _, trace, _ in jobs:
-        schedule = _replay(ctx.mod, trace)
-        candidates.append((schedule.mod, ArgInfo.from_prim_func(ctx.mod["main"])))
+    candidates = [(mod, ArgInfo.from_prim_func(ctx.mod["main"])) for ctx, _, _, mod, _ in jobs]
     times, failures = _time_candidates(candidates, builder, runner, target)
     measured, errors = 0, []
-    for (ctx, workload, trace, untuned), (_, args), runs, failure in zip(jobs, candidates, times, failures):
+    for (ctx, workload, trace, _, untuned), (_, args), runs, failure in zip(jobs, candidates, times, failures):
         if failure or not runs:
             if untuned:
                 errors.append(f"{ctx.task_name}: {failure or 'no timing'}")
