@@ -18,19 +18,10 @@ function, or one where a schedule step does not apply, is left to MetaSchedule u
 
 from __future__ import annotations
 
-from splitc.backends.lanes import float32_lanes, widest_dividing
+from splitc.backends.cpu_schedule import epilogue_per_tile, float32_lanes, fused_conv2d, widest_dividing
 
 PIXELS_PER_TILE = 2      # output pixels along the row per tile (4 won on two layers, 2 on one, the rest even)
 VECTORS_PER_TILE = 2     # channel vectors per tile: 2 x 2 accumulators, plus the 9 weights, fit 16 registers
-
-
-def _is_depthwise(sch, block) -> bool:
-    """A reduction block over (n, y, x, c; ry, rx, rc) whose input-channel reduction has extent 1."""
-    stmt = sch.get(block)
-    kinds = [int(iv.iter_type) for iv in stmt.iter_vars]
-    if kinds != [0, 0, 0, 0, 2, 2, 2]:  # 0: data parallel, 2: commutative reduction
-        return False
-    return int(stmt.iter_vars[6].dom.extent) == 1 and "conv2d" in stmt.name_hint
 
 
 def schedule_depthwise(func, vector_bits: int | None):
@@ -40,35 +31,18 @@ def schedule_depthwise(func, vector_bits: int | None):
 
     sch = s_tir.Schedule(func)
     try:
-        blocks = sch.get_child_blocks(sch.get_sblock("root"))
-    except Exception:  # noqa: BLE001 - no root block: not a function this pass knows
-        return None
-    names = [sch.get(b).name_hint for b in blocks]
-    convs = [i for i, b in enumerate(blocks) if _is_depthwise(sch, b)]
-    if len(convs) != 1:
-        return None
-    position = convs[0]
-    before, conv, after = blocks[:position], blocks[position], blocks[position + 1:]
-    if any(not name.startswith("pad") for name in names[:position]):
-        return None
-    if any(int(iv.iter_type) != 0 for b in after for iv in sch.get(b).iter_vars):
-        return None
-    try:
-        for block in before:
-            sch.compute_inline(block)           # the padding becomes a condition on the loads
-        for block in after[:-1]:
-            sch.compute_inline(block)           # bias, max, min ... into the last elementwise block
+        found = fused_conv2d(sch, lambda ry, rx, rc: rc == 1)    # one input channel per output: depthwise
+        if found is None:
+            return None
+        conv, epilogue = found
         n, y, x, c, ry, rx, rc = sch.get_loops(conv)
         x_outer, x_inner = sch.split(x, [None, PIXELS_PER_TILE])
         channels_per_tile = widest_dividing(float32_lanes(vector_bits) * VECTORS_PER_TILE, int(sch.get(c).extent))
         c_outer, c_inner = sch.split(c, [None, channels_per_tile])
         sch.reorder(n, y, x_outer, c_outer, ry, rx, rc, x_inner, c_inner)
         sch.parallel(sch.fuse(n, y))
-        if after:
-            sch.reverse_compute_at(after[-1], c_outer)   # the epilogue of each tile, while it is in registers
-            pixel, channel = sch.get_loops(after[-1])[-2:]
-            sch.unroll(pixel)
-            sch.vectorize(channel)
+        if epilogue is not None:
+            epilogue_per_tile(sch, epilogue, c_outer)
         for loop in (ry, rx, rc, x_inner):
             sch.unroll(loop)
         sch.vectorize(c_inner)

@@ -16,7 +16,7 @@ keep whichever is fastest.
 
 from __future__ import annotations
 
-from splitc.backends.lanes import float32_lanes, widest_dividing
+from splitc.backends.cpu_schedule import epilogue_per_tile, float32_lanes, fused_conv2d, widest_dividing
 
 MAX_VECTORS = 2       # output-channel vectors per tile
 INPUT_UNROLL = 4      # input channels per unrolled step of the reduction
@@ -29,23 +29,10 @@ def schedule_pointwise(func, vector_bits: int | None):
 
     sch = s_tir.Schedule(func)
     try:
-        blocks = sch.get_child_blocks(sch.get_sblock("root"))
-    except Exception:  # noqa: BLE001 - no root block: not a function this knows
-        return None
-    convs = [i for i, b in enumerate(blocks) if _is_pointwise(sch, b)]
-    if len(convs) != 1:
-        return None
-    position = convs[0]
-    before, conv, after = blocks[:position], blocks[position], blocks[position + 1:]
-    if any(not sch.get(b).name_hint.startswith("pad") for b in before):
-        return None
-    if any(int(iv.iter_type) != 0 for b in after for iv in sch.get(b).iter_vars):
-        return None
-    try:
-        for block in before:
-            sch.compute_inline(block)           # a 1x1 convolution's "padding" is a copy
-        for block in after[:-1]:
-            sch.compute_inline(block)
+        found = fused_conv2d(sch, lambda ry, rx, rc: ry == rx == 1)    # a 1x1 window; its "padding" is a copy
+        if found is None:
+            return None
+        conv, epilogue = found
         n, y, x, c, ry, rx, rc = sch.get_loops(conv)
         lanes = float32_lanes(vector_bits)
         channels = int(sch.get(c).extent)
@@ -58,11 +45,8 @@ def schedule_pointwise(func, vector_bits: int | None):
         rc_outer, rc_inner = sch.split(rc, [None, INPUT_UNROLL])
         sch.reorder(n, y, x_outer, c_outer, ry, rx, rc_outer, rc_inner, x_inner, c_vectors, c_inner)
         sch.parallel(sch.fuse(n, y))
-        if after:
-            sch.reverse_compute_at(after[-1], c_outer)
-            pixel, channel = sch.get_loops(after[-1])[-2:]
-            sch.unroll(pixel)
-            sch.vectorize(channel)
+        if epilogue is not None:
+            epilogue_per_tile(sch, epilogue, c_outer)
         for loop in (rc_inner, x_inner, c_vectors):
             sch.unroll(loop)
         sch.vectorize(c_inner)
@@ -70,12 +54,3 @@ def schedule_pointwise(func, vector_bits: int | None):
     except Exception:  # noqa: BLE001 - tvm raises ScheduleError subclasses; the search has the task anyway
         return None
     return sch
-
-
-def _is_pointwise(sch, block) -> bool:
-    """A reduction block over (n, y, x, c; ry, rx, rc) with a 1x1 window."""
-    stmt = sch.get(block)
-    kinds = [int(iv.iter_type) for iv in stmt.iter_vars]
-    if kinds != [0, 0, 0, 0, 2, 2, 2] or "conv2d" not in stmt.name_hint:
-        return False
-    return int(stmt.iter_vars[4].dom.extent) == 1 and int(stmt.iter_vars[5].dom.extent) == 1

@@ -36,7 +36,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from splitc.backends.lanes import float32_lanes, widest_dividing
+from splitc.backends.cpu_schedule import float32_lanes, widest_dividing
 
 TILES = (4, 2)          # output tile sizes tried, largest first: F(4x4, 3x3), F(2x2, 3x3)
 MIN_TILES = 49          # a batched product of fewer rows than this does not pay for the transforms
