@@ -1,56 +1,98 @@
-"""A register-tiled schedule for pointwise (1x1) convolutions on CPU targets, offered to the search.
+"""Register-tiled schedules for pointwise (1x1) convolutions on CPU targets, offered to the search.
 
 In NHWC a 1x1 convolution is a matrix product: pixels by input channels times input by output
-channels. Per output row, in parallel: tiles of a few pixels by one or two vectors of output
-channels held in registers, the input-channel loop outside them (unrolled by 4), each pixel's input
-value broadcast against a vector of weights; the fused epilogue (bias, residual add, ReLU6)
-applied per tile. MobileNetV2's projections to few channels are where the search does worst: timed
-against the 15-minute database's records (cold weights, as tuning times them), 112x112 32->16 ran
-in 153 us against 384, 56x56 96->24 in 199 against 368, 56x56 144->24 with the residual in 339
-against 449; with many output channels (96->576, 960->320) this schedule loses to the search.
+channels. Over the image's pixels (row-major), in parallel: tiles of a few pixels by a few vectors
+of output channels held in registers, the input-channel loop outside them (unrolled by 4), each
+pixel's input value broadcast against a vector of weights; the fused epilogue (bias, residual add,
+ReLU6) applied per tile. MobileNetV2's projections to few channels are where the search does
+worst: timed against a 15-minute database's records (AMD EPYC, AVX2, cold weights as tuning times
+them), 112x112 32->16 ran in 153 us against 384, 56x56 96->24 in 199 against 368, 56x56 144->24
+with the residual in 339 against 449; with many output channels (96->576, 960->320) the search wins.
 
-So it is not imposed like backends/depthwise.py: `_measure_baselines` in backends/tuning.py times it
-beside each task's untuned code and stores it as a record; the search and the final re-timing then
-keep whichever is fastest.
+Which tile is best depends on the shape and the CPU (how many vector registers; 24 channels are
+three 8-lane vectors: a tile of one re-reads the inputs three times, a tile of three holds fewer
+pixels), so `pointwise_schedules` gives a few tile shapes (`TILES`) and none is imposed like
+backends/depthwise.py:
+`_measure_baselines` in backends/tuning.py times them beside each task's untuned code and stores
+them as records; the search and the final re-timing then keep whichever is fastest.
 """
 
 from __future__ import annotations
 
 from splitc.backends.cpu_schedule import epilogue_per_tile, float32_lanes, fused_conv2d, widest_dividing
 
-MAX_VECTORS = 2       # output-channel vectors per tile
-INPUT_UNROLL = 4      # input channels per unrolled step of the reduction
+# Tile shapes offered: output-channel vectors per tile -> most pixels per tile. Timed on MobileNetV2's
+# 1x1 layers (AVX2 vectors): one vector by 8 pixels won most layers (re-reading the few input
+# values per output vector from L1 costs less than fewer accumulators), three vectors by 4 pixels
+# won the 24-channel ones.
+TILES = {1: 8, 2: 4, 3: 4}
+INPUT_UNROLL = 4           # input channels per unrolled step of the reduction
 
 
-def schedule_pointwise(func, vector_bits: int | None):
-    """A `tvm.s_tir.Schedule` of `func` (its trace is the record), or None when `func` is not a 1x1
-    NHWC convolution followed only by elementwise blocks, or a step does not apply."""
+def tile_shapes(height: int, width: int, vectors: int) -> list[tuple[int, int]]:
+    """(pixels, vectors) per tile for a convolution with a `height` x `width` output and `vectors`
+    output-channel vectors: for each vector count in TILES that divides `vectors`, the most pixels
+    up to its limit that are a divisor of a row or a whole number of rows (no remainder loop; a
+    tile across a row's end gets a wrong epilogue from TVM 0.27's `reverse_compute_at`), when
+    that leaves 8 accumulators or more (tiles of 4 and 6 never won where another tile was offered)."""
+    fits = {d for d in range(1, width + 1) if width % d == 0} | {k * width for k in range(1, height + 1) if height % k == 0}
+    shapes = []
+    for per_tile, most in TILES.items():
+        pixels = max(d for d in fits if d <= most)
+        if vectors % per_tile == 0 and (per_tile == 1 or pixels * per_tile >= 8):
+            shapes.append((pixels, per_tile))
+    return shapes
+
+
+def pointwise_schedules(func, vector_bits: int | None) -> list:
+    """`tvm.s_tir.Schedule`s of `func`, one per tile shape (their traces are the records); empty
+    when `func` is not a 1x1 NHWC convolution followed only by elementwise blocks with output
+    channels a multiple of the vector."""
     from tvm import s_tir
 
-    sch = s_tir.Schedule(func)
+    probe = s_tir.Schedule(func)
     try:
-        found = fused_conv2d(sch, lambda ry, rx, rc: ry == rx == 1)    # a 1x1 window; its "padding" is a copy
-        if found is None:
-            return None
-        conv, epilogue = found
-        n, y, x, c, ry, rx, rc = sch.get_loops(conv)
-        lanes = float32_lanes(vector_bits)
-        channels = int(sch.get(c).extent)
-        if channels % lanes:
-            return None
-        tile = widest_dividing(lanes * MAX_VECTORS, channels)
-        pixels = 8 if tile == lanes else 4      # about 8 accumulators, and room for the weights
-        x_outer, x_inner = sch.split(x, [None, pixels])
-        c_outer, c_vectors, c_inner = sch.split(c, [None, tile // lanes, lanes])
-        rc_outer, rc_inner = sch.split(rc, [None, INPUT_UNROLL])
-        sch.reorder(n, y, x_outer, c_outer, ry, rx, rc_outer, rc_inner, x_inner, c_vectors, c_inner)
-        sch.parallel(sch.fuse(n, y))
-        if epilogue is not None:
-            epilogue_per_tile(sch, epilogue, c_outer)
-        for loop in (rc_inner, x_inner, c_vectors):
-            sch.unroll(loop)
-        sch.vectorize(c_inner)
-        sch.decompose_reduction(conv, ry)
+        found = fused_conv2d(probe, lambda ry, rx, rc: ry == rx == 1)    # a 1x1 window; its "padding" is a copy
     except Exception:  # noqa: BLE001 - tvm raises ScheduleError subclasses; the search has the task anyway
-        return None
-    return sch
+        return []
+    if found is None:
+        return []
+    n, y, x, c = (int(probe.get(loop).extent) for loop in probe.get_loops(found[0])[:4])
+    lanes = float32_lanes(vector_bits)
+    if c % lanes:
+        return []
+    schedules = []
+    for pixels, vectors in tile_shapes(n * y, x, c // lanes):
+        sch = s_tir.Schedule(func)
+        try:
+            _tile(sch, lanes, pixels, vectors)
+        except Exception:  # noqa: BLE001
+            continue
+        schedules.append(sch)
+    return schedules
+
+
+def _tile(sch, lanes: int, pixels: int, vectors: int) -> None:
+    conv, epilogue = fused_conv2d(sch, lambda ry, rx, rc: ry == rx == 1)
+    n, y, x, c, ry, rx, rc = sch.get_loops(conv)
+    p_outer, p_inner = sch.split(sch.fuse(n, y, x), [None, pixels])
+    c_outer, c_vectors, c_inner = sch.split(c, [None, vectors, lanes])
+    rc_outer, rc_inner = sch.split(rc, [None, widest_dividing(INPUT_UNROLL, int(sch.get(rc).extent))])
+    sch.reorder(p_outer, c_outer, ry, rx, rc_outer, rc_inner, p_inner, c_vectors, c_inner)
+    sch.parallel(p_outer)
+    if vectors > 1:
+        # Accumulate in a tile-sized local buffer that LLVM keeps in registers: accumulating
+        # several vectors in the output buffer ran the 3-vector tiles 2-3x slower; with one
+        # vector the direct form was 2-20 % faster.
+        writeback = sch.cache_write(conv, 0, "local")
+        if epilogue is not None:
+            sch.compute_inline(writeback)       # the epilogue reads the accumulators directly
+        else:
+            sch.reverse_compute_at(writeback, c_outer)
+            sch.vectorize(sch.get_loops(writeback)[-1])
+    if epilogue is not None:
+        epilogue_per_tile(sch, epilogue, c_outer)
+    for loop in (rc_inner, p_inner, c_vectors):
+        sch.unroll(loop)
+    sch.vectorize(c_inner)
+    sch.decompose_reduction(conv, ry)

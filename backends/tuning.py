@@ -32,7 +32,7 @@ constant folding, since splitc binds weights as constants).
 
 Best of tuned and untuned, per task: before searching, a tuning run measures every task's untuned
 code and stores it as a record with an empty schedule, and, for 1x1 convolutions, splitc's own
-schedule (backends/pointwise.py) as another record. MetaSchedule applies the fastest record of
+schedules (backends/pointwise.py, one per tile shape) as more records. MetaSchedule applies the fastest record of
 each task, so a task whose tuned schedules are all slower than its untuned code stays untuned.
 
 Tuning runs in a child process in its own session. The parent enforces the wall-clock budget and
@@ -1534,12 +1534,12 @@ def _remeasure_top(task_mods, builder, runner, directory: Path, target, *, keep:
 
 def _measure_baselines(contexts, builder, runner, database, target, vector_bits: int | None, *, over_rpc: bool) -> None:
     """Time and store, for each task without an untuned record yet, its untuned code and, where
-    one applies (backends/pointwise.py), splitc's own schedule: records the search starts from and
+    they apply (backends/pointwise.py), splitc's own schedules: records the search starts from and
     must beat."""
     from tvm.s_tir import meta_schedule as ms
     from tvm.s_tir.meta_schedule.arg_info import ArgInfo
 
-    from splitc.backends.pointwise import schedule_pointwise
+    from splitc.backends.pointwise import pointwise_schedules
 
     have = {r.workload.as_json()[0] for r in database.get_all_tuning_records() if is_untuned(r)}
     todo = [(ctx, database.commit_workload(ctx.mod)) for ctx in contexts]
@@ -1549,9 +1549,8 @@ def _measure_baselines(contexts, builder, runner, database, target, vector_bits:
     jobs = []  # (task context, workload, trace, scheduled module, is the untuned code)
     for ctx, workload in todo:
         jobs.append((ctx, workload, _untuned_trace(ctx.mod), ctx.mod, True))
-        if (own := schedule_pointwise(ctx.mod["main"], vector_bits)) is not None:
-            jobs.append((ctx, workload, own.trace, own.mod, False))
-    print(f"splitc: measuring the untuned code of {len(todo)} task(s) and splitc's schedule of {len(jobs) - len(todo)}", flush=True)
+        jobs += [(ctx, workload, own.trace, own.mod, False) for own in pointwise_schedules(ctx.mod["main"], vector_bits)]
+    print(f"splitc: measuring the untuned code of {len(todo)} task(s) and {len(jobs) - len(todo)} schedule(s) of splitc's own", flush=True)
     candidates = [(mod, ArgInfo.from_prim_func(ctx.mod["main"])) for ctx, _, _, mod, _ in jobs]
     times, failures = _time_candidates(candidates, builder, runner, target)
     measured, errors = 0, []
