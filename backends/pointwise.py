@@ -22,7 +22,7 @@ from __future__ import annotations
 from splitc.backends.cpu_schedule import epilogue_per_tile, float32_lanes, fused_conv2d, widest_dividing
 
 # Tile shapes offered: output-channel vectors per tile -> most pixels per tile. Timed on MobileNetV2's
-# 1x1 layers (AVX2 vectors): one vector by 8 pixels won most layers (re-reading the few input
+# 1x1 layers (8-lane vectors): one vector by 8 pixels won most layers (re-reading the few input
 # values per output vector from L1 costs less than fewer accumulators), three vectors by 4 pixels
 # won the 24-channel ones.
 TILES = {1: 8, 2: 4, 3: 4}
@@ -47,7 +47,7 @@ def tile_shapes(height: int, width: int, vectors: int) -> list[tuple[int, int]]:
 def pointwise_schedules(func, vector_bits: int | None) -> list:
     """`tvm.s_tir.Schedule`s of `func`, one per tile shape (their traces are the records); empty
     when `func` is not a 1x1 NHWC convolution followed only by elementwise blocks with output
-    channels a multiple of the vector."""
+    channels a multiple of the vector or of half of it."""
     from tvm import s_tir
 
     probe = s_tir.Schedule(func)
@@ -59,6 +59,8 @@ def pointwise_schedules(func, vector_bits: int | None) -> list:
         return []
     n, y, x, c = (int(probe.get(loop).extent) for loop in probe.get_loops(found[0])[:4])
     lanes = float32_lanes(vector_bits)
+    if c % lanes and c % (lanes // 2) == 0:
+        lanes //= 2         # 24 channels with 16-lane vectors: three of 8 lanes
     if c % lanes:
         return []
     schedules = []

@@ -179,10 +179,14 @@ def schedules_label(directory: Path, default: str) -> str:
 
 
 def vector_bits(target_json: dict[str, Any]) -> int | None:
-    """The width in bits of the vectors LLVM generates for the target's CPU, from its features:
-    512 with AVX-512 (unless the CPU prefers 256-bit vectors, as Skylake-X does), 256 with AVX,
-    128 with SSE2 or NEON (SVE: its minimum); None when unknown. TVM's `llvm_get_vector_width`
-    is not used: it answers 512 for every x86 CPU, AVX2-only ones included."""
+    """The width in bits of the widest vectors the target's CPU runs, from its features: 512 with
+    AVX-512, 256 with AVX, 128 with SSE2 or NEON (SVE: its minimum); None when unknown. What
+    splitc's own schedules vectorize by. LLVM's preference for 256-bit vectors on Intel's AVX-512
+    CPUs (`prefer-256-bit`) only steers its auto-vectorizer: the explicit 16-lane vectors of a TIR
+    schedule still become 512-bit instructions, as MetaSchedule's records already do there, and on an
+    Emerald Rapids host 16 lanes ran MobileNetV2's 1x1 convolutions 1.5-2x faster than 8 (depthwise
+    layers, bound by memory, the same). TVM's `llvm_get_vector_width` is not used: it answers 512
+    for every x86 CPU, AVX2-only ones included."""
     if target_json.get("kind") != "llvm":
         return None
     try:
@@ -192,7 +196,7 @@ def vector_bits(target_json: dict[str, Any]) -> int | None:
         features = set(llvm_get_cpu_features(tvm.target.Target(target_json)))
     except Exception:  # noqa: BLE001 - an LLVM without the target's backend, or an older TVM: width unknown
         return None
-    if "avx512f" in features and "prefer-256-bit" not in features:
+    if "avx512f" in features:
         return 512
     if "avx" in features:
         return 256
