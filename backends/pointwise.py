@@ -21,23 +21,33 @@ from __future__ import annotations
 
 from splitc.backends.cpu_schedule import epilogue_per_tile, float32_lanes, fused_conv2d, widest_dividing
 
-# Tile shapes offered: output-channel vectors per tile -> most pixels per tile. Timed on MobileNetV2's
-# 1x1 layers (8-lane vectors): one vector by 8 pixels won most layers (re-reading the few input
-# values per output vector from L1 costs less than fewer accumulators), three vectors by 4 pixels
-# won the 24-channel ones.
-TILES = {1: 8, 2: 4, 3: 4}
+# Tile shapes offered, by the size of the vector register file: output-channel vectors per tile ->
+# most pixels per tile; the accumulators, a vector of weights per output vector and the broadcast
+# input must fit. With 16 registers (AVX2; 8-lane vectors, MobileNetV2's 1x1 layers on an AMD EPYC):
+# one vector by 8 pixels won most layers (re-reading the few input values per output vector from L1
+# costs less than fewer accumulators), three vectors by 4 pixels won the 24-channel ones. With 32
+# (AVX-512; Emerald Rapids, timed with cold weights as tuning times them): 7 pixels by 2-3 vectors
+# won the 14x14 and 7x7 layers by 10-40 % over the search's records (576->96: 167 vs 288 us), and
+# 8 by 3 8-lane vectors the 24-channel ones.
+TILES = {16: {1: 8, 2: 4, 3: 4}, 32: {1: 8, 2: 8, 3: 8}}
 INPUT_UNROLL = 4           # input channels per unrolled step of the reduction
 
 
-def tile_shapes(height: int, width: int, vectors: int) -> list[tuple[int, int]]:
+def vector_registers(vector_bits: int | None) -> int:
+    """Vector registers to plan tiles for: 32 with AVX-512; 16 otherwise (AVX2 and SSE have 16;
+    AArch64's 32 NEON registers are planned as 16, which only makes the tiles smaller)."""
+    return 32 if vector_bits == 512 else 16
+
+
+def tile_shapes(height: int, width: int, vectors: int, registers: int = 16) -> list[tuple[int, int]]:
     """(pixels, vectors) per tile for a convolution with a `height` x `width` output and `vectors`
-    output-channel vectors: for each vector count in TILES that divides `vectors`, the most pixels
-    up to its limit that are a divisor of a row or a whole number of rows (no remainder loop; a
-    tile across a row's end gets a wrong epilogue from TVM 0.27's `reverse_compute_at`), when
-    that leaves 8 accumulators or more (tiles of 4 and 6 never won where another tile was offered)."""
+    output-channel vectors: for each vector count in TILES[registers] that divides `vectors`, the
+    most pixels up to its limit that are a divisor of a row or a whole number of rows (no remainder
+    loop; a tile across a row's end gets a wrong epilogue from TVM 0.27's `reverse_compute_at`),
+    when that leaves 8 accumulators or more (tiles of 4 and 6 never won where another was offered)."""
     fits = {d for d in range(1, width + 1) if width % d == 0} | {k * width for k in range(1, height + 1) if height % k == 0}
     shapes = []
-    for per_tile, most in TILES.items():
+    for per_tile, most in TILES[registers].items():
         pixels = max(d for d in fits if d <= most)
         if vectors % per_tile == 0 and (per_tile == 1 or pixels * per_tile >= 8):
             shapes.append((pixels, per_tile))
@@ -64,7 +74,7 @@ def pointwise_schedules(func, vector_bits: int | None) -> list:
     if c % lanes:
         return []
     schedules = []
-    for pixels, vectors in tile_shapes(n * y, x, c // lanes):
+    for pixels, vectors in tile_shapes(n * y, x, c // lanes, vector_registers(vector_bits)):
         sch = s_tir.Schedule(func)
         try:
             _tile(sch, lanes, pixels, vectors)

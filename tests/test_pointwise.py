@@ -52,12 +52,16 @@ def test_tile_shapes_divide_rows_and_keep_enough_accumulators():
     assert tile_shapes(15, 15, 2) == [(5, 1)]
     assert tile_shapes(1, 3, 3) == [(3, 1), (3, 3)]              # a row of 3: whole rows only
     assert tile_shapes(4, 1, 1) == [(4, 1)]                      # one-pixel rows: 4 rows per tile
+    # 32 registers (AVX-512): up to 8 pixels by 2 or 3 vectors
+    assert tile_shapes(14, 14, 6, registers=32) == [(7, 1), (7, 2), (7, 3)]
+    assert tile_shapes(56, 56, 3, registers=32) == [(8, 1), (8, 3)]
 
 
-# Schedules per 1x1 task (expansion, projection, skip, stride-2 down) by vector width: 15x15 allows
-# 5 pixels x 1 vector, and 3 x 3 for 24 channels (three 8-lane vectors, half of a 16-lane one);
-# the 8x8 output after the stride 8 x 1, and 4 x 2 where 16 channels are two vectors.
-SCHEDULES_PER_TASK = {256: [1, 2, 2, 2], 512: [1, 1, 2, 2]}
+# Schedules per 1x1 task (expansion, projection, skip, stride-2 down) by vector width. 256 bits (16
+# registers): the 15x15 image allows 5 pixels x 1 vector, and 3 x 3 for 24 channels; the 8x8 output
+# after the stride 8 x 1 and 4 x 2. 512 bits (32 registers): 5 x 1 and 5 x 2 for 32 channels, 5 x 1
+# and 5 x 3 for 24 (three 8-lane vectors, half of a 16-lane one), 8 x 1 for 16 channels.
+SCHEDULES_PER_TASK = {256: [1, 2, 2, 2], 512: [1, 2, 2, 2]}
 
 
 @pytest.mark.parametrize("bits", sorted(SCHEDULES_PER_TASK))
