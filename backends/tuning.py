@@ -32,8 +32,9 @@ constant folding, since splitc binds weights as constants).
 
 Best of tuned and untuned, per task: before searching, a tuning run measures every task's untuned
 code and stores it as a record with an empty schedule, and, for 1x1 convolutions, splitc's own
-schedules (backends/pointwise.py, one per tile shape) as more records. MetaSchedule applies the fastest record of
-each task, so a task whose tuned schedules are all slower than its untuned code stays untuned.
+schedules (backends/pointwise.py, one per tile shape) as more records. MetaSchedule applies the
+fastest record of each task, so a task whose tuned schedules are all slower than its untuned code
+stays untuned.
 
 Tuning runs in a child process in its own session. The parent enforces the wall-clock budget and
 turns Ctrl-C into stopping the child; MetaSchedule appends each measured batch to the database as it
