@@ -72,7 +72,7 @@ def pointwise_schedules(func, vector_bits: int | None) -> list:
         return []
     n, y, x, c = (int(probe.get(loop).extent) for loop in probe.get_loops(found[0])[:4])
     lanes = float32_lanes(vector_bits)
-    if c % lanes and c % (lanes // 2) == 0:
+    if c % lanes and lanes > 1 and c % (lanes // 2) == 0:
         lanes //= 2         # 24 channels with 16-lane vectors: three of 8 lanes
     if c % lanes:
         return []
