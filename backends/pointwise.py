@@ -57,6 +57,11 @@ def tile_shapes(height: int, width: int, vectors: int, registers: int = 16) -> l
     return shapes
 
 
+def _one_by_one(ry: int, rx: int, _rc: int) -> bool:
+    """A 1x1 window (its "padding" block is a copy)."""
+    return ry == rx == 1
+
+
 def pointwise_schedules(func, vector_bits: int | None) -> list:
     """`tvm.s_tir.Schedule`s of `func`, one per tile shape (their traces are the records); empty
     when `func` is not a 1x1 NHWC convolution followed only by elementwise blocks with output
@@ -65,7 +70,7 @@ def pointwise_schedules(func, vector_bits: int | None) -> list:
 
     probe = s_tir.Schedule(func)
     try:
-        found = fused_conv2d(probe, lambda ry, rx, rc: ry == rx == 1)    # a 1x1 window; its "padding" is a copy
+        found = fused_conv2d(probe, _one_by_one)
     except Exception:  # noqa: BLE001 - tvm raises ScheduleError subclasses; the search has the task anyway
         return []
     if found is None:
@@ -88,7 +93,7 @@ def pointwise_schedules(func, vector_bits: int | None) -> list:
 
 
 def _tile(sch, lanes: int, pixels: int, vectors: int) -> None:
-    conv, epilogue = fused_conv2d(sch, lambda ry, rx, rc: ry == rx == 1)
+    conv, epilogue = fused_conv2d(sch, _one_by_one)
     n, y, x, c, ry, rx, rc = sch.get_loops(conv)
     p_outer, p_inner = sch.split(sch.fuse(n, y, x), [None, pixels])
     c_outer, c_vectors, c_inner = sch.split(c, [None, vectors, lanes])
