@@ -1,12 +1,14 @@
 """Benchmark: where a compiled TVM partition loses time to ONNX Runtime, kernel by kernel.
 
-    python bench/kernel_gap.py model.splitc --model model.pt2 [--partition 0] [--calls 60]
+    python bench/kernel_gap.py model.splitc --model model.pt2 [--partition 0] [--bursts 8] [--per-burst 30]
 
 Times the partition's TVM deploy library on this host call by call, with each kernel timed inside
 the whole model (Relax VM instrument: the weights and activations are as warm as in a real run),
 and ONNX Runtime on the same partition with its profiler. Prints both kernel lists in execution
-order with per-kernel medians, the sums, and whole-call medians measured in alternating bursts, so
-a gap in the whole call can be told apart from overhead between kernels. Names differ between the
+order with per-kernel medians, the sums, and whole-call medians, so a gap in the whole call can be
+told apart from overhead between kernels. The four runners (TVM and ONNX Runtime, each plain and
+instrumented) take turns burst by burst: on a noisy host, phases run one after another measured
+the host's moods rather than the gap. Names differ between the
 two runtimes (TVM fuses conv+bias+add+relu into one task, ORT into one NCHWc Conv node); read the
 two lists side by side. Prints figures; asserts nothing.
 """
@@ -24,61 +26,70 @@ from pathlib import Path
 import numpy as np
 
 
-def tvm_kernels(library: Path, inputs: list[np.ndarray], threads: int, calls: int) -> list[tuple[str, float]]:
-    import tvm
-    from tvm import relax
+class TvmKernelTimer:
+    """The deploy library in a Relax VM whose instrument times every kernel call inside the model."""
 
-    from splitc.runtime.executors import use_tvm_threads
+    def __init__(self, library: Path, inputs: list[np.ndarray]):
+        import tvm
+        from tvm import relax
 
-    use_tvm_threads(threads)
-    vm = relax.VirtualMachine(tvm.runtime.load_module(str(library)), tvm.cpu())
-    args = [tvm.runtime.tensor(x) for x in inputs]
-    main = vm["main"]
-    for _ in range(10):
-        main(*args)
-    spans: dict[tuple[int, str], list[float]] = collections.defaultdict(list)
-    state = {"index": 0, "start": 0.0}
+        self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(library)), tvm.cpu())
+        self.args = [tvm.runtime.tensor(x) for x in inputs]
+        self.spans: dict[tuple[int, str], list[float]] = collections.defaultdict(list)
+        self._index, self._start = 0, 0.0
+        self.vm.set_instrument(self._instrument)
 
-    def instrument(_func, name, before, _ret, *_args):
+    def _instrument(self, _func, name, before, _ret, *_args):
         if before:
-            state["start"] = time.perf_counter()
+            self._start = time.perf_counter()
         else:
-            spans[(state["index"], str(name))].append(time.perf_counter() - state["start"])
-            state["index"] += 1
+            self.spans[(self._index, str(name))].append(time.perf_counter() - self._start)
+            self._index += 1
         return 0
 
-    vm.set_instrument(instrument)
-    for _ in range(calls):
-        state["index"] = 0
-        main(*args)
-    return [(name, statistics.median(times) * 1e3) for (_, name), times in sorted(spans.items())
-            if not name.startswith("vm.builtin.")]
+    def __call__(self) -> None:
+        self._index = 0
+        self.vm["main"](*self.args)
+
+    def rows(self, calls: int) -> list[tuple[str, float]]:
+        return [(name, statistics.median(times[-calls:]) * 1e3) for (_, name), times in sorted(self.spans.items())
+                if not name.startswith("vm.builtin.")]
 
 
-def ort_kernels(onnx_path: Path, inputs: list[np.ndarray], threads: int, calls: int, workdir: Path) -> list[tuple[str, float]]:
-    import onnxruntime as ort
+class OrtKernelTimer:
+    """ONNX Runtime on the partition with its profiler on (one event per node per call)."""
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    options.enable_profiling = True
-    options.profile_file_prefix = str(workdir / "ort-profile")
-    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-    feed = {i.name: x for i, x in zip(session.get_inputs(), inputs)}
-    for _ in range(10 + calls):
-        session.run(None, feed)
-    events = json.loads(Path(session.end_profiling()).read_text())
-    spans: dict[str, list[float]] = collections.defaultdict(list)
-    order: dict[str, int] = {}
-    for event in events:
-        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
-            key = f"{event['args'].get('op_name', '?')} {event['name'].removesuffix('_kernel_time')}"
-            order.setdefault(key, len(order))
-            spans[key].append(event["dur"] / 1e3)
-    return [(key, statistics.median(spans[key][-calls:])) for key in sorted(spans, key=order.get)]
+    def __init__(self, onnx_path: Path, inputs: list[np.ndarray], threads: int, workdir: Path):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        options.enable_profiling = True
+        options.profile_file_prefix = str(workdir / "ort-profile")
+        self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        self.feed = {i.name: x for i, x in zip(self.session.get_inputs(), inputs)}
+
+    def __call__(self) -> None:
+        self.session.run(None, self.feed)
+
+    def rows(self, calls: int) -> list[tuple[str, float]]:
+        events = json.loads(Path(self.session.end_profiling()).read_text())
+        spans: dict[str, list[float]] = collections.defaultdict(list)
+        order: dict[str, int] = {}
+        for event in events:
+            if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+                key = f"{event['args'].get('op_name', '?')} {event['name'].removesuffix('_kernel_time')}"
+                order.setdefault(key, len(order))
+                spans[key].append(event["dur"] / 1e3)
+        return [(key, statistics.median(spans[key][-calls:])) for key in sorted(spans, key=order.get)]
 
 
-def whole_calls(runs: dict, bursts: int = 8, per_burst: int = 30) -> dict[str, float]:
-    """Median of burst medians, the runtimes alternating burst by burst."""
+def interleaved(runs: dict, bursts: int, per_burst: int, warmup: int = 10) -> dict[str, float]:
+    """Run every runner in turn, burst by burst, so each sees the same host; returns, for each, the
+    median of its burst medians (whole calls). Kernel timers collect their own spans meanwhile."""
+    for run in runs.values():
+        for _ in range(warmup):
+            run()
     medians: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(bursts):
         for name, run in runs.items():
@@ -97,7 +108,9 @@ def main() -> None:
     parser.add_argument("bundle")
     parser.add_argument("--partition", type=int, default=0)
     parser.add_argument("--model", required=True, help="the .pt2 the bundle was compiled from (to export the partition for ORT)")
-    parser.add_argument("--calls", type=int, default=60)
+    parser.add_argument("--bursts", type=int, default=8, help="rounds; each runs every runner once")
+    parser.add_argument("--per-burst", type=int, default=30, help="calls per runner per round")
+    parser.add_argument("--json", dest="json_path", help="also write the kernel lists and whole calls here")
     args = parser.parse_args()
 
     import tvm
@@ -106,6 +119,7 @@ def main() -> None:
     from splitc.backends.onnx import export_onnx
     from splitc.bench import _ort_runner, _rebuild_partition, default_threads
     from splitc.runtime import Bundle
+    from splitc.runtime.executors import use_tvm_threads
     from splitc.runtime.manifest import ROLE_DEPLOY, RUNTIME_TVM
 
     bundle = Bundle.open(args.bundle)
@@ -114,22 +128,29 @@ def main() -> None:
     threads = int(default_threads(spec))
     reference = bundle.reference()
     inputs = [reference[f"s0/{t.name}"] for t in spec.inputs]
+    use_tvm_threads(threads)
+    calls = args.bursts * args.per_burst
     with tempfile.TemporaryDirectory(prefix="splitc-kernel-gap-") as tmp:
         onnx_path = export_onnx(_rebuild_partition(args.model, bundle.manifest, args.partition), Path(tmp) / "partition.onnx")
-        tvm_rows = tvm_kernels(bundle.file(artifact), inputs, threads, args.calls)
-        ort_rows = ort_kernels(onnx_path, inputs, threads, args.calls, Path(tmp))
-
+        tvm_timer = TvmKernelTimer(bundle.file(artifact), inputs)
+        ort_timer = OrtKernelTimer(onnx_path, inputs, threads, Path(tmp))
         vm = relax.VirtualMachine(tvm.runtime.load_module(str(bundle.file(artifact))), tvm.cpu())
         tvm_args = [tvm.runtime.tensor(x) for x in inputs]
         run_ort = _ort_runner(onnx_path, threads)  # configured as `splitc bench` runs ONNX Runtime
-        whole = whole_calls({"tvm": lambda: vm["main"](*tvm_args), "onnxruntime": lambda: run_ort(inputs)})
+        whole = interleaved({"tvm": lambda: vm["main"](*tvm_args), "onnxruntime": lambda: run_ort(inputs),
+                             "tvm-instrumented": tvm_timer, "onnxruntime-profiled": ort_timer},
+                            args.bursts, args.per_burst)
+        tvm_rows, ort_rows = tvm_timer.rows(calls), ort_timer.rows(calls)
 
     for title, rows in (("TVM (in-model, VM instrument)", tvm_rows), ("ONNX Runtime (profiler)", ort_rows)):
         print(f"{title}: {len(rows)} kernels, sum of medians {sum(ms for _, ms in rows):.3f} ms")
         for name, ms in rows:
             print(f"  {ms:8.3f} ms  {name}")
-    print(f"whole call ({threads} threads, alternating bursts): TVM {whole['tvm']:.3f} ms, ONNX Runtime {whole['onnxruntime']:.3f} ms, "
-          f"ratio {whole['tvm'] / whole['onnxruntime']:.3f}")
+    print(f"whole call ({threads} threads, interleaved bursts): TVM {whole['tvm']:.3f} ms, ONNX Runtime {whole['onnxruntime']:.3f} ms, "
+          f"ratio {whole['tvm'] / whole['onnxruntime']:.3f}; instrumented TVM {whole['tvm-instrumented']:.3f}, "
+          f"profiled ONNX Runtime {whole['onnxruntime-profiled']:.3f}")
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps({"tvm": tvm_rows, "onnxruntime": ort_rows, "whole_ms": whole}, indent=1))
 
 
 if __name__ == "__main__":
