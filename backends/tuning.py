@@ -516,132 +516,6 @@ def check_tuning_deps() -> None:
         raise ToolchainError(f"MetaSchedule tuning needs {' and '.join(missing)}; pip install {' '.join(missing)} (or pip install -e '.[compiler]')")
 
 
-def _ints(values) -> list[int]:
-    return [int(v) for v in values]
-
-
-def _conv2d_like(call, data, weight, **changes):
-    """relax.nn.conv2d with `call`'s attributes, new operands and some attributes changed."""
-    from tvm import relax
-
-    a = call.attrs
-    kwargs = {"strides": _ints(a.strides), "padding": _ints(a.padding), "dilation": _ints(a.dilation), "groups": int(a.groups),
-              "data_layout": str(a.data_layout), "kernel_layout": str(a.kernel_layout), "out_layout": str(a.out_layout),
-              "out_dtype": str(a.out_dtype) or None}
-    kwargs.update(changes)
-    return relax.op.nn.conv2d(data, weight, **kwargs)
-
-
-def _fold_conv_pads(func):
-    """conv2d(pad(x, zeros on H/W)) -> conv2d(x) with that padding (Hugging Face's TF-style padding)."""
-    from tvm.relax.dpl import is_op, rewrite_call, wildcard
-
-    data, weight = wildcard(), wildcard()
-    pad = is_op("relax.nn.pad")(data)
-    pattern = is_op("relax.nn.conv2d")(pad, weight)
-
-    def rewrite(call, matched):
-        attrs = matched[pad].attrs
-        width = _ints(attrs.pad_width)
-        if (str(attrs.pad_mode) != "constant" or float(attrs.pad_value) != 0.0 or str(call.attrs.data_layout) != "NCHW"
-                or len(width) != 8 or any(width[:4])):
-            return call
-        top, bottom, left, right = width[4:]
-        p = _ints(call.attrs.padding)
-        return _conv2d_like(call, matched[data], matched[weight], padding=[p[0] + top, p[1] + left, p[2] + bottom, p[3] + right])
-
-    return rewrite_call(pattern, rewrite, func)
-
-
-def _fold_conv_batch_norm(func):
-    """batch_norm(conv2d(x, W)) with constant weights and statistics -> conv2d(x, W * s) + b."""
-    import numpy as np
-    from tvm import relax
-    from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
-
-    data, weight = wildcard(), is_const()
-    conv = is_op("relax.nn.conv2d")(data, weight)
-    gamma, beta, mean, var = is_const(), is_const(), is_const(), is_const()
-    pattern = is_op("relax.nn.batch_norm")(conv, gamma, beta, mean, var)
-
-    def rewrite(call, matched):
-        c = matched[conv]
-        if (int(call.attrs.axis) != 1 or str(c.attrs.data_layout) != "NCHW" or str(c.attrs.kernel_layout) != "OIHW"
-                or str(c.attrs.out_layout) != "NCHW"):
-            return call
-        w = matched[weight].value.numpy()
-        if w.dtype.kind != "f":
-            return call
-        g, b, mu, v = (matched[p].value.numpy().astype(np.float64) for p in (gamma, beta, mean, var))
-        if not call.attrs.scale:
-            g = np.ones_like(g)
-        if not call.attrs.center:
-            b = np.zeros_like(b)
-        s = g / np.sqrt(v + float(call.attrs.epsilon))
-        folded = (w.astype(np.float64) * s.reshape(-1, 1, 1, 1)).astype(w.dtype)
-        bias = (b - mu * s).astype(w.dtype).reshape(1, -1, 1, 1)
-        out = relax.op.add(_conv2d_like(c, matched[data], relax.const(folded)), relax.const(bias))
-        return relax.Tuple([out, matched[mean], matched[var]])  # batch_norm's (out, mean, var); only [0] is read
-
-    return rewrite_call(pattern, rewrite, func)
-
-
-def _clip_to_min_max(func):
-    """clip(x, lo, hi) -> minimum(maximum(x, lo), hi): elementwise ops keep the NHWC layout, clip does not."""
-    from tvm import relax
-    from tvm.relax.dpl import is_op, rewrite_call, wildcard
-
-    x = wildcard()
-    pattern = is_op("relax.clip")(x, wildcard(), wildcard())
-
-    def rewrite(call, matched):
-        try:
-            dtype = str(call.ty.dtype)
-            lo, hi = (float(v.value) for v in call.args[1:3])
-        except (AttributeError, TypeError, ValueError):
-            return call
-        return relax.op.minimum(relax.op.maximum(matched[x], relax.const(lo, dtype)), relax.const(hi, dtype))
-
-    return rewrite_call(pattern, rewrite, func)
-
-
-def _fold_constant_permutes(func):
-    """permute_dims(constant) -> the permuted constant, in numpy (FoldConstant would compile a
-    TIR function per weight shape, which made preparing MobileNetV2 take 30 s)."""
-    import numpy as np
-    from tvm import relax
-    from tvm.relax.dpl import is_const, is_op, rewrite_call
-
-    const = is_const()
-    pattern = is_op("relax.permute_dims")(const)
-
-    def rewrite(call, matched):
-        value = matched[const].value.numpy()
-        axes = None if call.attrs.axes is None else _ints(call.attrs.axes)
-        return relax.const(np.ascontiguousarray(np.transpose(value, axes)), str(value.dtype))
-
-    return rewrite_call(pattern, rewrite, func)
-
-
-def _function_rewrites(*rewrites):
-    import tvm
-    from tvm import relax
-
-    @tvm.transform.module_pass(opt_level=0, name="splitc.PreTuningRewrites")
-    def rewrite_module(mod, _ctx):
-        for gvar, func in list(mod.functions.items()):
-            if isinstance(func, relax.Function):
-                for rewrite in rewrites:
-                    try:
-                        func = rewrite(func)
-                    except Exception:  # noqa: BLE001, S112 - a graph this rewrite does not expect: skipped, the same way every time
-                        continue
-                mod[gvar] = func
-        return mod
-
-    return rewrite_module
-
-
 def winograd_enabled() -> bool:
     """Whether 3x3 convolutions become Winograd on CPU targets (backends/winograd.py): yes, unless
     SPLITC_WINOGRAD=0 (direct convolutions only: results closer to PyTorch's, and the workloads
@@ -656,11 +530,13 @@ def prepare(mod, target_json: dict[str, Any], prepack: bool, winograd: bool | No
     import tvm
     from tvm import relax
 
+    from splitc.backends.relax_rewrites import constant_permute_folding, pre_tuning_rewrites
+
     transform = relax.transform
-    head = [_function_rewrites(_fold_conv_pads, _fold_conv_batch_norm, _clip_to_min_max), transform.CanonicalizeBindings(),
-            transform.DecomposeOpsForInference(), transform.CanonicalizeBindings()]
+    head = [pre_tuning_rewrites(), transform.CanonicalizeBindings(), transform.DecomposeOpsForInference(),
+            transform.CanonicalizeBindings()]
     nhwc = [transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]}), transform.Normalize(),
-            _function_rewrites(_fold_constant_permutes), transform.CanonicalizeBindings()]
+            constant_permute_folding(), transform.CanonicalizeBindings()]
     if winograd_enabled() if winograd is None else winograd:
         from splitc.backends.winograd import rewrite_winograd
 
@@ -701,7 +577,7 @@ def apply_database(prepared, target_json: dict[str, Any], prepack: bool, databas
         passes = [transform.MetaScheduleApplyDatabase()]
         if prepack:
             passes += [transform.SplitLayoutRewritePreproc(), transform.LiftTransformParams(), _fold_weight_prepack(),
-                       transform.FoldConstant(), transform.DeadCodeElimination()]
+                       transform.CanonicalizeBindings(), transform.FoldConstant(), transform.DeadCodeElimination()]
         return tvm.transform.Sequential(passes)(prepared)
 
 
@@ -713,9 +589,7 @@ def _fold_weight_prepack():
     import numpy as np
     import tvm
     from tvm import relax
-    from tvm.relax.dpl import is_op, rewrite_call, wildcard
-
-    pattern = is_op("relax.call_tir")(wildcard(), wildcard())
+    from splitc.backends.relax_rewrites import rewrite_calls
 
     def foldable(mod, call) -> bool:
         if not isinstance(call, relax.Call) or len(call.args) < 2:
@@ -729,12 +603,7 @@ def _fold_weight_prepack():
     def fold(mod, _ctx):
         found: dict[str, Any] = {}
 
-        def collect(call, _matched):
-            if foldable(mod, call):
-                found[call.args[0].name_hint] = mod[call.args[0]]
-            return call
-
-        def evaluate(call, _matched):
+        def evaluate(call, _value_of):
             if not foldable(mod, call):
                 return call
             out = call.ty
@@ -751,14 +620,15 @@ def _fold_weight_prepack():
         for _, func in functions:
             for block in getattr(func.body, "blocks", []):
                 for binding in block.bindings:
-                    collect(binding.value, None)
+                    if foldable(mod, binding.value):
+                        found[binding.value.args[0].name_hint] = mod[binding.value.args[0]]
         if not found:
             return mod
         library = tvm.tirx.build(tvm.IRModule({name: func.with_attr("global_symbol", name) for name, func in found.items()}),
                                  # -O0: code that runs once over the weights is not worth LLVM's optimisation time
                                  target=tvm.target.Target({"kind": "llvm", "opt-level": 0}))
         for gvar, func in functions:
-            mod[gvar] = rewrite_call(pattern, evaluate, func)
+            mod[gvar] = rewrite_calls(func, {"relax.call_tir": evaluate})
         return mod
 
     return fold

@@ -242,9 +242,7 @@ def rewrite_winograd(vector_bits: int | None):
     docstring). `vector_bits`: the target's natural vector width (the input transform's lanes)."""
     import tvm
     from tvm import relax
-    from tvm.relax.dpl import is_op, rewrite_call, wildcard
-
-    pattern = is_op("relax.nn.conv2d")(wildcard(), wildcard())
+    from splitc.backends.relax_rewrites import rewrite_calls
 
     @tvm.transform.module_pass(opt_level=0, name="splitc.WinogradConv2d")
     def rewrite_module(mod, _ctx):
@@ -256,7 +254,7 @@ def rewrite_winograd(vector_bits: int | None):
                 functions[key] = builder.add_func(make(), name)
             return functions[key]
 
-        def rewrite(call, _matched):
+        def rewrite(call, _value_of):
             tile = choose_tile(call)
             if tile is None:
                 return call
@@ -275,7 +273,7 @@ def rewrite_winograd(vector_bits: int | None):
 
         for gvar, func in list(mod.functions.items()):
             if isinstance(func, relax.Function):
-                builder.update_func(gvar, rewrite_call(pattern, rewrite, func))
+                builder.update_func(gvar, rewrite_calls(func, {"relax.nn.conv2d": rewrite}))
         return builder.get()
 
     return rewrite_module

@@ -128,6 +128,8 @@ def test_pre_tuning_rewrites_fold_and_keep_results():
     # Pad folded into the convolution, batch norm into its weights and bias, clip written as max/min,
     # convolutions in NHWC (a transpose in, a transpose out, none between the layers).
     assert not any("pad" in n or "batch_norm" in n or "clip" in n for n in names), names
+    # Folded, the batch norm is the convolution's bias: no normalising arithmetic left after it.
+    assert not any("subtract" in n or "divide" in n for n in names), names
     assert sum("transpose" in n for n in names) == 2, names
     assert "R.Tensor((1, 9, 9, 8)" in prepared["main"].script(show_meta=False), "the 8-channel 9x9 activations should be NHWC"
     vm = relax.VirtualMachine(tvm.compile(prepared, target=tvm.target.Target(target)), tvm.cpu())
