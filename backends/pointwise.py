@@ -1,13 +1,21 @@
 """Register-tiled schedules for pointwise (1x1) convolutions on CPU targets, offered to the search.
 
 In NHWC a 1x1 convolution is a matrix product: pixels by input channels times input by output
-channels. Over the image's pixels (row-major), in parallel: tiles of a few pixels by a few vectors
-of output channels held in registers, the input-channel loop outside them (unrolled by 4), each
-pixel's input value broadcast against a vector of weights; the fused epilogue (bias, residual add,
-ReLU6) applied per tile. MobileNetV2's projections to few channels are where the search does
-worst: timed against a 15-minute database's records (AMD EPYC, AVX2, cold weights as tuning times
-them), 112x112 32->16 ran in 153 us against 384, 56x56 96->24 in 199 against 368, 56x56 144->24
-with the residual in 339 against 449; with many output channels (96->576, 960->320) the search wins.
+channels. Tiles of a few pixels by a few vectors of output channels held in registers, the
+input-channel loop outside them (unrolled by 4), each pixel's input value broadcast against a
+vector of weights; the fused epilogue (bias, residual add, ReLU6) applied per tile. Two loop
+orders: pixel tiles outer (in parallel; each tile reads all the weights) or channel tiles outer
+(in parallel; each channel tile's weights read once, the activations once per channel tile).
+
+MobileNetV2's projections to few channels are where the search does worst: timed against a
+15-minute database's records (AMD EPYC, AVX2, cold weights as tuning times them), 112x112 32->16
+ran in 153 us against 384, 56x56 96->24 in 199 against 368. Its expansions to many channels were
+where these schedules lost, 1.3-2x (Xeon, AVX-512: 7x7 320->1280, 960->320, 14x14 576->96): read
+as HWIO, each input channel's row of weights sits C values from the next, and the search's records
+pack theirs. So with pre-packing the weights are laid out per channel tile in the order the tile
+reads them (a layout rewrite run once at compile time, as for the search's records); then those
+layers run within 0-7 % of the search's records, the 28x28 projections and 14x14 576->96 beat
+them, and 14x14 96->576 and 28x28 32->192 still lose by ~15 %.
 
 Which tile is best depends on the shape and the CPU (how many vector registers; 24 channels are
 three 8-lane vectors: a tile of one re-reads the inputs three times, a tile of three holds fewer
@@ -83,23 +91,25 @@ def pointwise_schedules(func, vector_bits: int | None) -> list:
         return []
     schedules = []
     for pixels, vectors in tile_shapes(n * y, x, c // lanes, vector_registers(vector_bits)):
-        sch = s_tir.Schedule(func)
-        try:
-            _tile(sch, lanes, pixels, vectors)
-        except Exception:  # noqa: BLE001 - a step that does not apply to this function: offer the other shapes
-            continue
-        schedules.append(sch)
+        for channels_outer in (False, True):
+            sch = s_tir.Schedule(func)
+            try:
+                _tile(sch, lanes, pixels, vectors, channels_outer)
+            except Exception:  # noqa: BLE001 - a step that does not apply to this function: offer the other shapes
+                continue
+            schedules.append(sch)
     return schedules
 
 
-def _tile(sch, lanes: int, pixels: int, vectors: int) -> None:
+def _tile(sch, lanes: int, pixels: int, vectors: int, channels_outer: bool) -> None:
     conv, epilogue = fused_conv2d(sch, _one_by_one)
     n, y, x, c, ry, rx, rc = sch.get_loops(conv)
     p_outer, p_inner = sch.split(sch.fuse(n, y, x), [None, pixels])
     c_outer, c_vectors, c_inner = sch.split(c, [None, vectors, lanes])
     rc_outer, rc_inner = sch.split(rc, [None, widest_dividing(INPUT_UNROLL, int(sch.get(rc).extent))])
-    sch.reorder(p_outer, c_outer, ry, rx, rc_outer, rc_inner, p_inner, c_vectors, c_inner)
-    sch.parallel(p_outer)
+    outer, tile_loop = (c_outer, p_outer) if channels_outer else (p_outer, c_outer)
+    sch.reorder(outer, tile_loop, ry, rx, rc_outer, rc_inner, p_inner, c_vectors, c_inner)
+    sch.parallel(outer)
     if vectors > 1:
         # Accumulate in a tile-sized local buffer that LLVM keeps in registers: accumulating
         # several vectors in the output buffer ran the 3-vector tiles 2-3x slower; with one
@@ -108,11 +118,38 @@ def _tile(sch, lanes: int, pixels: int, vectors: int) -> None:
         if epilogue is not None:
             sch.compute_inline(writeback)       # the epilogue reads the accumulators directly
         else:
-            sch.reverse_compute_at(writeback, c_outer)
+            sch.reverse_compute_at(writeback, tile_loop)
             sch.vectorize(sch.get_loops(writeback)[-1])
     if epilogue is not None:
-        epilogue_per_tile(sch, epilogue, c_outer)
+        epilogue_per_tile(sch, epilogue, tile_loop)
     for loop in (rc_inner, p_inner, c_vectors):
         sch.unroll(loop)
     sch.vectorize(c_inner)
     sch.decompose_reduction(conv, ry)
+    _pack_weights(sch, conv, vectors * lanes, lanes)
+
+
+def _pack_weights(sch, conv, tile: int, lanes: int) -> None:
+    """Lay the weights out in the order the tiles read them, when they are layout-free (the
+    function's `layout_free_buffers`, with pre-packing): per tile of `tile` output channels, all
+    input channels, each a row of `tile` contiguous values, instead of HWIO rows C values apart.
+    The copy is annotated like MetaSchedule's own layout rewrites, so the build moves it out of the
+    kernel and runs it once over the constant weights (SplitLayoutRewritePreproc)."""
+    func = sch.mod["main"]
+    free = [int(i) for i in func.attrs.get("layout_free_buffers", [])] if func.attrs else []
+    params = [func.params[i] for i in free]
+    reads = [region.source for region in sch.get(conv).reads]
+    weight = next((i for i, buffer in enumerate(reads) if any(buffer.same_as(p) for p in params) and len(buffer.shape) == 4), None)
+    channels = int(reads[weight].shape[3]) if weight is not None else 0
+    if channels <= tile:
+        return          # no weights to rewrite, or one tile: HWIO already is that layout
+    copy = sch.cache_read(conv, weight, "global")
+    sch.annotate(copy, "meta_schedule.layout_rewrite_preproc", 1)
+
+    def packed(h, w, k, c):
+        # (tile, h, w, k, vector in the tile, lane); the vector index left out for one-vector
+        # tiles (TVM rejects a layout map with an index that is always 0)
+        vector = (c % tile // lanes,) if tile > lanes else ()
+        return (c // tile, h, w, k, *vector, c % lanes)
+
+    sch.transform_layout(conv, ("read", weight), packed)

@@ -1427,7 +1427,9 @@ def _measure_baselines(contexts, builder, runner, database, target, vector_bits:
         jobs.append((ctx, workload, _untuned_trace(ctx.mod), ctx.mod, True))
         jobs += [(ctx, workload, own.trace, own.mod, False) for own in pointwise_schedules(ctx.mod["main"], vector_bits)]
     print(f"splitc: measuring the untuned code of {len(todo)} task(s) and {len(jobs) - len(todo)} schedule(s) of splitc's own", flush=True)
-    candidates = [(mod, ArgInfo.from_prim_func(ctx.mod["main"])) for ctx, _, _, mod, _ in jobs]
+    # Arguments as the kernel takes them: a schedule that packs its weights reads them packed (the
+    # builder drops the layout rewrite and the runner passes the weights in the new layout).
+    candidates = [(mod, ArgInfo.from_entry_func(mod, remove_preproc=True)) for _, _, _, mod, _ in jobs]
     times, failures = _time_candidates(candidates, builder, runner, target)
     measured, errors = 0, []
     for (ctx, workload, trace, _, untuned), (_, args), runs, failure in zip(jobs, candidates, times, failures):

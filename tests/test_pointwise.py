@@ -61,7 +61,8 @@ def test_tile_shapes_divide_rows_and_keep_enough_accumulators():
 # registers): the 15x15 image allows 5 pixels x 1 vector, and 3 x 3 for 24 channels; the 8x8 output
 # after the stride 8 x 1 and 4 x 2. 512 bits (32 registers): 5 x 1 and 5 x 2 for 32 channels, 5 x 1
 # and 5 x 3 for 24 (three 8-lane vectors, half of a 16-lane one), 8 x 1 for 16 channels.
-SCHEDULES_PER_TASK = {256: [1, 2, 2, 2], 512: [1, 2, 2, 2]}
+# Each shape twice: pixel tiles outer, and channel tiles outer.
+SCHEDULES_PER_TASK = {256: [2, 4, 4, 4], 512: [2, 4, 4, 4]}
 
 
 @pytest.mark.parametrize("bits", sorted(SCHEDULES_PER_TASK))
@@ -73,7 +74,7 @@ def test_pointwise_schedules_take_1x1_convolutions_and_match_the_untuned_code(bi
     torch.manual_seed(0)
     prepared = _prepared(Pointwise().eval(), torch.randn(1, 16, 15, 15))
     target = tvm.target.Target(tuning.resolve_target(X86))     # 16-lane vectors build for AVX2 too (as two halves)
-    taken, left = {}, []
+    taken, left, packed = {}, [], 0
     rng = np.random.default_rng(0)
     for gvar, func in prepared.functions.items():
         if not isinstance(func, tvm.tirx.PrimFunc) or func.attrs.get("tirx.is_scheduled"):
@@ -92,6 +93,7 @@ def test_pointwise_schedules_take_1x1_convolutions_and_match_the_untuned_code(bi
             return args[-1].numpy()
 
         expected = run(tvm.tirx.build(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target))
+        packed += sum("layout_rewrite_preproc" in schedule.mod.script() for schedule in schedules)
         for schedule in schedules:
             own = tvm.tirx.build(tvm.IRModule({"main": schedule.mod["main"].with_attr("global_symbol", "main")}), target=target)
             np.testing.assert_allclose(run(own), expected, rtol=1e-5, atol=1e-5)
@@ -99,6 +101,9 @@ def test_pointwise_schedules_take_1x1_convolutions_and_match_the_untuned_code(bi
     assert len(taken) == 4 and all("conv2d" in name for name in taken), taken
     assert any("conv2d" in name for name in left), left
     assert sorted(taken.values()) == SCHEDULES_PER_TASK[bits], taken
+    # The weights are laid out per tile (a layout rewrite the build hoists) wherever a task has
+    # more output channels than one tile holds: the 1-vector tiles of the 24-channel tasks at least.
+    assert packed >= 4, packed
 
 
 def test_tuning_offers_the_pointwise_schedule_and_compile_applies_it(tmp_path, monkeypatch):
