@@ -136,3 +136,20 @@ def test_tuning_offers_the_pointwise_schedule_and_compile_applies_it(tmp_path, m
     got = vm["main"](tvm.runtime.tensor(x.numpy()))
     got = (got[0] if not hasattr(got, "numpy") else got).numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_the_search_starts_from_splitcs_packed_records(tmp_path, monkeypatch):
+    # The search seeds its population with the database's best records, replayed without their
+    # postprocessing and postprocessed again (the weight layout rewrite among them): splitc's
+    # records must survive that (a layout rewrite among the schedule steps made it fail).
+    from tvm.relax.frontend.torch import from_exported_program
+
+    torch.manual_seed(0)
+    model, x = Pointwise().eval(), torch.randn(1, 16, 15, 15)
+    mod = from_exported_program(torch.export.export(model, (x,)), keep_params_as_input=False)
+    monkeypatch.setenv("SPLITC_CACHE", str(tmp_path / "cache"))
+    report = tuning.tune_module(mod, X86, trials=32)
+    searched = 0
+    for line in (report.directory / tuning.RECORD_FILE).read_text().splitlines():
+        searched += any(inst[0].startswith("Sample") for inst in json.loads(line)[1][0][0])
+    assert searched > 0, "the search measured nothing"
