@@ -12,10 +12,10 @@ MobileNetV2's projections to few channels are where the search does worst: timed
 ran in 153 us against 384, 56x56 96->24 in 199 against 368. Its expansions to many channels were
 where these schedules lost, 1.3-2x (Xeon, AVX-512: 7x7 320->1280, 960->320, 14x14 576->96): read
 as HWIO, each input channel's row of weights sits C values from the next, and the search's records
-pack theirs. So with pre-packing the weights are laid out in the order the tiles read them (MetaSchedule's
-own layout rewrite, run once over the constant weights at compile time); then those
-layers run within 0-7 % of the search's records, the 28x28 projections and 14x14 576->96 beat
-them, and 14x14 96->576 and 28x28 32->192 still lose by ~15 %.
+pack theirs. So with pre-packing the weights are laid out in the order the tiles read them
+(MetaSchedule's own layout rewrite, run once over the constant weights at compile time); then
+those layers run within 0-7 % of the search's records, the 28x28 projections and 14x14 576->96
+beat them, and 14x14 96->576 and 28x28 32->192 still lose by ~15 %.
 
 Which tile is best depends on the shape and the CPU (how many vector registers; 24 channels are
 three 8-lane vectors: a tile of one re-reads the inputs three times, a tile of three holds fewer

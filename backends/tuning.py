@@ -25,8 +25,8 @@ What is tuned (`prepare`) is the partition after splitc's pre-tuning rewrites
 (backends/relax_rewrites.py): batch norm folded into the preceding convolution's weights and bias,
 zero padding folded into the convolution, clip written as max/min, and, on CPU targets, 2-D
 convolutions converted to NHWC (channels innermost, so the output-channel loop vectorizes for any
-spatial size), weight transposes folded in numpy, and
-3x3 stride-1 convolutions rewritten as Winograd (backends/winograd.py; SPLITC_WINOGRAD=0: not). Then
+spatial size), weight transposes folded in numpy, and 3x3 stride-1 convolutions rewritten as
+Winograd (backends/winograd.py; SPLITC_WINOGRAD=0: not). Then
 TVM's zero pipeline (legalize, fuse) and, by default, weight pre-packing (`cpu_weight_prepack`:
 layout-free weight buffers whose layout each schedule chooses, rewritten once at compile time by
 constant folding, since splitc binds weights as constants).
