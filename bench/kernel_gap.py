@@ -8,9 +8,9 @@ and ONNX Runtime on the same partition with its profiler. Prints both kernel lis
 order with per-kernel medians, the sums, and whole-call medians, so a gap in the whole call can be
 told apart from overhead between kernels. The four runners (TVM and ONNX Runtime, each plain and
 instrumented) take turns burst by burst: on a noisy host, phases run one after another measured
-the host's moods rather than the gap. Names differ between the
-two runtimes (TVM fuses conv+bias+add+relu into one task, ORT into one NCHWc Conv node); read the
-two lists side by side. Prints figures; asserts nothing.
+the host's moods rather than the gap. Names differ between the two runtimes (TVM fuses
+conv+bias+add+relu into one task, ORT into one NCHWc Conv node); read the two lists side by side.
+Prints figures; asserts nothing.
 """
 
 from __future__ import annotations
