@@ -16,6 +16,7 @@ and what was chosen. `SPLITC_TUNING=0` skips the database.
 
 Every build goes through the build cache (backends/build_cache.py): a module, target and TVM seen
 before get their library copied back instead of rebuilt; the artifact's options say "hit" or "miss".
+A library that is built is built on all of this host's cores (backends/tvm_build.py).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Any
 
 from splitc.backends import build_cache, tuning
 from splitc.backends.base import CompiledArtifact, CompiledPartition, op_name
+from splitc.backends.tvm_build import build_library
 from splitc.passes.partition import Partition
 from splitc.runtime.executors import available_cpus, host_arch, target_threads, use_tvm_threads
 from splitc.runtime.manifest import ROLE_DEPLOY, ROLE_HOST_TWIN, RUNTIME_TVM
@@ -169,14 +171,11 @@ class TVMBackend:
         if key is not None and build_cache.fetch(key, path):
             options["build_cache"] = "hit"
             return CompiledArtifact(path, RUNTIME_TVM, role, arch, options)
+        fcompile = tvm.support.cc.cross_compiler(linker) if linker is not None else None
         try:
-            executable = tvm.compile(mod, target=tvm.target.Target(target_json))
+            build_library(mod, target_json, path, workers=available_cpus(), fcompile=fcompile)
         except Exception as exc:
             raise BackendError(f"TVM failed to build for {target_json}: {first_line(exc)}") from exc
-        if linker is not None:
-            executable.export_library(str(path), fcompile=tvm.support.cc.cross_compiler(linker))
-        else:
-            executable.export_library(str(path))
         if key is not None:
             build_cache.store(key, path)
             options["build_cache"] = "miss"

@@ -1,0 +1,90 @@
+"""The threaded TVM build (backends/tvm_build.py): how it estimates a function's cost, how it deals
+functions out to workers, and that the library it links computes what `tvm.compile` +
+`export_library` compute."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from splitc.backends.tvm_build import build_library, deal, unrolled_size
+from torch import nn
+
+X86 = {"kind": "llvm", "mtriple": "x86_64-linux-gnu"}
+
+
+def _matmul(n: int, inner: int, max_step: int | None):
+    """An n x n matmul whose innermost `inner` x `inner` output tile sits under a
+    `pragma_auto_unroll_max_step` of `max_step` (None: no pragma)."""
+    import tvm
+    from tvm import te
+
+    a, b = te.placeholder((n, n), name="A"), te.placeholder((n, n), name="B")
+    k = te.reduce_axis((0, n), name="k")
+    c = te.compute((n, n), lambda i, j: te.sum(a[i, k] * b[k, j], axis=k), name="C")
+    sch = tvm.s_tir.Schedule(te.create_prim_func([a, b, c]))
+    i, j, kk = sch.get_loops(sch.get_sblock("C"))
+    i_outer, i_inner = sch.split(i, [None, inner])
+    j_outer, j_inner = sch.split(j, [None, inner])
+    sch.reorder(i_outer, j_outer, kk, i_inner, j_inner)
+    if max_step is not None:
+        sch.annotate(i_outer, "pragma_auto_unroll_max_step", max_step)
+    return sch.mod["main"]
+
+
+def test_unrolled_size_counts_the_loops_the_pragma_unrolls():
+    plain = unrolled_size(_matmul(64, 4, None))
+    # A 4 x 4 output tile is 32 steps beneath `kk` (each output: its init, then its update); they
+    # fit a 32-step pragma, so the tile's statements count 16 times. The `kk` loop itself
+    # (64 x 32 steps) does not fit and stays a loop.
+    unrolled = unrolled_size(_matmul(64, 4, 32))
+    assert unrolled >= plain + 15 * 3
+    # One step short: only the inner loop of the tile (4 x 2 steps) unrolls; a pragma smaller than
+    # that unrolls nothing.
+    assert plain < unrolled_size(_matmul(64, 4, 31)) < unrolled
+    assert unrolled_size(_matmul(64, 4, 7)) == plain
+    # An 8 x 8 tile under a 128-step pragma: four times as many statements as the 4 x 4 one.
+    assert unrolled_size(_matmul(64, 8, 128)) - plain > 3.5 * (unrolled - plain)
+
+
+def test_deal_gives_the_costly_function_a_worker_of_its_own():
+    functions = {"big": _matmul(64, 8, 128), **{f"small{i}": _matmul(64, 4, None) for i in range(5)}}
+    groups = deal(functions, 2)
+    assert len(groups) == 2
+    alone = [g for g in groups if "big" in g]
+    assert alone and list(alone[0]) == ["big"]
+    assert sorted(name for g in groups for name in g) == sorted(functions)
+    # Never more groups than functions, never an empty one.
+    assert [len(g) for g in deal({"one": functions["big"]}, 4)] == [1]
+
+
+class Stack(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.fc(self.pool(torch.relu(self.conv(x))).flatten(1)).softmax(-1)
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_threaded_build_computes_what_tvm_compile_computes(workers, tmp_path):
+    import tvm
+    from tvm import relax
+    from tvm.relax.frontend.torch import from_exported_program
+
+    torch.manual_seed(0)
+    model, x = Stack().eval(), torch.randn(1, 3, 12, 12)
+    mod = from_exported_program(torch.export.export(model, (x,)), keep_params_as_input=False)
+    functions = {gv: f for gv, f in relax.get_pipeline("default")(mod).functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
+    assert len(deal(functions, workers)) == min(workers, len(functions)) and len(functions) >= 3
+
+    tvm.compile(mod, target=tvm.target.Target(X86)).export_library(str(tmp_path / "reference.so"))
+    build_library(mod, X86, tmp_path / "threaded.so", workers=workers)
+    outputs = []
+    for name in ("reference", "threaded"):
+        vm = relax.VirtualMachine(tvm.runtime.load_module(str(tmp_path / f"{name}.so")), tvm.cpu())
+        outputs.append(vm["main"](tvm.runtime.tensor(x.numpy()))[0].numpy())
+    np.testing.assert_array_equal(outputs[1], outputs[0])
+    np.testing.assert_allclose(outputs[1], model(x).detach().numpy(), rtol=1e-5, atol=1e-6)
