@@ -88,6 +88,40 @@ def test_repair_drops_a_cut_line_and_keeps_whole_ones(tmp_path):
             json.loads(line)
 
 
+def test_best_records_are_ranked_once_per_database_content(tmp_path, monkeypatch):
+    """Compiles read each workload's best record through an index beside the database; any change
+    to the database's bytes (a tuning run's appends, a rewrite in place of the same size) ranks
+    the records again."""
+    def line(workload: int, seconds: float) -> str:
+        return json.dumps([workload, ["trace", [seconds]]])
+
+    def best() -> list[str]:
+        with tuning.readable_copy(tmp_path) as snapshot:
+            return (snapshot / tuning.RECORD_FILE).read_text().splitlines()
+
+    (tmp_path / tuning.WORKLOAD_FILE).write_text('["h0", "mod0"]\n["h1", "mod1"]\n')
+    lines = [line(0, 3.0), line(0, 1.0), line(1, 5.0), line(0, 2.0)]
+    (tmp_path / tuning.RECORD_FILE).write_text("".join(f"{x}\n" for x in lines))
+    assert best() == [lines[1], lines[2]]
+
+    parsed = []
+    parse = tuning._parse_database
+    monkeypatch.setattr(tuning, "_parse_database", lambda *texts: parsed.append(1) or parse(*texts))
+    assert best() == [lines[1], lines[2]] and parsed == []  # unchanged: the index answered
+
+    faster = line(1, 0.5)
+    with open(tmp_path / tuning.RECORD_FILE, "a") as records:
+        records.write(faster + "\n")
+    assert best() == [lines[1], faster] and parsed == [1]
+
+    text = (tmp_path / tuning.RECORD_FILE).read_text()
+    (tmp_path / tuning.RECORD_FILE).write_text(text.replace("1.0", "9.0"))  # same size, same file
+    assert best() == [lines[3], faster] and parsed == [1, 1]
+
+    tuning._best_index(tmp_path, 1).write_text("not an index\n")
+    assert best() == [lines[3], faster] and parsed == [1, 1, 1]
+
+
 class PadBnClip(nn.Module):
     """Hugging Face MobileNetV2's building blocks: explicit zero padding, convolution without bias,
     batch norm, ReLU6 (clip), a depthwise convolution."""
