@@ -33,6 +33,7 @@ in the tests), inside `splitc verify`'s float32 tolerance.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,11 +46,17 @@ _OUT_EWISE_FUSABLE = 4  # relax OpPatternKind: elementwise consumers fuse into t
 _OPAQUE = 8             # relax OpPatternKind: nothing fuses with the function
 
 
+@functools.cache
 def transform_matrices(tile: int, kernel: int = 3):
-    """Cook-Toom matrices (A, B, G) in float64, from TVM's own interpolation points."""
+    """Cook-Toom matrices (A, B, G) in float64, from TVM's own interpolation points; read-only.
+    Cached: TVM derives them through numpy polynomials (4-8 ms a call), and ResNet-18's rewrite
+    asks 16 times for two tile sizes."""
     from tvm.topi.nn.winograd_util import _cook_toom_convolution, _interpolation_points
 
-    return _cook_toom_convolution(_interpolation_points(tile + kernel - 2), tile, kernel)
+    matrices = _cook_toom_convolution(_interpolation_points(tile + kernel - 2), tile, kernel)
+    for matrix in matrices:
+        matrix.setflags(write=False)
+    return matrices
 
 
 def transform_weight(weight_hwio, tile: int):
