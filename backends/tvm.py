@@ -149,7 +149,7 @@ class TVMBackend:
         for index, (name, module) in enumerate(candidates):
             files[name] = path if index == 0 else path.with_name(f".{name}.{path.name}")
             built[name] = self._build(module, target_json, host_arch(), None, files[name], ROLE_DEPLOY)
-            timings[name] = _time_library(files[name], partition, target_json)
+            timings[name] = _time_library(files[name], partition, target_json, choosing=len(candidates) > 1)
         chosen = min(timings, key=timings.get)
         if files[chosen] != path:
             os.replace(files[chosen], path)
@@ -198,9 +198,10 @@ def _schedule_database(target_json: dict, arch: str) -> tuple[Path, str]:
     return own, "untuned"
 
 
-def _time_library(path: Path, partition: Partition, target_json: dict) -> float:
+def _time_library(path: Path, partition: Partition, target_json: dict, *, choosing: bool) -> float:
     """Median ms of one call of an exported library on this host, on seeded inputs, with the
-    target's thread count."""
+    target's thread count. Fewer calls when the figure decides nothing (`choosing` False: it is
+    only reported)."""
     import numpy as np
     import tvm
     from tvm import relax
@@ -213,4 +214,5 @@ def _time_library(path: Path, partition: Partition, target_json: dict) -> float:
     args = [tvm.runtime.tensor(rng.standard_normal(t.shape).astype(t.dtype) if np.dtype(t.dtype).kind == "f"
                                else np.zeros(t.shape, dtype=t.dtype)) for t in partition.inputs]
     main = vm["main"]
-    return time_callable(lambda: main(*args), warmup=1, repeats=5, min_seconds=0.1, max_seconds=3.0).median_ms
+    return time_callable(lambda: main(*args), warmup=1, repeats=5 if choosing else 3, min_seconds=0.1 if choosing else 0.02,
+                         max_seconds=3.0).median_ms
