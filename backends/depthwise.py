@@ -59,6 +59,7 @@ def schedule_depthwise_functions(vector_bits: int | None):
 
     @tvm.transform.module_pass(opt_level=0, name="splitc.ScheduleDepthwise")
     def apply(mod, _context):
+        mod = mod.clone()  # assigning into the module handed in would change the caller's
         for gvar, func in list(mod.functions.items()):
             if not isinstance(func, tirx.PrimFunc) or func.attrs.get("tirx.is_scheduled"):
                 continue

@@ -44,6 +44,7 @@ def rewrite_functions(name: str, rewrites: Mapping[str, Rewrite]):
 
     @tvm.transform.module_pass(opt_level=0, name=name)
     def rewrite_module(mod, _ctx):
+        mod = mod.clone()  # assigning into the module handed in would change the caller's
         for gvar, func in list(mod.functions.items()):
             if isinstance(func, relax.Function):
                 mod[gvar] = rewrite_calls(func, rewrites)

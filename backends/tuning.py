@@ -707,6 +707,7 @@ def _fold_weight_prepack():
             consts = [relax.const(r) for r in results]
             return relax.Tuple(consts) if isinstance(call.ty, relax.TupleType) else consts[0]
 
+        mod = mod.clone()  # assigning into the module handed in would change the caller's
         for gvar, func in functions:
             mod[gvar] = rewrite_calls(func, {"relax.call_tir": evaluate})
         return mod
