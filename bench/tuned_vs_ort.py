@@ -7,9 +7,10 @@ host, for HF ResNet-18 and MobileNetV2 at 1x3x224x224 (random init, O(1) activat
 
 For each model, in a fresh tuning cache per model (kept under --cache), so the budget is all the
 tuning the figure had: tune with `--budget` of wall clock into the tuning database; compile for
-target x86 with tuning off (SPLITC_TUNING=0), again with the warm database (applies the records,
-per task the fastest of tuned and untuned) from an empty build cache, and once more (the recompile
-of the same model: its library comes back from the build cache), timing each; verify the tuned bundle; then
+target x86 with tuning off (SPLITC_TUNING=0) and with the warm database (applies the records, per
+task the fastest of tuned and untuned), each in a new process and from an empty build cache, in
+`--compile-rounds` alternating rounds (medians reported), and once more (the recompile of the same
+model: its library comes back from the build cache), timing each; verify the tuned bundle; then
 `splitc bench` each bundle's partition 0 with ONNX Runtime and torch beside it, same threads, same
 input, in interleaved rounds (each runtime's best round counts). Prints figures; asserts nothing. The
 tuning budget is printed with every tuned figure: a short budget is a short budget, not what TVM
@@ -64,6 +65,30 @@ def mobilenet_v2() -> torch.nn.Module:
 
 MODELS = {"resnet18": resnet18, "mobilenet_v2": mobilenet_v2}
 
+_COMPILE = """
+import json, sys
+from splitc.compiler import compile_model
+from splitc.frontend import import_model
+from splitc.targets import load_link, load_targets
+_, graph = import_model(sys.argv[1])
+result = compile_model(graph, load_targets("x86"), sys.argv[2], link=load_link("4g"), samples=1)
+artifact = result.manifest.partitions[0].artifacts[0]
+print(json.dumps({"seconds": result.seconds, "tuning": artifact.options.get("tuning"),
+                  "build_cache": artifact.options.get("build_cache")}))
+"""
+
+
+def _compile_in_new_process(pt2: Path, out: Path, tuned: bool) -> dict:
+    """Compile `pt2` for x86 in a new Python process, with tuning records (`tuned`) or without
+    (SPLITC_TUNING=0); its stage seconds, tuning summary and build cache use, and the bundle."""
+    import subprocess
+
+    env = dict(os.environ, SPLITC_TUNING="1" if tuned else "0")
+    done = subprocess.run([sys.executable, "-c", _COMPILE, str(pt2), str(out)], env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"compiling {pt2} failed:\n{done.stderr[-2000:]}")
+    return {**json.loads(done.stdout.strip().splitlines()[-1]), "bundle": out}
+
 
 def main() -> None:
     parser = argparse.ArgumentParser()
@@ -72,18 +97,18 @@ def main() -> None:
     parser.add_argument("--tune-only", action="store_true", help="tune into --cache and stop (run under nice); measure later with --budget 0")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=3, help="bench rounds per bundle; each runtime's figure is its best round's median")
+    parser.add_argument("--compile-rounds", type=int, default=3,
+                        help="untuned and warm-database compiles, each in a new process; their figures are the medians")
     parser.add_argument("--cache", help="directory for the per-model tuning caches, kept (default: fresh ones, removed after)")
     parser.add_argument("--json", dest="json_path")
     args = parser.parse_args()
 
     from splitc.backends import build_cache, tuning
-    from splitc.frontend import import_model
-    from splitc.targets import load_link, load_targets
+    from splitc.targets import load_targets
     from tvm.relax.frontend.torch import from_exported_program
 
     from splitc.bench import bench_partition
     from splitc.cli_tune import parse_budget
-    from splitc.compiler import compile_model
     from splitc.verify import verify_bundle
 
     seconds = 0.0 if args.budget in ("0", "0s", "0m") else parse_budget(args.budget)
@@ -92,7 +117,6 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="splitc-tuned-vs-ort-"))
     results = {"host": f"{os.cpu_count()} logical CPUs", "models": {}}
     target = load_targets("x86")
-    link = load_link("4g")
     try:
         for name in args.models.split(","):
             figures: dict = {"load_average_before": os.getloadavg()}
@@ -104,7 +128,6 @@ def main() -> None:
             with torch.no_grad():
                 program = torch.export.export(model, (x,))
             torch.export.save(program, pt2)
-            _, graph = import_model(pt2)
 
             record = cache / "tuning-run.json"
             if seconds:
@@ -121,28 +144,34 @@ def main() -> None:
                     continue
             figures["tuning"] = json.loads(record.read_text()) if record.is_file() else None
 
-            # The first two compiles start from an empty build cache (each builds its library); the
-            # recompile of the same model gets its library back from that cache.
-            shutil.rmtree(cache / build_cache.BUILDS_SUBDIR, ignore_errors=True)
-            os.environ["SPLITC_TUNING"] = "0"
-            untuned = compile_model(graph, target, work / f"{name}.untuned.splitc", link=link, samples=1)
-            os.environ.pop("SPLITC_TUNING")
-            tuned = compile_model(graph, target, work / f"{name}.tuned.splitc", link=link, samples=1)
-            again = compile_model(graph, target, work / f"{name}.again.splitc", link=link, samples=1)
+            # Each compile runs in a fresh process, as `splitc compile` does (one-time imports and
+            # initialisation fall on every compile alike), untuned and with the warm database in
+            # turn, each round from an empty build cache; the recompile of the same model then gets
+            # its library back from that cache.
+            compile_rounds = []
+            for index in range(args.compile_rounds):
+                shutil.rmtree(cache / build_cache.BUILDS_SUBDIR, ignore_errors=True)
+                compile_rounds.append({label: _compile_in_new_process(pt2, work / f"{name}.{label}{index}.splitc", label == "tuned")
+                                       for label in ("untuned", "tuned")})
+            again = _compile_in_new_process(pt2, work / f"{name}.again.splitc", True)
             key = f"p0:{target[0].name}"
-            figures["compile_s"] = {"untuned": round(untuned.seconds[key], 2), "tuned_warm_db": round(tuned.seconds[key], 2),
-                                    "tuned_recompile_build_cache": round(again.seconds[key], 2),
-                                    "untuned_total": round(untuned.seconds["total"], 2), "tuned_total": round(tuned.seconds["total"], 2)}
-            figures["build_cache"] = [r.manifest.partitions[0].artifacts[0].options.get("build_cache") for r in (untuned, tuned, again)]
-            figures["tuned_compile"] = tuned.manifest.partitions[0].artifacts[0].options["tuning"]
-            figures["tuned_verify_ok"] = verify_bundle(tuned.bundle).ok
+            untuned_s = statistics.median(r["untuned"]["seconds"][key] for r in compile_rounds)
+            tuned_s = statistics.median(r["tuned"]["seconds"][key] for r in compile_rounds)
+            figures["compile_s"] = {"untuned": round(untuned_s, 2), "tuned_warm_db": round(tuned_s, 2),
+                                    "tuned_recompile_build_cache": round(again["seconds"][key], 2),
+                                    "rounds_untuned_tuned": [[round(r[label]["seconds"][key], 2) for label in ("untuned", "tuned")]
+                                                             for r in compile_rounds]}
+            figures["build_cache"] = [r["build_cache"] for r in (*compile_rounds[-1].values(), again)]
+            figures["tuned_compile"] = compile_rounds[-1]["tuned"]["tuning"]
+            untuned, tuned = (compile_rounds[-1][label]["bundle"] for label in ("untuned", "tuned"))
+            figures["tuned_verify_ok"] = verify_bundle(tuned).ok
 
             # Rounds interleave the runtimes, so a burst of load from other processes on a shared
             # host hits one round, not one runtime; each figure is its runtime's best round.
             rounds: dict[str, list[dict[str, float]]] = {"untuned": [], "tuned": []}
             minimum: dict[str, list[dict[str, float]]] = {}
             for _ in range(args.rounds):
-                for label, bundle in (("tuned", tuned.bundle), ("untuned", untuned.bundle)):
+                for label, bundle in (("tuned", tuned), ("untuned", untuned)):
                     if label == "untuned" and rounds["untuned"]:
                         continue  # seconds per call: once is enough
                     bench = bench_partition(bundle, 0, model=pt2, repeats=args.repeats)
@@ -175,7 +204,8 @@ def main() -> None:
                   f"{figures['paired']['median_tuned/ort']:.2f}, TVM faster in {figures['paired']['rounds_tvm_faster']} rounds), untuned/ORT {tvm_u / ort:.1f}, "
                   f"torch/ORT {eager / ort:.2f}; compile untuned {c['untuned']:.1f} s, first compile with the warm database "
                   f"{c['tuned_warm_db']:.1f} s ({c['tuned_warm_db'] / c['untuned']:.2f}x), recompiled from the build cache "
-                  f"{c['tuned_recompile_build_cache']:.1f} s ({c['tuned_recompile_build_cache'] / c['untuned']:.2f}x)", flush=True)
+                  f"{c['tuned_recompile_build_cache']:.1f} s ({c['tuned_recompile_build_cache'] / c['untuned']:.2f}x); "
+                  f"per round warm/untuned {', '.join(f'{t / u:.2f}' for u, t in c['rounds_untuned_tuned'])}", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     text = json.dumps(results, indent=2, default=str)
