@@ -149,7 +149,7 @@ def main() -> None:
             # turn, each round from an empty build cache; the recompile of the same model then gets
             # its library back from that cache.
             compile_rounds = []
-            for index in range(args.compile_rounds):
+            for index in range(max(1, args.compile_rounds)):
                 shutil.rmtree(cache / build_cache.BUILDS_SUBDIR, ignore_errors=True)
                 compile_rounds.append({label: _compile_in_new_process(pt2, work / f"{name}.{label}{index}.splitc", label == "tuned")
                                        for label in ("untuned", "tuned")})
