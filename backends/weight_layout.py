@@ -43,7 +43,7 @@ def layout_copy(func) -> Callable[[list[Any]], list[Any]] | None:
     writes = {position(target): (position(source), digits) for source, target, digits in copies}
     inputs = len(buffers) - len(writes)
     # One copy per output, the outputs last (call_tir's order), each reading an input.
-    if len(writes) != len(copies) or sorted(writes) != list(range(inputs, len(buffers))) or \
+    if len(writes) != len(copies) or None in writes or sorted(writes) != list(range(inputs, len(buffers))) or \
             any(source is None or source >= inputs for source, _ in writes.values()):
         return None
     plans = []

@@ -1,6 +1,6 @@
 """Weight layout rewrites run by numpy (backends/weight_layout.py): the same arrays as the compiled
 TIR, padding included; anything else (arithmetic, overlapping digits, a permuted read, several
-values to one place) left to TIR."""
+values to one place, a copy through an intermediate buffer) left to TIR."""
 from __future__ import annotations
 
 import numpy as np
@@ -95,8 +95,21 @@ def dropped_axis(weight: T.Buffer((4, 64), "float32"), packed: T.Buffer((64,), "
             packed[v1] = weight[v0, v1]
 
 
-@pytest.mark.parametrize("func", [scaled, overlapping, transposed_read, dropped_axis],
-                         ids=["arithmetic", "overlapping-digits", "permuted-load", "many-to-one"])
+@T.prim_func(s_tir=True)
+def staged(weight: T.Buffer((4, 64), "float32"), packed: T.Buffer((2, 4, 32), "float32")):
+    temp = T.alloc_buffer((4, 64), "float32")
+    for ax0, ax1 in T.grid(4, 64):
+        with T.sblock("temp"):
+            v0, v1 = T.axis.remap("SS", [ax0, ax1])
+            temp[v0, v1] = weight[v0, v1]
+    for ax0, ax1 in T.grid(4, 64):
+        with T.sblock("packed"):
+            v0, v1 = T.axis.remap("SS", [ax0, ax1])
+            packed[v1 // 32, v0, v1 % 32] = temp[v0, v1]
+
+
+@pytest.mark.parametrize("func", [scaled, overlapping, transposed_read, dropped_axis, staged],
+                         ids=["arithmetic", "overlapping-digits", "permuted-load", "many-to-one", "through-a-buffer"])
 def test_what_the_numpy_copy_does_not_cover_is_left_to_tir(func):
     assert layout_copy(func) is None
 
