@@ -46,17 +46,22 @@ def _steps_and_size(stmt, max_step: int) -> tuple[int, int]:
         if stmt.kind == tirx.ForKind.UNROLLED or 0 < extent * steps <= max_step:
             return extent * steps, extent * size
         return extent * steps, size + 1
+    parts = [_steps_and_size(child, max_step) for child in child_statements(stmt)]
     if isinstance(stmt, tirx.SeqStmt):
-        parts = [_steps_and_size(s, max_step) for s in stmt.seq]
         return sum(p[0] for p in parts), sum(p[1] for p in parts)
     # Any other statement: itself, plus whatever statements it holds (blocks, branches, lets).
-    steps, size, leaf = 0, 1, True
-    for field in ("block", "init", "body", "then_case", "else_case"):
-        child = getattr(stmt, field, None)
-        if isinstance(child, tirx.Stmt):
-            child_steps, child_size = _steps_and_size(child, max_step)
-            steps, size, leaf = steps + child_steps, size + child_size, False
-    return (1 if leaf else steps), size
+    return (sum(p[0] for p in parts) if parts else 1), 1 + sum(p[1] for p in parts)
+
+
+def child_statements(stmt) -> list[Any]:
+    """The statements directly inside a TIR statement: a sequence's, a block's (its init and body),
+    a loop's, a branch's, a let's or an attribute's body."""
+    import tvm
+
+    if isinstance(stmt, tvm.tirx.SeqStmt):
+        return list(stmt.seq)
+    children = (getattr(stmt, field, None) for field in ("block", "init", "body", "then_case", "else_case"))
+    return [child for child in children if isinstance(child, tvm.tirx.Stmt)]
 
 
 def deal(functions: dict[Any, Any], workers: int) -> list[dict[Any, Any]]:

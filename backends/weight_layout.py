@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from splitc.backends.tvm_build import child_statements
+
 
 @dataclass(frozen=True)
 class _Digit:
@@ -72,18 +74,11 @@ def _shape(buffer) -> list[int]:
 
 def _block_realizes(stmt) -> list[Any]:
     """The blocks under `stmt` with a body of their own (not the root block)."""
-    from tvm import s_tir, tirx
+    from tvm import s_tir
 
-    if isinstance(stmt, tirx.SeqStmt):
-        return [r for s in stmt.seq for r in _block_realizes(s)]
     if isinstance(stmt, s_tir.SBlockRealize) and stmt.block.iter_vars:
         return [stmt]
-    found = []
-    for field in ("block", "body", "then_case", "else_case"):
-        child = getattr(stmt, field, None)
-        if isinstance(child, tirx.Stmt):
-            found += _block_realizes(child)
-    return found
+    return [realize for child in child_statements(stmt) for realize in _block_realizes(child)]
 
 
 def _copy_of(realize) -> tuple[Any, Any, list[_Digit]] | None:
