@@ -9,9 +9,15 @@ and the linker names the library exactly — the same idea as ccache, or TorchIn
 cache. A cached library is only ever a copy of what the same inputs built before.
 
     $SPLITC_CACHE/builds/<key>.so       # one exported library per key, written atomically
+    $SPLITC_CACHE/builds/<key>.o        # one group of a library's kernels, compiled (KernelObjects)
 
-`SPLITC_BUILD_CACHE=0` turns it off; the cache keeps at most `SPLITC_BUILD_CACHE_MB` (default 2048)
-megabytes, dropping the least recently used libraries first.
+A library's key covers its constants, so new weights miss it; its kernels do not depend on the
+weights, and the threaded build (backends/tvm_build.py) keeps the object of each group of kernels
+it compiles under a key of the group's own: the same architecture with other weights, or a model
+that shares a group, links those objects instead of running LLVM on them again.
+
+`SPLITC_BUILD_CACHE=0` turns both off; the cache keeps at most `SPLITC_BUILD_CACHE_MB` (default
+2048) megabytes, dropping the least recently used entries first.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +35,7 @@ from splitc.errors import InputError
 
 BUILDS_SUBDIR = "builds"
 _FORMAT = 1  # bump when what goes into a key changes
+_SUFFIXES = (".so", ".o")  # libraries, kernel objects
 _DEFAULT_LIMIT_MB = 2048
 
 
@@ -70,9 +78,37 @@ def build_key(mod, target_json: dict[str, Any], linker: str | None) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
-def fetch(key: str, dest: Path, cache_dir: Path | None = None) -> bool:
-    """Copy the library cached under `key` to `dest`; False when there is none."""
-    cached = _root(cache_dir) / f"{key}.so"
+@dataclass(frozen=True)
+class KernelObjects:
+    """Where `build_library` keeps and finds the objects of the groups of TIR functions it builds
+    for `target_json`."""
+
+    target_json: dict[str, Any]
+    cache_dir: Path | None = None
+
+    def key(self, group, context) -> str:
+        """The key of the object `tvm.tirx.build(group)` emits under the pass context `context`:
+        the SHA-256 of the group's serialised IR (a 64-bit structural hash would be enough to tell
+        libraries apart by their constants, but a kernel linked under another's key would be
+        silently wrong), the target, the pass options and TVM's version (its LLVM with it)."""
+        import tvm
+
+        options = {str(k): str(v) for k, v in context.config.items()}
+        identity = {"format": _FORMAT, "tvm": tvm.__version__, "target": self.target_json, "opt_level": int(context.opt_level),
+                    "options": options, "group": hashlib.sha256(tvm.ir.save_json(group).encode()).hexdigest()}
+        return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+    def fetch(self, key: str, dest: Path) -> bool:
+        return fetch(key, dest, self.cache_dir, suffix=".o")
+
+    def store(self, key: str, built: Path) -> None:
+        store(key, built, self.cache_dir, suffix=".o")
+
+
+def fetch(key: str, dest: Path, cache_dir: Path | None = None, suffix: str = ".so") -> bool:
+    """Copy the entry cached under `key` (a library; with `suffix` ".o", a kernel object) to `dest`;
+    False when there is none."""
+    cached = _root(cache_dir) / f"{key}{suffix}"
     try:
         shutil.copyfile(cached, dest)
     except FileNotFoundError:
@@ -84,9 +120,9 @@ def fetch(key: str, dest: Path, cache_dir: Path | None = None) -> bool:
     return True
 
 
-def store(key: str, built: Path, cache_dir: Path | None = None) -> None:
-    """Keep a copy of the library at `built` under `key` (best effort: a full or read-only cache
-    costs a rebuild next time, never a failed compile)."""
+def store(key: str, built: Path, cache_dir: Path | None = None, suffix: str = ".so") -> None:
+    """Keep a copy of the library (or with `suffix` ".o", kernel object) at `built` under `key` (best
+    effort: a full or read-only cache costs a rebuild next time, never a failed compile)."""
     root = _root(cache_dir)
     staging: Path | None = None
     try:
@@ -95,7 +131,7 @@ def store(key: str, built: Path, cache_dir: Path | None = None) -> None:
         os.close(fd)
         staging = Path(name)
         shutil.copyfile(built, staging)
-        os.replace(staging, root / f"{key}.so")  # readers see the whole library or none
+        os.replace(staging, root / f"{key}{suffix}")  # readers see the whole file or none
         staging = None
         _evict(root, _limit_bytes())
     except OSError:
@@ -107,7 +143,7 @@ def store(key: str, built: Path, cache_dir: Path | None = None) -> None:
 
 def _evict(root: Path, limit_bytes: int) -> None:
     entries = []
-    for path in root.glob("*.so"):
+    for path in (p for suffix in _SUFFIXES for p in root.glob(f"*{suffix}")):
         try:
             stat = path.stat()
         except FileNotFoundError:  # another compile evicted it

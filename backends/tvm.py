@@ -16,7 +16,9 @@ and what was chosen. `SPLITC_TUNING=0` skips the database.
 
 Every build goes through the build cache (backends/build_cache.py): a module, target and TVM seen
 before get their library copied back instead of rebuilt; the artifact's options say "hit" or "miss".
-A library that is built is built on all of this host's cores (backends/tvm_build.py).
+A library that is built is built on all of this host's cores (backends/tvm_build.py), linking the
+kept object of every group of kernels built before (other weights, same kernels): the options'
+"kernel_objects" says how many.
 """
 
 from __future__ import annotations
@@ -88,6 +90,9 @@ class TVMBackend:
         if deploy.options.get("build_cache") == "hit":
             notes = [*notes, f"partition {partition.index} ({target.name}): library reused from the build cache "
                              "(same module, target and TVM; SPLITC_BUILD_CACHE=0 rebuilds)"]
+        elif (objects := deploy.options.get("kernel_objects")) and objects["reused"]:
+            notes = [*notes, f"partition {partition.index} ({target.name}): {objects['reused']} of {objects['groups']} kernel "
+                             "groups linked from the build cache (same kernels, target and TVM; SPLITC_BUILD_CACHE=0 rebuilds)"]
         artifacts = [deploy]
         if target.arch != host_arch():
             twin = {"kind": "llvm", "mtriple": _HOST_TRIPLES.get(host_arch(), f"{host_arch()}-linux-gnu")}
@@ -172,13 +177,15 @@ class TVMBackend:
             options["build_cache"] = "hit"
             return CompiledArtifact(path, RUNTIME_TVM, role, arch, options)
         fcompile = tvm.support.cc.cross_compiler(linker) if linker is not None else None
+        objects = build_cache.KernelObjects(target_json) if key is not None else None
         try:
-            build_library(mod, target_json, path, workers=available_cpus(), fcompile=fcompile)
+            groups, reused = build_library(mod, target_json, path, workers=available_cpus(), fcompile=fcompile, objects=objects)
         except Exception as exc:
             raise BackendError(f"TVM failed to build for {target_json}: {first_line(exc)}") from exc
         if key is not None:
             build_cache.store(key, path)
             options["build_cache"] = "miss"
+            options["kernel_objects"] = {"groups": groups, "reused": reused}
         return CompiledArtifact(path, RUNTIME_TVM, role, arch, options)
 
 

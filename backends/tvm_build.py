@@ -11,6 +11,12 @@ the same functions and constants, linked into one shared object.
 
 Only TVM's own steps are used (`relax.build`'s, taken apart at its joints: pipeline, VM code
 generation, TIR build, link), so the result is what `tvm.compile(...).export_library(...)` gives.
+
+Each group's object file can be kept in a cache keyed by the group's content (`KernelObjects`,
+backends/build_cache.py): a module that shares them with one built before links the kept objects
+instead of lowering and code-generating again. The functions of a model do not depend on its
+weights (those are constants of the Relax module), so new weights for the same architecture and
+records rebuild no kernel: only the executable, which holds the constants, is linked again.
 """
 
 from __future__ import annotations
@@ -19,7 +25,10 @@ import os
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from splitc.backends.build_cache import KernelObjects
 
 
 def unrolled_size(func) -> int:
@@ -69,7 +78,10 @@ def deal(functions: dict[Any, Any], workers: int) -> list[dict[Any, Any]]:
     cost: largest first, each to the group with the least so far."""
     costs: list[int] = [0] * max(1, workers)
     groups: list[dict[Any, Any]] = [{} for _ in costs]
-    for size, name, func in sorted(((unrolled_size(f), n, f) for n, f in functions.items()), key=lambda x: -x[0]):
+    # Ties broken by name: the same functions are dealt into the same groups in every process, so
+    # their objects can be found again by their content.
+    ranked = sorted(((unrolled_size(f), n, f) for n, f in functions.items()), key=lambda x: (-x[0], str(getattr(x[1], "name_hint", x[1]))))
+    for size, name, func in ranked:
         index = costs.index(min(costs))
         groups[index][name] = func
         costs[index] += size
@@ -77,9 +89,11 @@ def deal(functions: dict[Any, Any], workers: int) -> list[dict[Any, Any]]:
 
 
 def build_library(mod, target_json: dict[str, Any], path: Path, *, workers: int,
-                  fcompile: Callable[..., Any] | None = None) -> None:
+                  fcompile: Callable[..., Any] | None = None, objects: KernelObjects | None = None) -> tuple[int, int]:
     """Build `mod` (Relax, for an LLVM target) and export it as the shared library `path`, linked by
-    `fcompile` (default: this host's C compiler), with `workers` threads."""
+    `fcompile` (default: this host's C compiler), with `workers` threads. With `objects`, each group
+    of TIR functions whose object is kept there is linked from it, and each one built is kept.
+    Returns (groups of TIR functions, groups whose object came from `objects`)."""
     import tvm
     from tvm import relax
     from tvm.relax import vm_build
@@ -97,31 +111,36 @@ def build_library(mod, target_json: dict[str, Any], path: Path, *, workers: int,
     if tir_mod is None:  # nothing to build in threads
         executable = vm_build._vmlink(builder, target, None, ext_libs=external, params=params)
         executable.export_library(str(path), fcompile=fcompile)
-        return
+        return 0, 0
     tir_mod = vm_build._auto_attach_system_lib_prefix(tir_mod, target, None)
     groups = [tvm.IRModule(group, attrs=tir_mod.attrs) for group in deal(dict(tir_mod.functions.items()), workers)]
     # A worker thread starts with TVM's default pass context: hand it the caller's.
     context = tvm.transform.PassContext.current()
+    keys = [objects.key(group, context) for group in groups] if objects is not None else [None] * len(groups)
 
-    def build(group):
+    def build_and_emit(group, key, file):
         with context:
-            return tvm.tirx.build(group, target=target)
+            tvm.tirx.build(group, target=target).write_to_file(file)
+        if key is not None:
+            objects.store(key, Path(file))
 
     with tempfile.TemporaryDirectory(prefix="splitc-build-") as workspace, ThreadPoolExecutor(len(groups)) as pool:
-        built = [pool.submit(build, group) for group in groups]
-        objects = [os.path.join(workspace, f"lib{index}.o") for index in range(len(groups))]
-        # Submitted after every build, so each waits only on a build already running.
-        emitted = [pool.submit(lambda b, o: b.result().write_to_file(o), b, o) for b, o in zip(built, objects)]
-        libraries = [b.result() for b in built]
-        library = libraries[0]
-        for other in libraries[1:]:
-            library.import_module(other)
-        if library.get_function("__tvm_is_system_module")():
+        files = [os.path.join(workspace, f"lib{index}.o") for index in range(len(groups))]
+        kept = [key is not None and objects.fetch(key, Path(file)) for key, file in zip(keys, files)]
+        built = [pool.submit(build_and_emit, group, key, file)
+                 for group, key, file, hit in zip(groups, keys, files, kept) if not hit]
+        # The executable imports one library module, which loading the shared object replaces by
+        # the shared object itself (every function linked into it): an empty one stands in for the
+        # groups, built or kept alike.
+        with context:
+            stand_in = tvm.tirx.build(tvm.IRModule({}, attrs=tir_mod.attrs), target=target)
+        if stand_in.get_function("__tvm_is_system_module")():
             raise ValueError("build_library makes shared libraries; this target asks for a system library")
-        executable = vm_build.VMExecutable(relax._ffi_api.VMLink(builder, target, library, external, params))
+        executable = vm_build.VMExecutable(relax._ffi_api.VMLink(builder, target, stand_in, external, params))
         packed = os.path.join(workspace, "devc.o")
-        runtime_api.ModulePackImportsToLLVM(executable.mod, False, library.get_function("_get_target_string")(), "") \
+        runtime_api.ModulePackImportsToLLVM(executable.mod, False, stand_in.get_function("_get_target_string")(), "") \
             .write_to_file(packed)
-        for done in emitted:
+        for done in built:
             done.result()
-        (fcompile or cc.create_shared)(str(path), [*objects, packed])
+        (fcompile or cc.create_shared)(str(path), [*files, packed])
+    return len(groups), sum(kept)

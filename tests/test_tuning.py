@@ -276,7 +276,8 @@ def test_tuning_reports_progress(tuned_cache):
 
 def test_recompile_copies_the_library_from_the_build_cache(cnn_pt2, tmp_path, monkeypatch):
     """An unchanged model recompiles from the build cache (same library bytes, same outputs); other
-    weights are another module, so a miss; SPLITC_BUILD_CACHE=0 builds without the cache."""
+    weights are another module, so a miss, whose kernels are all linked from the objects the first
+    build kept; SPLITC_BUILD_CACHE=0 builds without the cache."""
     monkeypatch.setenv("SPLITC_CACHE", str(tmp_path / "cache"))
     torch.manual_seed(1)
     other_pt2 = tmp_path / "other.pt2"
@@ -291,15 +292,23 @@ def test_recompile_copies_the_library_from_the_build_cache(cnn_pt2, tmp_path, mo
     assert first.options["build_cache"] == "miss" and second.options["build_cache"] == "hit"
     assert first_bytes == second_bytes and first.sha256 == second.sha256
     assert len(list((tmp_path / "cache" / build_cache.BUILDS_SUBDIR).glob("*.so"))) == 1
+    groups = first.options["kernel_objects"]["groups"]
+    assert groups >= 1 and first.options["kernel_objects"]["reused"] == 0
     x = np.random.default_rng(0).standard_normal((1, 3, 16, 16)).astype(np.float32)
     np.testing.assert_array_equal(_run(tmp_path / "a.splitc", x), _run(tmp_path / "b.splitc", x))
 
-    other, other_bytes = deploy(_compile(other_pt2, tmp_path / "other.splitc"))
+    other_result = _compile(other_pt2, tmp_path / "other.splitc")
+    other, other_bytes = deploy(other_result)
     assert other.options["build_cache"] == "miss" and other_bytes != first_bytes
+    assert other.options["kernel_objects"] == {"groups": groups, "reused": groups}
+    assert any("kernel groups linked from the build cache" in note for note in other_result.notes)
 
     monkeypatch.setenv("SPLITC_BUILD_CACHE", "0")
     off, _ = deploy(_compile(cnn_pt2, tmp_path / "off.splitc"))
-    assert "build_cache" not in off.options
+    assert "build_cache" not in off.options and "kernel_objects" not in off.options
+    # The other weights linked with the kept kernels compute what a build from scratch computes.
+    _compile(other_pt2, tmp_path / "other-off.splitc")
+    np.testing.assert_array_equal(_run(tmp_path / "other.splitc", x), _run(tmp_path / "other-off.splitc", x))
 
 
 def test_build_cache_drops_least_recently_used_libraries(tmp_path, monkeypatch):

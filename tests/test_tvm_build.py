@@ -88,3 +88,51 @@ def test_threaded_build_computes_what_tvm_compile_computes(workers, tmp_path):
         outputs.append(vm["main"](tvm.runtime.tensor(x.numpy()))[0].numpy())
     np.testing.assert_array_equal(outputs[1], outputs[0])
     np.testing.assert_allclose(outputs[1], model(x).detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_kept_kernel_objects_are_linked_instead_of_built_again(tmp_path):
+    """A group of TIR functions built once is linked from the cache the next time, by its content:
+    the same module reuses every group; a model whose classifier differs reuses the groups it
+    shares and builds the others; both libraries compute what `tvm.compile` builds."""
+    import tvm
+    from splitc.backends.build_cache import KernelObjects
+    from tvm.relax.frontend.torch import from_exported_program
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 12, 12)
+    first, other = Stack().eval(), Stack().eval()
+    other.fc = nn.Linear(8, 7)
+    mods = [from_exported_program(torch.export.export(m, (x,)), keep_params_as_input=False) for m in (first, other)]
+    objects = KernelObjects(X86, tmp_path / "cache")
+    workers = 16  # one function per group
+
+    groups, reused = build_library(mods[0], X86, tmp_path / "a.so", workers=workers, objects=objects)
+    assert groups >= 3 and reused == 0
+    assert len(list((tmp_path / "cache" / "builds").glob("*.o"))) == groups
+    assert build_library(mods[0], X86, tmp_path / "again.so", workers=workers, objects=objects) == (groups, groups)
+    other_groups, other_reused = build_library(mods[1], X86, tmp_path / "other.so", workers=workers, objects=objects)
+    assert 0 < other_reused < other_groups  # the convolution's groups kept; the classifier's built
+
+    for model, mod, name in ((first, mods[0], "again"), (other, mods[1], "other")):
+        tvm.compile(mod, target=tvm.target.Target(X86)).export_library(str(tmp_path / f"{name}.reference.so"))
+        outputs = []
+        for library in (f"{name}.reference.so", f"{name}.so"):
+            vm = relax_vm(tmp_path / library)
+            outputs.append(vm["main"](tvm.runtime.tensor(x.numpy()))[0].numpy())
+        np.testing.assert_array_equal(outputs[1], outputs[0])
+        np.testing.assert_allclose(outputs[1], model(x).detach().numpy(), rtol=1e-5, atol=1e-6)
+
+    # What the objects are built under is part of their key.
+    group = tvm.IRModule({"f": _matmul(64, 4, None)})
+    with tvm.transform.PassContext(opt_level=3) as plain:
+        key = objects.key(group, plain)
+    with tvm.transform.PassContext(opt_level=3, config={"tirx.disable_vectorize": True}) as scalar:
+        assert objects.key(group, scalar) != key
+    assert KernelObjects({**X86, "mcpu": "skylake"}).key(group, plain) != key
+
+
+def relax_vm(path):
+    import tvm
+    from tvm import relax
+
+    return relax.VirtualMachine(tvm.runtime.load_module(str(path)), tvm.cpu())
