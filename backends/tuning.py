@@ -608,16 +608,47 @@ def prepare(mod, target_json: dict[str, Any], prepack: bool, winograd: bool | No
         return tvm.transform.Sequential(tail)(mod)
 
 
-@contextlib.contextmanager
-def best_records(directory: Path) -> Iterator[Any]:
-    """The database's best record per workload, opened once (None when there is none), for
-    `coverage` and `apply_database` to share: opening costs ~10 ms a record."""
-    with readable_copy(directory) as snapshot:
-        yield None if snapshot is None else open_database(snapshot)
+class BestRecords:
+    """Each workload's best record in a database (read through its index, `_read_best`), from which
+    a MetaSchedule database is opened for the workloads of given tasks only. Opening parses every
+    workload and record it is handed (~3 ms a workload): a database shared by many models would
+    otherwise make every compile pay for all of them."""
+
+    def __init__(self, directory: Path):
+        self.workloads, self.records = _read_best(directory, 1)
+
+    def __bool__(self) -> bool:
+        return bool(self.workloads)
+
+    def open(self, tasks) -> Any:
+        """A database of the best record of each of `tasks`' workloads that has one; None when
+        none has. JSONDatabase reads its files when it opens and queries from memory, so the
+        temporary copy it opens is gone when this returns."""
+        from tvm_ffi import structural_hash
+
+        # MetaSchedule files a workload under the structural hash of its module (JSONDatabase's
+        # default "structural" equality), the first field of its line.
+        wanted = {str(structural_hash(task.dispatched[0])) for task in tasks}
+        renumbered: dict[int, int] = {}
+        for index, line in enumerate(self.workloads):
+            if json.loads(line[:line.index(",")] + "]")[0] in wanted:
+                renumbered[index] = len(renumbered)
+        if not renumbered:
+            return None
+        records = []
+        for line in self.records:
+            head, rest = line.split(",", 1)
+            index = int(head.lstrip("[ "))
+            if index in renumbered:
+                records.append(f"[{renumbered[index]},{rest}")
+        with tempfile.TemporaryDirectory(prefix="splitc-tunedb-") as tmp:
+            (Path(tmp) / WORKLOAD_FILE).write_text("".join(self.workloads[i] + "\n" for i in renumbered))
+            (Path(tmp) / RECORD_FILE).write_text("".join(line + "\n" for line in records))
+            return open_database(Path(tmp))
 
 
 def apply_database(prepared, target_json: dict[str, Any], prepack: bool, database):
-    """Replace every TIR function that has a record in `database` (from `best_records`) with its best
+    """Replace every TIR function that has a record in `database` (from `best_variant`) with its best
     schedule; with pre-packing, the weight layout rewrites are split out and folded into the
     (constant) weights."""
     import tvm
@@ -746,19 +777,19 @@ class Coverage:
         return asdict(self)
 
 
-def coverage(prepared, target_json: dict[str, Any], directory: Path, prepack: bool, database=None,
-             winograd: bool = False) -> Coverage:
+def coverage(prepared, target_json: dict[str, Any], directory: Path, prepack: bool, winograd: bool = False) -> Coverage:
+    """How many of `prepared`'s tasks have a record in the database at `directory`."""
+    tasks = extract_tasks(prepared, target_json)
+    return _coverage(tasks, target_json, BestRecords(directory).open(tasks), prepack, winograd)
+
+
+def _coverage(tasks, target_json: dict[str, Any], database, prepack: bool, winograd: bool) -> Coverage:
     import tvm
 
-    if database is None:
-        with best_records(directory) as opened:
-            return coverage(prepared, target_json, directory, prepack, opened, winograd) if opened is not None else \
-                Coverage(len(extract_tasks(prepared, target_json)), 0, prepack, winograd=winograd)
-    tasks = extract_tasks(prepared, target_json)
     covered: list[str] = []
     untuned = 0
     target = tvm.target.Target(target_json)
-    for task in tasks:
+    for task in tasks if database is not None else []:
         record = database.query_tuning_record(task.dispatched[0], target, task.task_name)
         if record is not None:
             covered.append(task.task_name)
@@ -766,27 +797,37 @@ def coverage(prepared, target_json: dict[str, Any], directory: Path, prepack: bo
     return Coverage(len(tasks), len(covered), prepack, covered, untuned, winograd)
 
 
-def best_variant(mod, target_json: dict[str, Any], directory: Path, database=None) -> tuple[Any, Coverage]:
-    """The prepared module of the first variant whose tasks all have a record, else of the one with
-    the most records (the first of equals). Variants, in order of preference: with and without
-    pre-packing, and, unless Winograd is off, the same again without Winograd (so a database tuned
-    before Winograd existed still applies in full). `database` is the one `best_records` opened
-    (None: no records, only the preferred variant is prepared)."""
+@dataclass
+class Variant:
+    prepared: Any        # the module `prepare` made
+    coverage: Coverage
+    database: Any        # its tasks' best records, for `apply_database` (None: no task has one)
+
+
+def best_variant(mod, target_json: dict[str, Any], directory: Path) -> Variant:
+    """The first variant of `mod` whose tasks all have a record in the database at `directory`,
+    else the one with the most records (the first of equals). Variants, in order of preference:
+    with and without pre-packing, and, unless Winograd is off, the same again without Winograd (so
+    a database tuned before Winograd existed still applies in full). Without any record, only the
+    preferred variant is prepared."""
+    best_records = BestRecords(directory)
     best = None
     winograd = winograd_enabled()
     variants = [(True, winograd), (False, winograd)] + ([(True, False), (False, False)] if winograd else [])
     applies = True  # False once a Winograd variant rewrote nothing: the variants without it are the same modules
-    for prepack, with_winograd in variants if database is not None else variants[:1]:
+    for prepack, with_winograd in variants if best_records else variants[:1]:
         if winograd and not with_winograd and not applies:
             continue
         prepared = prepare(mod, target_json, prepack, with_winograd)
         if with_winograd and not uses_winograd(prepared):
             applies = with_winograd = False
-        cov = coverage(prepared, target_json, directory, prepack, database, with_winograd)
-        if cov.complete:
-            return prepared, cov
-        if best is None or cov.with_record > best[1].with_record:
-            best = (prepared, cov)
+        tasks = extract_tasks(prepared, target_json)
+        database = best_records.open(tasks) if best_records else None
+        variant = Variant(prepared, _coverage(tasks, target_json, database, prepack, with_winograd), database)
+        if variant.coverage.complete:
+            return variant
+        if best is None or variant.coverage.with_record > best.coverage.with_record:
+            best = variant
     return best
 
 
@@ -1149,12 +1190,13 @@ def transfer_host_records(
     tasks = extract_tasks(prepared, device_json)
     report = TransferReport(destination, source, len(tasks), label=host_tuned_label(host_json, device_json))
     device, host = tvm.target.Target(device_json), tvm.target.Target(host_json)
-    with _locked(destination), readable_copy(source) as snapshot:
+    with _locked(destination):
         repair_database(destination)
-        if snapshot is None:
+        src = BestRecords(source).open(tasks)
+        if src is None:
             report.missing = len(tasks)
             return report
-        src, dst = open_database(snapshot), open_database(destination)
+        dst = open_database(destination)
         for task in tasks:
             func_mod = task.dispatched[0]
             record = src.query_tuning_record(func_mod, host, task.task_name)

@@ -109,15 +109,12 @@ class TVMBackend:
             info["chosen"] = "untuned (SPLITC_TUNING=0)"
             return [("untuned", mod)], info, []
         where = f"partition {partition.index} ({partition.target.name})"
-        with tuning.best_records(directory) as database:
-            return self._apply(mod, target_json, arch, partition, directory, database, label, info, where)
-
-    def _apply(self, mod, target_json: dict, arch: str, partition: Partition, directory: Path, database, label: str, info, where: str):
         try:
-            prepared, cov = tuning.best_variant(mod, target_json, directory, database)
+            variant = tuning.best_variant(mod, target_json, directory)
         except Exception as exc:  # noqa: BLE001 - the untuned build does not need these passes: build it and say why
             info["chosen"] = "untuned (tuning passes failed)"
             return [("untuned", mod)], info, [f"{where}: could not prepare it for tuning records ({first_line(exc)}); built untuned"]
+        cov = variant.coverage
         info.update(tasks=cov.tasks, tasks_with_record=cov.with_record, tasks_untuned_best=cov.untuned_best, prepack=cov.prepack,
                     winograd=cov.winograd)
         if cov.with_record == 0:
@@ -128,7 +125,7 @@ class TVMBackend:
                         f"tuned on this host with `splitc tune --target {partition.target.name} --from-host`")
             return [("untuned", mod)], info, [f"{where}: 0/{cov.tasks} TVM tasks had a tuning record; built untuned ({hint})"]
         try:
-            tuned = tuning.apply_database(prepared, target_json, cov.prepack, database)
+            tuned = tuning.apply_database(variant.prepared, target_json, cov.prepack, variant.database)
         except Exception as exc:
             raise BackendError(f"TVM could not apply the tuning records to partition {partition.index}: {first_line(exc)}") from exc
         info["schedules"] = label

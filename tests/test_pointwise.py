@@ -128,10 +128,9 @@ def test_tuning_offers_the_pointwise_schedule_and_compile_applies_it(tmp_path, m
     assert own == sum(SCHEDULES_PER_TASK[bits]) if bits in SCHEDULES_PER_TASK else own >= 4, own
 
     target = tuning.resolve_target(X86)
-    with tuning.best_records(report.directory) as database:
-        prepared, cov = tuning.best_variant(mod, target, report.directory, database)
-        applied = tuning.apply_database(prepared, target, cov.prepack, database)
-    assert cov.with_record == cov.tasks
+    variant = tuning.best_variant(mod, target, report.directory)
+    applied = tuning.apply_database(variant.prepared, target, variant.coverage.prepack, variant.database)
+    assert variant.coverage.with_record == variant.coverage.tasks
     vm = relax.VirtualMachine(tvm.compile(applied, target=tvm.target.Target(target)), tvm.cpu())
     got = vm["main"](tvm.runtime.tensor(x.numpy()))
     got = (got[0] if not hasattr(got, "numpy") else got).numpy()

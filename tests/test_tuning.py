@@ -262,6 +262,31 @@ def test_tune_then_compile_reuses_records(cnn_pt2, tuned_cache, tmp_path, monkey
     assert np.linalg.norm(a - expected) / np.linalg.norm(expected) < 1e-5
 
 
+def test_a_compile_opens_only_its_own_tasks_records(cnn_pt2, tuned_cache):
+    """A database shared by many models is opened for the workloads of the tasks at hand only: each
+    of them with its best record, the same one the whole database gives; none of the others."""
+    import tvm
+    from tvm.relax.frontend.torch import from_exported_program
+
+    _, report, _ = tuned_cache
+    target = tuning.resolve_target(X86)
+    mod = from_exported_program(torch.export.load(str(cnn_pt2)), keep_params_as_input=False)
+    tasks = tuning.extract_tasks(tuning.prepare(mod, target, prepack=True), target)
+    best = tuning.BestRecords(report.directory)
+    whole, one = best.open(tasks), best.open(tasks[1:2])
+    assert len(tasks) == report.tasks and len(whole) == len(tasks) and len(one) == 1
+
+    tvm_target = tvm.target.Target(target)
+
+    def trace(database, task):
+        record = database.query_tuning_record(task.dispatched[0], tvm_target, task.task_name)
+        return None if record is None else str(record.trace)
+
+    assert trace(one, tasks[1]) == trace(whole, tasks[1]) is not None
+    assert trace(one, tasks[0]) is None and trace(whole, tasks[0]) is not None
+    assert best.open([]) is None
+
+
 def test_tuning_reports_progress(tuned_cache):
     """The progress callback (the CLI's bar) sees the run advance: records counted as measured,
     never more than the run added, the fraction within [0, 1] and not going back."""

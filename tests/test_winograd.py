@@ -143,12 +143,11 @@ def test_a_database_tuned_without_winograd_still_applies_in_full(tmp_path, monke
 
     monkeypatch.delenv("SPLITC_WINOGRAD")
     directory = tuning.database_dir(target)
-    with tuning.best_records(directory) as database:
-        prepared, cov = tuning.best_variant(mod, target, directory, database)
+    variant = tuning.best_variant(mod, target, directory)
+    prepared, cov = variant.prepared, variant.coverage
     assert cov.complete and not cov.winograd and cov.tasks == report.tasks, cov
     assert not any("winograd" in gv.name_hint for gv in prepared.functions)
     # With no records at all, the preferred variant: Winograd, pre-packed.
     monkeypatch.setenv("SPLITC_CACHE", str(tmp_path / "empty"))
-    with tuning.best_records(tuning.database_dir(target)) as database:
-        _, cov = tuning.best_variant(mod, target, tuning.database_dir(target), database)
+    cov = tuning.best_variant(mod, target, tuning.database_dir(target)).coverage
     assert cov.winograd and cov.prepack and cov.with_record == 0
