@@ -354,10 +354,9 @@ def _read_best(directory: Path, best: int) -> tuple[list[str], list[str]]:
 
 @contextlib.contextmanager
 def readable_copy(directory: Path, best: int | None = 1) -> Iterator[Path | None]:
-    """A consistent snapshot of the database (whole lines only) in a temporary directory, so a
-    compile can read while a tuning run appends; with `best`, only each workload's `best` fastest
-    records (all that applying a database or finding a task's best schedule reads). Yields None
-    when there is no database."""
+    """A consistent snapshot of the database (whole lines only) in a temporary directory, so an
+    export can read while a tuning run appends; with `best`, only each workload's `best` fastest
+    records. Yields None when there is no database."""
     if best is None:
         workloads, records, _ = _read_database(directory)
     else:
@@ -366,9 +365,13 @@ def readable_copy(directory: Path, best: int | None = 1) -> Iterator[Path | None
         yield None
         return
     with tempfile.TemporaryDirectory(prefix="splitc-tunedb-") as tmp:
-        (Path(tmp) / WORKLOAD_FILE).write_text("".join(line + "\n" for line in workloads))
-        (Path(tmp) / RECORD_FILE).write_text("".join(line + "\n" for line in records))
+        _write_database(Path(tmp), workloads, records)
         yield Path(tmp)
+
+
+def _write_database(directory: Path, workloads: list[str], records: list[str]) -> None:
+    (directory / WORKLOAD_FILE).write_text("".join(line + "\n" for line in workloads))
+    (directory / RECORD_FILE).write_text("".join(line + "\n" for line in records))
 
 
 @contextlib.contextmanager
@@ -642,8 +645,7 @@ class BestRecords:
             if index in renumbered:
                 records.append(f"[{renumbered[index]},{rest}")
         with tempfile.TemporaryDirectory(prefix="splitc-tunedb-") as tmp:
-            (Path(tmp) / WORKLOAD_FILE).write_text("".join(self.workloads[i] + "\n" for i in renumbered))
-            (Path(tmp) / RECORD_FILE).write_text("".join(line + "\n" for line in records))
+            _write_database(Path(tmp), [self.workloads[i] for i in renumbered], records)
             return open_database(Path(tmp))
 
 
