@@ -26,6 +26,16 @@ fastest. Those timings flush the weights and output from the caches first, and t
 predicts the whole model here: forcing splitc's records where the search's had won made the
 MobileNetV2 call 12 % slower, forcing the search's where splitc's had won 7 % slower; warm-cache
 timings of the same kernels had ranked several of them the other way.
+
+A second family, column strips (`_strip`), wins where the image is large: a tile of up to 8 pixels
+down one column by 1-3 vectors, accumulated in the output buffer itself rather than a local copy,
+each parallel task a block of 2x2 strips that runs every channel tile over its pixels. Against the
+best of the row tiles and of a 15-minute database's records (Xeon, AVX-512, cold weights):
+112x112 32->16 96 us against 121, 14x14 64->384 57 against 69, 28x28 32->192 54 against 64, 14x14
+96->576 121 against 134; 112x112 16->96 and 56x56 24->144 ran as fast as the search's best (357
+and 147 us, where the row tiles took 641 and 231). On 7x7 layers and most projections the row tiles
+or the search stay ahead, so both families are offered. With 16 registers (the same host built for
+AVX2) only one vector per strip pays: three spilled and ran 4-5x slower.
 """
 
 from __future__ import annotations
@@ -42,6 +52,10 @@ from splitc.backends.cpu_schedule import epilogue_per_tile, float32_lanes, fused
 # 8 by 3 8-lane vectors the 24-channel ones.
 TILES = {16: {1: 8, 2: 4, 3: 4}, 32: {1: 8, 2: 8, 3: 8}}
 INPUT_UNROLL = 4           # input channels per unrolled step of the reduction
+# Column strips: output-channel vectors per strip by the size of the vector register file, and the
+# most pixels per strip (8 ran 0-3 % faster than 7 where both divide the height).
+STRIP_VECTORS = {16: (1,), 32: (1, 2, 3)}
+STRIP_ROWS = 8
 
 
 def vector_registers(vector_bits: int | None) -> int:
@@ -65,13 +79,25 @@ def tile_shapes(height: int, width: int, vectors: int, registers: int = 16) -> l
     return shapes
 
 
+def strip_shapes(height: int, vectors: int, registers: int = 16) -> list[tuple[int, int]]:
+    """(rows, vectors) per column strip for a convolution with a `height`-row output and `vectors`
+    output-channel vectors: the most rows, 4 to STRIP_ROWS, that divide the height with at least two
+    strips in it (a 7-row image gets none: the row tiles won every such layer), by each vector
+    count in STRIP_VECTORS[registers] that divides `vectors`."""
+    rows = [d for d in range(4, STRIP_ROWS + 1) if height % d == 0 and 2 * d <= height]
+    if not rows:
+        return []
+    return [(rows[-1], per_strip) for per_strip in STRIP_VECTORS[registers] if vectors % per_strip == 0]
+
+
 def _one_by_one(ry: int, rx: int, _rc: int) -> bool:
     """A 1x1 window (its "padding" block is a copy)."""
     return ry == rx == 1
 
 
 def pointwise_schedules(func, vector_bits: int | None) -> list:
-    """`tvm.s_tir.Schedule`s of `func`, one per tile shape (their traces are the records); empty
+    """`tvm.s_tir.Schedule`s of `func`, one per row tile and column strip shape (their traces are
+    the records); empty
     when `func` is not a 1x1 NHWC convolution followed only by elementwise blocks with output
     channels a multiple of the vector or of half of it."""
     from tvm import s_tir
@@ -89,21 +115,25 @@ def pointwise_schedules(func, vector_bits: int | None) -> list:
         lanes //= 2         # 24 channels with 16-lane vectors: three of 8 lanes
     if c % lanes:
         return []
+    registers = vector_registers(vector_bits)
+    candidates = [(_tile, (lanes, pixels, vectors, channels_outer))
+                  for pixels, vectors in tile_shapes(n * y, x, c // lanes, registers)
+                  for channels_outer in (False, True)]
+    candidates += [(_strip, (lanes, rows, vectors)) for rows, vectors in strip_shapes(y, c // lanes, registers)]
     schedules = []
-    for pixels, vectors in tile_shapes(n * y, x, c // lanes, vector_registers(vector_bits)):
-        for channels_outer in (False, True):
-            sch = s_tir.Schedule(func)
-            try:
-                _tile(sch, lanes, pixels, vectors, channels_outer)
-            except Exception:  # noqa: BLE001 - a step that does not apply to this function: offer the other shapes
-                continue
-            schedules.append(sch)
+    for schedule_with, shape in candidates:
+        sch = s_tir.Schedule(func)
+        try:
+            schedule_with(sch, *shape)
+        except Exception:  # noqa: BLE001 - a step that does not apply to this function: offer the other shapes
+            continue
+        schedules.append(sch)
     return schedules
 
 
 def _tile(sch, lanes: int, pixels: int, vectors: int, channels_outer: bool) -> None:
-    from tvm.s_tir import meta_schedule as ms
-
+    """A row tile of `pixels` consecutive pixels by `vectors` output vectors, accumulated in a
+    local buffer; pixel tiles outer or channel tiles outer, in parallel."""
     conv, epilogue = fused_conv2d(sch, _one_by_one)
     n, y, x, c, ry, rx, rc = sch.get_loops(conv)
     p_outer, p_inner = sch.split(sch.fuse(n, y, x), [None, pixels])
@@ -128,9 +158,37 @@ def _tile(sch, lanes: int, pixels: int, vectors: int, channels_outer: bool) -> N
         sch.unroll(loop)
     sch.vectorize(c_inner)
     sch.decompose_reduction(conv, ry)
-    # With pre-packing (layout-free weights), the weights laid out in the order the tiles read
-    # them. As a postprocessing step, the way MetaSchedule's own records do it: the search replays
-    # a record without its postprocessing and applies its own, so a layout rewrite among the
-    # schedule's steps would be rewritten twice (and fail).
+    _pack_weights_per_tile(sch)
+
+
+def _strip(sch, lanes: int, rows: int, vectors: int) -> None:
+    """A column strip of `rows` pixels by `vectors` output vectors, accumulated in the output buffer
+    (a local accumulator, which the row tiles need, ran these 3-15 % slower: 428 against 371 us on
+    112x112 16->96); blocks of two strips by two, where the image allows, in parallel; in each
+    block, every channel tile over the block's strips, the input-channel loop inside the vectors."""
+    conv, epilogue = fused_conv2d(sch, _one_by_one)
+    n, y, x, c, ry, rx, rc = sch.get_loops(conv)
+    height, width = int(sch.get(y).extent), int(sch.get(x).extent)
+    y_block, y_strip, y_row = sch.split(y, [None, 2 if height % (2 * rows) == 0 else 1, rows])
+    x_block, x_strip = sch.split(x, [None, 2 if width % 2 == 0 else 1])
+    c_outer, c_vectors, c_inner = sch.split(c, [None, vectors, lanes])
+    rc_outer, rc_inner = sch.split(rc, [None, widest_dividing(INPUT_UNROLL, int(sch.get(rc).extent))])
+    sch.reorder(n, y_block, x_block, y_strip, x_strip, c_outer, ry, rx, rc_outer, y_row, c_vectors, rc_inner, c_inner)
+    sch.parallel(sch.fuse(n, y_block, x_block))
+    if epilogue is not None:
+        sch.reverse_compute_at(epilogue, c_outer)
+        sch.vectorize(sch.get_loops(epilogue)[-1])
+    sch.vectorize(c_inner)
+    sch.decompose_reduction(conv, ry)
+    _pack_weights_per_tile(sch)
+
+
+def _pack_weights_per_tile(sch) -> None:
+    """With pre-packing (layout-free weights), the weights laid out in the order the tiles read
+    them. As a postprocessing step, the way MetaSchedule's own records do it: the search replays
+    a record without its postprocessing and applies its own, so a layout rewrite among the
+    schedule's steps would be rewritten twice (and fail)."""
+    from tvm.s_tir import meta_schedule as ms
+
     sch.enter_postproc()
     ms.postproc.RewriteLayout().apply(sch)

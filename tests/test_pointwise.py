@@ -57,12 +57,25 @@ def test_tile_shapes_divide_rows_and_keep_enough_accumulators():
     assert tile_shapes(56, 56, 3, registers=32) == [(8, 1), (8, 3)]
 
 
+def test_strip_shapes_stack_two_strips_or_more():
+    from splitc.backends.pointwise import strip_shapes
+
+    assert strip_shapes(112, 6) == [(8, 1)]                    # 16 registers: one vector per strip
+    assert strip_shapes(56, 6, registers=32) == [(8, 1), (8, 2), (8, 3)]
+    assert strip_shapes(28, 4, registers=32) == [(7, 1), (7, 2)]
+    assert strip_shapes(15, 3, registers=32) == [(5, 1), (5, 3)]
+    assert strip_shapes(8, 1) == [(4, 1)]                      # 8 rows: two strips of 4
+    assert strip_shapes(7, 3, registers=32) == []              # one strip would fill the image
+    assert strip_shapes(11, 1) == []                           # no divisor from 4 to 8
+
+
 # Schedules per 1x1 task (expansion, projection, skip, stride-2 down) by vector width. 256 bits (16
-# registers): the 15x15 image allows 5 pixels x 1 vector, and 3 x 3 for 24 channels; the 8x8 output
-# after the stride 8 x 1 and 4 x 2. 512 bits (32 registers): 5 x 1 and 5 x 2 for 32 channels, 5 x 1
-# and 5 x 3 for 24 (three 8-lane vectors, half of a 16-lane one), 8 x 1 for 16 channels.
-# Each shape twice: pixel tiles outer, and channel tiles outer.
-SCHEDULES_PER_TASK = {256: [2, 4, 4, 4], 512: [2, 4, 4, 4]}
+# registers): the 15x15 image allows row tiles of 5 pixels x 1 vector, and 3 x 3 for 24 channels;
+# the 8x8 output after the stride 8 x 1 and 4 x 2; each twice (pixel tiles outer, and channel tiles
+# outer); and a column strip of 5 (4 after the stride) by 1 vector. 512 bits (32 registers): row
+# tiles 5 x 1 and 5 x 2 for 32 channels, 5 x 1 and 5 x 3 for 24 (three 8-lane vectors, half of a
+# 16-lane one), 8 x 1 for 16 channels, twice each; column strips of as many vectors.
+SCHEDULES_PER_TASK = {256: [3, 5, 5, 5], 512: [3, 6, 6, 6]}
 
 
 @pytest.mark.parametrize("bits", sorted(SCHEDULES_PER_TASK))
