@@ -31,7 +31,7 @@ from typing import Any
 
 from splitc.backends import build_cache, tuning
 from splitc.backends.base import CompiledArtifact, CompiledPartition, op_name
-from splitc.backends.tvm_build import build_library
+from splitc.backends.tvm_build import UNROLLED_STATEMENTS, build_library, cap_unrolling_in
 from splitc.passes.partition import Partition
 from splitc.runtime.executors import available_cpus, host_arch, target_threads, use_tvm_threads
 from splitc.runtime.manifest import ROLE_DEPLOY, ROLE_HOST_TWIN, RUNTIME_TVM
@@ -128,8 +128,15 @@ class TVMBackend:
             tuned = tuning.apply_database(variant.prepared, target_json, cov.prepack, variant.database)
         except Exception as exc:
             raise BackendError(f"TVM could not apply the tuning records to partition {partition.index}: {first_line(exc)}") from exc
+        # Kernels whose records unroll them past UNROLLED_STATEMENTS are built (and were timed, when
+        # tuned by this version) with less unrolling: the same speed in a model, a fraction of the build.
+        tuned, capped = cap_unrolling_in(tuned)
         info["schedules"] = label
         have = f"{cov.with_record}/{cov.tasks} TVM tasks had a tuning record ({label})"
+        if capped:
+            info["unrolling_capped"] = capped
+            have += (f"; {len(capped)} kernel(s) unrolled at most {max(capped.values())} steps to stay within "
+                     f"{UNROLLED_STATEMENTS} statements")
         if arch != host_arch():
             info["chosen"] = "tuned (not measured: cross target)"
             return [("tuned", tuned)], info, [f"{where}: {have}; applied them (cross target: no timing of this build here or on the device)"]

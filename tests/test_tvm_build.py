@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from splitc.backends.tvm_build import build_library, deal, unrolled_size
+from splitc.backends.tvm_build import UNROLLED_STATEMENTS, build_library, cap_unrolling, cap_unrolling_in, deal, unrolled_size
 from torch import nn
 
 X86 = {"kind": "llvm", "mtriple": "x86_64-linux-gnu"}
@@ -55,6 +55,59 @@ def test_deal_gives_the_costly_function_a_worker_of_its_own():
     assert sorted(name for g in groups for name in g) == sorted(functions)
     # Never more groups than functions, never an empty one.
     assert [len(g) for g in deal({"one": functions["big"]}, 4)] == [1]
+
+
+def _run(func, target=X86):
+    """`func`'s output for fixed random inputs, built for this host."""
+    import tvm
+    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+
+    lib = tvm.tirx.build(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=tvm.target.Target(target))
+    shapes = [[int(d) for d in arg.shape] for arg in ArgInfo.from_prim_func(func)]
+    rng = np.random.default_rng(0)
+    args = [tvm.runtime.tensor(rng.standard_normal(shape).astype("float32")) for shape in shapes]
+    lib["main"](*args)
+    return args[-1].numpy()
+
+
+def test_cap_unrolling_lowers_the_step_until_the_kernel_fits():
+    big = _matmul(64, 8, 512)                       # the 8 x 8 tile (128 steps) unrolled
+    at_64, plain = unrolled_size(_matmul(64, 8, 64)), unrolled_size(_matmul(64, 8, None))
+    assert unrolled_size(big) > at_64 > plain
+    capped, step = cap_unrolling(big, most_statements=at_64)
+    assert step == 64 and unrolled_size(capped) == at_64
+    np.testing.assert_allclose(_run(capped), _run(big), rtol=1e-5)
+    # Even 64 steps too many: down to none; a kernel that fits is returned as it is.
+    assert cap_unrolling(big, most_statements=plain)[1] == 0
+    same, none = cap_unrolling(big, most_statements=unrolled_size(big))
+    assert none is None and same.same_as(big)
+
+
+def test_cap_unrolling_in_a_module_names_what_it_lowered_and_leaves_the_input_alone():
+    import tvm
+
+    big, small = _matmul(64, 16, 512), _matmul(64, 4, 512)
+    assert unrolled_size(big) > UNROLLED_STATEMENTS >= unrolled_size(small)
+    mod = tvm.IRModule({"big": big, "small": small})
+    capped, names = cap_unrolling_in(mod)
+    assert names == {"big": 64}
+    assert unrolled_size(capped["big"]) <= UNROLLED_STATEMENTS and capped["small"].same_as(small)
+    assert mod["big"].same_as(big)                  # the caller's module is not changed
+    assert cap_unrolling_in(tvm.IRModule({"small": small}))[1] == {}
+
+
+def test_tuning_builds_candidates_with_the_unrolling_compile_builds():
+    # The tuning builder caps unrolling as compile does, so a record is timed as it will be built.
+    import tvm
+    from splitc.backends.tuning import _fast_build
+    from tvm.driver import build as tvm_driver_build
+
+    big = _matmul(64, 16, 512).with_attr("global_symbol", "main")
+    target = tvm.target.Target(X86)
+    uncapped = tvm_driver_build(tvm.IRModule({"main": big}), target=target).inspect_source("ll")
+    candidate = _fast_build(tvm.IRModule({"main": big}), target, None).inspect_source("ll")
+    capped = tvm_driver_build(tvm.IRModule({"main": cap_unrolling(big)[0]}), target=target).inspect_source("ll")
+    assert candidate == capped and len(candidate) < len(uncapped) / 2
 
 
 class Stack(nn.Module):
