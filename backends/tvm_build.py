@@ -63,12 +63,14 @@ def _steps_and_size(stmt, max_step: int) -> tuple[int, int]:
 
 
 # The most statements one kernel may have once unrolled. Build time grows with them (~0.35 ms each
-# here) and, past this, buys nothing measurable in a model: ResNet-18's layer-4 3x3 convolution,
-# unrolled 512 steps, is 3406 statements and 1.2 s of LLVM and TIR passes, more than the whole untuned
-# model; at 64 steps it is 362 statements and 0.09 s, and the model ran as fast (paired rounds 0.98-1.01,
-# median 0.99 of the 512-step build's time) although that kernel alone, timed with cold caches, took
-# 878 us against 712.
-UNROLLED_STATEMENTS = 1024
+# here); past this, the unrolling bought nothing measurable in a model. ResNet-18's layer-4 3x3
+# convolution, unrolled 512 steps, is 3406 statements and 1.2 s of TIR passes and LLVM, more than the
+# whole untuned model; at 64 steps it is 362 statements and 0.09 s, and the model ran as fast (paired
+# rounds: medians 0.97-0.99 of the 512-step build's time, 1 and 2 threads), although that kernel
+# alone, timed with cold caches, took 878 us against 712. Below it, unrolling still paid: capping
+# MobileNetV2's 14x14 64->384 expansion (1434 statements at 512 steps; 284 at 256 or fewer) made the
+# model 3-5 % slower in every one of 8 paired rounds.
+UNROLLED_STATEMENTS = 2048
 UNROLL_STEPS = (64, 16, 0)      # MetaSchedule's own smaller choices of `pragma_auto_unroll_max_step`
 
 

@@ -86,7 +86,7 @@ def test_cap_unrolling_lowers_the_step_until_the_kernel_fits():
 def test_cap_unrolling_in_a_module_names_what_it_lowered_and_leaves_the_input_alone():
     import tvm
 
-    big, small = _matmul(64, 16, 512), _matmul(64, 4, 512)
+    big, small = _matmul(64, 32, 2048), _matmul(64, 16, 512)   # a 32 x 32 tile unrolled; a 16 x 16 one
     assert unrolled_size(big) > UNROLLED_STATEMENTS >= unrolled_size(small)
     mod = tvm.IRModule({"big": big, "small": small})
     capped, names = cap_unrolling_in(mod)
@@ -102,7 +102,8 @@ def test_tuning_builds_candidates_with_the_unrolling_compile_builds():
     from splitc.backends.tuning import _fast_build
     from tvm.driver import build as tvm_driver_build
 
-    big = _matmul(64, 16, 512).with_attr("global_symbol", "main")
+    big = _matmul(64, 32, 2048).with_attr("global_symbol", "main")
+    assert unrolled_size(big) > UNROLLED_STATEMENTS
     target = tvm.target.Target(X86)
     uncapped = tvm_driver_build(tvm.IRModule({"main": big}), target=target).inspect_source("ll")
     candidate = _fast_build(tvm.IRModule({"main": big}), target, None).inspect_source("ll")
