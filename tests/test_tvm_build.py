@@ -55,6 +55,10 @@ def test_deal_gives_the_costly_function_a_worker_of_its_own():
     assert sorted(name for g in groups for name in g) == sorted(functions)
     # Never more groups than functions, never an empty one.
     assert [len(g) for g in deal({"one": functions["big"]}, 4)] == [1]
+    # Costliest group first (the workers take them in this order): four small tiles outweigh the big one.
+    tiles = {"big": _matmul(64, 8, 512), **{f"small{i}": _matmul(64, 4, 512) for i in range(4)}}
+    assert unrolled_size(tiles["big"]) < 4 * unrolled_size(tiles["small0"])
+    assert [sorted(g) for g in deal(tiles, 2)] == [[f"small{i}" for i in range(4)], ["big"]]
 
 
 def _run(func, target=X86):
