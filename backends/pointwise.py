@@ -32,8 +32,8 @@ down one column by 1-3 vectors, accumulated in the output buffer itself rather t
 each parallel task a block of 2x2 strips that runs every channel tile over its pixels. Against the
 best of the row tiles and of a 15-minute database's records (Xeon, AVX-512, cold weights):
 112x112 32->16 96 us against 121, 14x14 64->384 57 against 69, 28x28 32->192 54 against 64, 14x14
-96->576 121 against 134; 112x112 16->96 and 56x56 24->144 ran as fast as the search's best (357
-and 147 us, where the row tiles took 641 and 231). On 7x7 layers and most projections the row tiles
+96->576 121 against 134; 112x112 16->96 and 56x56 24->144 ran within 5 % of the search's best
+(357 and 147 us against 360 and 140, where the row tiles took 641 and 231). On 7x7 layers and most projections the row tiles
 or the search stay ahead, so both families are offered. With 16 registers (the same host built for
 AVX2) only one vector per strip pays: three spilled and ran 4-5x slower.
 """
@@ -97,9 +97,8 @@ def _one_by_one(ry: int, rx: int, _rc: int) -> bool:
 
 def pointwise_schedules(func, vector_bits: int | None) -> list:
     """`tvm.s_tir.Schedule`s of `func`, one per row tile and column strip shape (their traces are
-    the records); empty
-    when `func` is not a 1x1 NHWC convolution followed only by elementwise blocks with output
-    channels a multiple of the vector or of half of it."""
+    the records); empty when `func` is not a 1x1 NHWC convolution followed only by elementwise
+    blocks with output channels a multiple of the vector or of half of it."""
     from tvm import s_tir
 
     probe = s_tir.Schedule(func)
