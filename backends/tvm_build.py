@@ -35,6 +35,9 @@ if TYPE_CHECKING:
     from splitc.backends.build_cache import KernelObjects
 
 
+UNROLL_PRAGMA = "pragma_auto_unroll_max_step"   # MetaSchedule's loop annotation that TVM's UnrollLoop reads
+
+
 def unrolled_size(func) -> int:
     """Statements of `func` once its loops are unrolled the way TVM's UnrollLoop will (a loop
     unrolls when the steps beneath it, extents multiplied, fit the `pragma_auto_unroll_max_step`
@@ -50,8 +53,8 @@ def _steps_and_size(stmt, max_step: int) -> tuple[int, int]:
     tirx = tvm.tirx
     if isinstance(stmt, tirx.For):
         annotations = stmt.annotations or {}
-        if "pragma_auto_unroll_max_step" in annotations:
-            max_step = int(annotations["pragma_auto_unroll_max_step"])
+        if UNROLL_PRAGMA in annotations:
+            max_step = int(annotations[UNROLL_PRAGMA])
         steps, size = _steps_and_size(stmt.body, max_step)
         if stmt.kind == tirx.ForKind.VECTORIZED:  # one vector statement per body statement
             return steps, size
@@ -75,7 +78,7 @@ def _steps_and_size(stmt, max_step: int) -> tuple[int, int]:
 # MobileNetV2's 14x14 64->384 expansion (1434 statements at 512 steps; 284 at 256 or fewer) made the
 # model 3-5 % slower in every one of 8 paired rounds.
 UNROLLED_STATEMENTS = 2048
-UNROLL_STEPS = (64, 16, 0)      # MetaSchedule's own smaller choices of `pragma_auto_unroll_max_step`
+UNROLL_STEPS = (64, 16, 0)      # MetaSchedule's own smaller choices of UNROLL_PRAGMA
 
 
 def cap_unrolling(func, most_statements: int = UNROLLED_STATEMENTS) -> tuple[Any, int | None]:
@@ -85,14 +88,13 @@ def cap_unrolling(func, most_statements: int = UNROLLED_STATEMENTS) -> tuple[Any
         return func, None
     from tvm import s_tir
 
-    key = "pragma_auto_unroll_max_step"
     for step in UNROLL_STEPS:
         sch = s_tir.Schedule(func)
         for loop in _loops(sch):
             annotations = sch.get(loop).annotations or {}
-            if key in annotations and int(annotations[key]) > step:
-                sch.unannotate(loop, key)
-                sch.annotate(loop, key, step)
+            if UNROLL_PRAGMA in annotations and int(annotations[UNROLL_PRAGMA]) > step:
+                sch.unannotate(loop, UNROLL_PRAGMA)
+                sch.annotate(loop, UNROLL_PRAGMA, step)
         capped = sch.mod["main"]
         if unrolled_size(capped) <= most_statements:
             break
@@ -144,7 +146,7 @@ def child_statements(stmt) -> list[Any]:
     return [child for child in children if isinstance(child, tvm.tirx.Stmt)]
 
 
-GROUPS_PER_WORKER = 2
+GROUPS_PER_WORKER = 2          # groups dealt per build thread: an early finisher takes the next (module docstring)
 
 
 def deal(functions: dict[Any, Any], workers: int) -> list[dict[Any, Any]]:
