@@ -674,7 +674,7 @@ def _fold_weight_prepack():
     import numpy as np
     import tvm
     from tvm import relax
-    from splitc.backends.relax_rewrites import rewrite_calls
+    from splitc.backends.relax_rewrites import constant_array, rewrite_calls, tensor_of
     from splitc.backends.tvm_build import deal
     from splitc.backends.weight_layout import layout_copy
     from splitc.runtime.executors import available_cpus
@@ -725,7 +725,7 @@ def _fold_weight_prepack():
         # Rewrites that are plain tile copies run as numpy reshapes (backends/weight_layout.py);
         # the others are compiled, one library per thread (TVM releases the GIL): most of their
         # cost is LLVM compiling the library at its first call.
-        computed: dict[Any, Any] = {k: [tvm.runtime.tensor(a) for a in copies[call.args[0].name_hint]([c.value.numpy() for c in k[1]])]
+        computed: dict[Any, Any] = {k: [tensor_of(a) for a in copies[call.args[0].name_hint]([constant_array(c) for c in k[1]])]
                                     for k, call in calls.items() if call.args[0].name_hint in copies}
         compiled = {name: func for name, func in found.items() if name not in copies}
         if compiled:

@@ -28,7 +28,8 @@ class _Digit:
 def layout_copy(func) -> Callable[[list[Any]], list[Any]] | None:
     """A numpy function equal to `func` (a weight layout rewrite: inputs, then outputs, as in
     `call_tir`), taking the input arrays and returning the output arrays; None when `func` is not
-    a set of pure digit copies, one per output (then it has to be compiled)."""
+    a set of pure digit copies, one per output (then it has to be compiled). The outputs may be
+    views of the inputs (transposes): the caller copies them where they are to live."""
     import numpy as np
 
     try:
@@ -62,7 +63,7 @@ def layout_copy(func) -> Callable[[list[Any]], list[Any]] | None:
             array = arrays[source]
             if any(after for _, after in padding):
                 array = np.pad(array, padding)
-            results.append(np.ascontiguousarray(array.reshape(split).transpose(order)))
+            results.append(array.reshape(split).transpose(order))
         return results
 
     return run

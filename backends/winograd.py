@@ -249,7 +249,7 @@ def rewrite_winograd(vector_bits: int | None):
     docstring). `vector_bits`: the target's natural vector width (the input transform's lanes)."""
     import tvm
     from tvm import relax
-    from splitc.backends.relax_rewrites import rewrite_calls
+    from splitc.backends.relax_rewrites import constant_array, rewrite_calls
 
     @tvm.transform.module_pass(opt_level=0, name="splitc.WinogradConv2d")
     def rewrite_module(mod, _ctx):
@@ -275,7 +275,7 @@ def rewrite_winograd(vector_bits: int | None):
             transform_out = function(("output", g, co), "winograd_output", lambda: _prim_func(
                 lambda m: output_transform(m, g), (g.alpha**2, g.tiles, co), "float32", _OUT_EWISE_FUSABLE))
             transformed = relax.call_tir(transform_in, (data,), relax.TensorType((g.alpha**2, g.tiles, ci), "float32"))
-            products = relax.op.matmul(transformed, relax.const(transform_weight(weight.value.numpy(), tile)))
+            products = relax.op.matmul(transformed, relax.const(transform_weight(constant_array(weight), tile)))
             return relax.call_tir(transform_out, (products,), call.ty)
 
         for gvar, func in list(mod.functions.items()):

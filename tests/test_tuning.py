@@ -177,6 +177,21 @@ def test_pre_tuning_rewrites_fold_and_keep_results():
     assert np.linalg.norm(got - expected) / np.linalg.norm(expected) < 1e-5
 
 
+def test_weights_are_read_in_place_and_written_once():
+    from tvm import relax
+
+    from splitc.backends.relax_rewrites import constant_array, new_tensor, tensor_of
+
+    values = np.arange(24, dtype="float32").reshape(2, 3, 4)
+    weights = constant_array(relax.const(values))
+    np.testing.assert_array_equal(weights, values)
+    with pytest.raises(ValueError):  # a view of the module's constant: a rewrite must not write into it
+        weights[0, 0, 0] = 1.0
+    np.testing.assert_array_equal(tensor_of(np.transpose(weights, (2, 0, 1))).numpy(), np.transpose(values, (2, 0, 1)))
+    product = new_tensor((2, 3, 4), "float32", lambda out: np.multiply(weights, 2.0, out=out))
+    np.testing.assert_array_equal(product.numpy(), values * 2.0)
+
+
 def _compile(pt2: Path, out: Path):
     from splitc.frontend import import_model
     from splitc.targets import load_link, load_targets

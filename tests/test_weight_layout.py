@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from splitc.backends.relax_rewrites import tensor_of
 from splitc.backends.weight_layout import layout_copy
 from tvm.script import tirx as T
 
@@ -57,8 +58,7 @@ def test_numpy_copy_equals_the_compiled_rewrite(func):
     results = copy(inputs)
     assert len(results) == outputs
     for result, expected in zip(results, compiled):
-        assert result.flags.c_contiguous
-        np.testing.assert_array_equal(result, expected.numpy())
+        np.testing.assert_array_equal(tensor_of(result).numpy(), expected.numpy())  # a view, as the fold stores it
     if func is dense_prepack:
         assert not results[0][15, 1000 - 15 * 64:].any()  # the padded end of the last tile is zeros
 
