@@ -49,16 +49,17 @@ def parse_budget(text: str) -> float:
 @click.option("--from-host", is_flag=True,
               help="For a target of another ISA (rpi4): apply schedules tuned on this host (tuning here first with --budget/--trials), "
                    "labelled host-tuned: vector width differs and no timing is the device's.")
+@click.option("--no-build", is_flag=True,
+              help="Skip the closing build of each partition tuned here (its latency with the records, kept for the next compile).")
 @_CACHE_DIR
 @_model_options
-def tune(source, targets, cut, link, budget, trials, trials_per_task, no_prepack, rpc, rpc_key, from_host, cache_dir,
+def tune(source, targets, cut, link, budget, trials, trials_per_task, no_prepack, rpc, rpc_key, from_host, no_build, cache_dir,
          input_shapes, example_input, trust_pickle):
     """Tune SOURCE's TVM partitions for TARGET with MetaSchedule, on this host or on the device
     (--rpc); records go to a tuning database that every later compile reuses."""
     from splitc.backends import tuning
     from splitc.backends.base import get_backend
-    from splitc.compiler import plan_cuts
-    from splitc.passes.partition import assign_tiers, extract_partitions
+    from splitc.compiler import plan_partitions
     from splitc.runtime.executors import host_arch
     from splitc.targets import load_link, load_targets
 
@@ -72,9 +73,7 @@ def tune(source, targets, cut, link, budget, trials, trials_per_task, no_prepack
     endpoint = tuning.parse_rpc(rpc, rpc_key) if rpc else None
     chain = load_targets(targets)
     _, graph = _import(source, input_shapes, example_input, trust_pickle)
-    analysis, cuts, _ = plan_cuts(graph, chain, cut, load_link(link))
-    assign_tiers(analysis, cuts)
-    partitions = extract_partitions(graph, analysis, chain)
+    partitions = plan_partitions(graph, chain, cut, load_link(link))
     jobs = []  # (partition, how): "here", "rpc" or "from-host"
     # --rpc names one device: it tunes the partitions of another ISA, or, when every TVM partition is
     # of this host's ISA, those (a remote machine like this one).
@@ -147,10 +146,45 @@ def tune(source, targets, cut, link, budget, trials, trials_per_task, no_prepack
         if report is not None and report.stopped == "interrupted":
             interrupted = True
             break
+        if how == "here" and report is not None and not no_build:
+            if tuning.database_dir(target_json, cache) == tuning.database_dir(target_json):
+                build_tuned(p)
+            else:
+                console.print(f"[dim]partition {p.index} ({p.target.name}): not built: --cache-dir is not the cache "
+                              "`splitc compile` reads ($SPLITC_CACHE or ~/.cache/splitc)[/dim]")
     if interrupted:
         console.print("tuning interrupted; finished records are kept. Run the same command again to continue.")
         sys.exit(130)
     console.print("next: `splitc compile` applies these records (it prints how many tasks had one)")
+
+
+def build_tuned(partition) -> None:
+    """Build `partition` with its records as `splitc compile` does (the same backend call), in a
+    scratch directory, and say how fast it runs here. The library and its kernels' objects stay in
+    the build cache: the next compile of this model for this target copies the library instead of
+    running LLVM on the tuned kernels (ResNet-18: 2 to 2.3x an untuned compile without it)."""
+    import tempfile
+    import time
+
+    from splitc.backends import build_cache
+    from splitc.backends.base import get_backend
+    from splitc.errors import SplitcError
+
+    start = time.perf_counter()
+    try:
+        with tempfile.TemporaryDirectory(prefix="splitc-tuned-build-") as scratch:
+            compiled = get_backend(partition.target).compile(partition, Path(scratch))
+    except SplitcError as exc:  # the records are kept; compile would stop at the same place
+        console.print(f"[yellow]partition {partition.index} ({partition.target.name}): the build with these records failed "
+                      f"({escape(str(exc))}); `splitc compile` will fail the same way[/yellow]")
+        return
+    info = compiled.artifacts[0].options.get("tuning", {})
+    line = (f"partition {partition.index} ({partition.target.name}): built with {info.get('tasks_with_record', 0)}/"
+            f"{info.get('tasks', '?')} tasks' records in {time.perf_counter() - start:.1f} s")
+    timed = [f"{name} {info[name + '_ms']:.3f} ms" for name in ("tuned", "untuned") if name + "_ms" in info]
+    if timed:
+        line += f"; one run on this host: {', '.join(timed)} (kept {info.get('chosen')})"
+    console.print(line + ("; kept in the build cache for `splitc compile`" if build_cache.enabled() else " (build cache off)"))
 
 
 @contextlib.contextmanager

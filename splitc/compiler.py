@@ -58,6 +58,14 @@ def plan_cuts(graph: ModelGraph, targets: Sequence[Target], cut: Sequence[str] |
     return analysis, resolve_cuts(analysis, names, targets), "manual"
 
 
+def plan_partitions(graph: ModelGraph, targets: Sequence[Target], cut: Sequence[str] | str, link: Link) -> list[Partition]:
+    """The partitions of a plain compile (no exits, quantizers or noise) of `graph` over `targets`:
+    what `splitc tune` tunes and builds."""
+    analysis, cuts, _ = plan_cuts(graph, targets, cut, link)
+    assign_tiers(analysis, cuts)
+    return extract_partitions(graph, analysis, targets)
+
+
 def sample_inputs(graph: ModelGraph, count: int, examples: Sequence[torch.Tensor] | None = None, seed: int = 0) -> list[tuple[torch.Tensor, ...]]:
     """Reference inputs: the user's example first, then seeded random ones.
 

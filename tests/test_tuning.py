@@ -314,6 +314,34 @@ def test_tuning_reports_progress(tuned_cache):
     assert all(t.trials == 32 and t.budget_s is None for t in ticks)
 
 
+def test_tune_closes_with_compiles_build_which_the_next_compile_copies(cnn_pt2, tuned_cache, tmp_path, monkeypatch):
+    """`splitc tune`'s closing build (build_tuned) is compile's own: it says how fast the tuned
+    partition runs here, and the next compile of the model copies its library from the build cache
+    instead of running LLVM on the tuned kernels again."""
+    import re
+
+    from splitc.cli_common import console
+    from splitc.cli_tune import build_tuned
+    from splitc.compiler import plan_partitions
+    from splitc.frontend import import_model
+    from splitc.targets import load_link, load_targets
+
+    source, report, _ = tuned_cache
+    cache = tmp_path / "cache"
+    shutil.copytree(source, cache, ignore=shutil.ignore_patterns(build_cache.BUILDS_SUBDIR))  # other tests' builds left out
+    monkeypatch.setenv("SPLITC_CACHE", str(cache))
+    _, graph = import_model(cnn_pt2)
+    [partition] = plan_partitions(graph, load_targets("x86"), "auto", load_link("4g"))
+    with console.capture() as captured:
+        build_tuned(partition)
+    line = " ".join(captured.get().split())
+    assert f"built with {report.tasks}/{report.tasks} tasks' records" in line and "kept in the build cache" in line, line
+    assert re.search(r"one run on this host: tuned \d+\.\d{3} ms", line), line
+    assert len(list((cache / build_cache.BUILDS_SUBDIR).glob("*.so"))) == 1
+    artifact = _compile(cnn_pt2, tmp_path / "after-tune.splitc").manifest.partitions[0].artifacts[0]
+    assert artifact.options["build_cache"] == "hit" and artifact.options["tuning"]["tasks_with_record"] == report.tasks
+
+
 def test_recompile_copies_the_library_from_the_build_cache(cnn_pt2, tmp_path, monkeypatch):
     """An unchanged model recompiles from the build cache (same library bytes, same outputs); other
     weights are another module, so a miss, whose kernels are all linked from the objects the first
