@@ -1254,13 +1254,15 @@ def _fast_build(mod, target, _params):
     """MetaSchedule's default_build without `import tvm.s_tir.tensor_intrin`, which takes ~20 s
     (CUDA/ROCm/Hexagon intrinsic tables) in every fresh builder process and made 30 s build
     timeouts fail most trials on this 2-core host. Float32 CPU schedules use no tensor intrinsic.
-    Unrolling is capped as compile caps it (`cap_unrolling_in`), so a candidate is timed as built."""
+    Unrolling is capped and LLVM's options are set as compile sets them (`cap_unrolling_in`,
+    `codegen_target`), so a candidate is timed as built."""
+    import tvm
     from tvm.driver import build as tvm_build
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
-    from splitc.backends.tvm_build import cap_unrolling_in
+    from splitc.backends.tvm_build import cap_unrolling_in, codegen_target
 
     mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
-    return tvm_build(cap_unrolling_in(mod)[0], target=target)
+    return tvm_build(cap_unrolling_in(mod)[0], target=tvm.target.Target(codegen_target(dict(target.export()))))
 
 
 def _worker(spec_path: str) -> None:

@@ -31,7 +31,7 @@ from typing import Any
 
 from splitc.backends import build_cache, tuning
 from splitc.backends.base import CompiledArtifact, CompiledPartition, op_name
-from splitc.backends.tvm_build import UNROLLED_STATEMENTS, build_library, cap_unrolling_in
+from splitc.backends.tvm_build import UNROLLED_STATEMENTS, build_library, cap_unrolling_in, codegen_target
 from splitc.passes.partition import Partition
 from splitc.runtime.executors import available_cpus, host_arch, target_threads, use_tvm_threads
 from splitc.runtime.manifest import ROLE_DEPLOY, ROLE_HOST_TWIN, RUNTIME_TVM
@@ -176,14 +176,17 @@ class TVMBackend:
             if shutil.which(linker) is None:
                 raise ToolchainError(f"cross compiler {linker} not found; install it (Debian: apt-get install gcc-{arch}-linux-gnu)")
         options: dict[str, Any] = {"target": target_json}
-        key = build_cache.build_key(mod, target_json, linker) if build_cache.enabled() else None
+        built_for = codegen_target(target_json)  # the target plus the LLVM options of splitc's builds
+        if built_for.get("cl-opt"):
+            options["llvm_options"] = list(built_for["cl-opt"])
+        key = build_cache.build_key(mod, built_for, linker) if build_cache.enabled() else None
         if key is not None and build_cache.fetch(key, path):
             options["build_cache"] = "hit"
             return CompiledArtifact(path, RUNTIME_TVM, role, arch, options)
         fcompile = tvm.support.cc.cross_compiler(linker) if linker is not None else None
-        objects = build_cache.KernelObjects(target_json) if key is not None else None
+        objects = build_cache.KernelObjects(built_for) if key is not None else None
         try:
-            groups, reused = build_library(mod, target_json, path, workers=available_cpus(), fcompile=fcompile, objects=objects)
+            groups, reused = build_library(mod, built_for, path, workers=available_cpus(), fcompile=fcompile, objects=objects)
         except Exception as exc:
             raise BackendError(f"TVM failed to build for {target_json}: {first_line(exc)}") from exc
         if key is not None:

@@ -263,6 +263,7 @@ def test_tune_then_compile_reuses_records(cnn_pt2, tuned_cache, tmp_path, monkey
         assert info["chosen"] == "tuned" and info["tuned_ms"] > 0 and "untuned_ms" not in info, info
         assert info["schedules"] == "tuned on this host" and info["prepack"] is True and info["winograd"] is True
         assert any(f"{n}/{n} TVM tasks had a tuning record" in note for note in result.notes)
+        assert result.manifest.partitions[0].artifacts[0].options["llvm_options"] == ["-fast-isel"]
     # Compiling ran no tuning: the database is untouched.
     assert tuning.database_stats(report.directory)["records"] == records and record_file.stat().st_mtime_ns == stamp
 
@@ -651,6 +652,8 @@ def test_host_tuned_schedules_for_rpi4_are_applied_labelled_and_verified(cnn_pt2
     deploy = result.manifest.partitions[0].artifacts[0]
     info = deploy.options["tuning"]
     assert deploy.arch == "aarch64" and info["schedules"] == report.label, info
+    # FastISel is measured on x86-64 only: the device's build keeps LLVM's default, the host twin not.
+    assert "llvm_options" not in deploy.options and result.manifest.partitions[0].artifacts[1].options["llvm_options"] == ["-fast-isel"]
     assert info["chosen"] == "tuned (not measured: cross target)" and "tuned_ms" not in info
     assert info["tasks_with_record"] == report.already
     assert info["winograd"] is True  # the aarch64 library verified below has a Winograd layer (4-lane input transform)

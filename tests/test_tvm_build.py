@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from splitc.backends.tvm_build import UNROLLED_STATEMENTS, build_library, cap_unrolling, cap_unrolling_in, deal, unrolled_size
+from splitc.backends.tvm_build import (UNROLLED_STATEMENTS, build_library, cap_unrolling, cap_unrolling_in, codegen_target, deal,
+                                      unrolled_size)
 from torch import nn
 
 X86 = {"kind": "llvm", "mtriple": "x86_64-linux-gnu"}
@@ -44,6 +45,13 @@ def test_unrolled_size_counts_the_loops_the_pragma_unrolls():
     assert unrolled_size(_matmul(64, 4, 7)) == plain
     # An 8 x 8 tile under a 128-step pragma: four times as many statements as the 4 x 4 one.
     assert unrolled_size(_matmul(64, 8, 128)) - plain > 3.5 * (unrolled - plain)
+
+
+def test_codegen_target_selects_instructions_fast_on_x86_64_only():
+    x86 = codegen_target({**X86, "cl-opt": ["-unroll-threshold:int=100"]})
+    assert x86["cl-opt"] == ["-unroll-threshold:int=100", "-fast-isel"] and codegen_target(x86) == x86
+    arm = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}
+    assert codegen_target(arm) == arm and "cl-opt" not in codegen_target(X86 | {"kind": "c"})
 
 
 def test_deal_gives_the_costly_function_a_worker_of_its_own():
@@ -101,7 +109,8 @@ def test_cap_unrolling_in_a_module_names_what_it_lowered_and_leaves_the_input_al
 
 
 def test_tuning_builds_candidates_with_the_unrolling_compile_builds():
-    # The tuning builder caps unrolling as compile does, so a record is timed as it will be built.
+    # The tuning builder caps unrolling and sets LLVM's options as compile does, so a record is timed
+    # as it will be built (the IR names the target it was built for, options included).
     import tvm
     from splitc.backends.tuning import _fast_build
     from tvm.driver import build as tvm_driver_build
@@ -111,7 +120,8 @@ def test_tuning_builds_candidates_with_the_unrolling_compile_builds():
     target = tvm.target.Target(X86)
     uncapped = tvm_driver_build(tvm.IRModule({"main": big}), target=target).inspect_source("ll")
     candidate = _fast_build(tvm.IRModule({"main": big}), target, None).inspect_source("ll")
-    capped = tvm_driver_build(tvm.IRModule({"main": cap_unrolling(big)[0]}), target=target).inspect_source("ll")
+    built_for = tvm.target.Target(codegen_target(X86))
+    capped = tvm_driver_build(tvm.IRModule({"main": cap_unrolling(big)[0]}), target=built_for).inspect_source("ll")
     assert candidate == capped and len(candidate) < len(uncapped) / 2
 
 
