@@ -190,6 +190,12 @@ def test_weights_are_read_in_place_and_written_once():
     np.testing.assert_array_equal(tensor_of(np.transpose(weights, (2, 0, 1))).numpy(), np.transpose(values, (2, 0, 1)))
     product = new_tensor((2, 3, 4), "float32", lambda out: np.multiply(weights, 2.0, out=out))
     np.testing.assert_array_equal(product.numpy(), values * 2.0)
+    # A type DLPack cannot hand to numpy is copied both ways instead.
+    bfloat16 = pytest.importorskip("ml_dtypes").bfloat16
+    halves = constant_array(relax.const(values.astype(bfloat16), "bfloat16"))
+    moved = tensor_of(np.transpose(halves, (2, 0, 1)))
+    assert moved.dtype == "bfloat16"
+    np.testing.assert_array_equal(moved.numpy().astype(np.float32), np.transpose(values, (2, 0, 1)))
 
 
 def _compile(pt2: Path, out: Path):
