@@ -14,7 +14,7 @@ from typing import Any, Callable, Protocol
 
 import torch.fx as fx
 
-from splitc.errors import TargetError, UnsupportedOperatorError
+from splitc.core.errors import TargetError, UnsupportedOperatorError
 from splitc.passes.partition import Partition
 from splitc.targets import Target
 
@@ -22,8 +22,8 @@ from splitc.targets import Target
 @dataclass
 class CompiledArtifact:
     path: Path          # a file inside the work directory
-    runtime: str        # splitc.runtime.manifest.RUNTIME_*
-    role: str           # splitc.runtime.manifest.ROLE_*
+    runtime: str        # splitc.core.manifest.RUNTIME_*
+    role: str           # splitc.core.manifest.ROLE_*
     arch: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
 

@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from splitc.errors import ToolchainError  # re-exported: callers catch it from here too
+from splitc.core.errors import ToolchainError  # re-exported: callers catch it from here too
 
 __all__ = [
     "Aarch64Toolchain",

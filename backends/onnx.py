@@ -13,9 +13,9 @@ import torch
 import torch.fx as fx
 
 from splitc.backends.base import CompiledArtifact, CompiledPartition
-from splitc.errors import BackendError, first_line
+from splitc.core.errors import BackendError, first_line
 from splitc.passes.partition import Partition
-from splitc.runtime.manifest import ROLE_DEPLOY, RUNTIME_ONNXRUNTIME
+from splitc.core.manifest import ROLE_DEPLOY, RUNTIME_ONNXRUNTIME
 
 OPSET = 18
 

@@ -20,10 +20,10 @@ import torch.fx as fx
 
 from splitc.backends.base import CompiledArtifact, CompiledPartition
 from splitc.backends.onnx import OPSET, export_onnx, onnx_supports
-from splitc.errors import BackendError, ToolchainError
+from splitc.core.errors import BackendError, ToolchainError
 from splitc.passes.partition import Partition
 from splitc.runtime.executors import tensorrt_usable
-from splitc.runtime.manifest import ROLE_DEPLOY, ROLE_PORTABLE, RUNTIME_ONNXRUNTIME, RUNTIME_TENSORRT
+from splitc.core.manifest import ROLE_DEPLOY, ROLE_PORTABLE, RUNTIME_ONNXRUNTIME, RUNTIME_TENSORRT
 
 ENGINE_NAME = "model.plan"
 DEFERRED_REASON = "tensorrt is not importable with a CUDA device on the build host"
@@ -94,7 +94,7 @@ def build_deferred_engines(bundle_dir: Path, log=lambda _: None) -> list[int]:
     """Build every engine a bundle marks deferred, in place and atomically; return their partitions."""
     from dataclasses import replace
 
-    from splitc.bundle import record_artifact, rewritten_bundle, write_manifest
+    from splitc.core.bundle import record_artifact, rewritten_bundle, write_manifest
     from splitc.runtime.session import Bundle
 
     bundle = Bundle.open(bundle_dir)

@@ -31,12 +31,12 @@ def main() -> None:
     args = parser.parse_args()
 
     from examples.digits import DigitsCNN, load_digits_arrays, train_classifier
-    from splitc.cli_audit import compiled_noise
+    from splitc.cli.audit import compiled_noise
     from splitc.frontend import import_model
     from splitc.passes.privacy import load_calibration
     from torch import nn
 
-    from splitc.audit import (
+    from splitc.drivers.audit import (
         DeviceSplit,
         audit_cut,
         audit_report_json,

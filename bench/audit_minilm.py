@@ -29,15 +29,15 @@ def main() -> None:
     parser.add_argument("--noise", type=float, default=2.0)
     parser.add_argument("--data", choices=("docs", "topics"), default="docs")
     parser.add_argument("--sentences", type=int, default=320)
-    parser.add_argument("--json", help="Also write the audits as JSON (splitc.audit.tokens/1) here.")
+    parser.add_argument("--json", help="Also write the audits as JSON (splitc.drivers.audit.tokens/1) here.")
     args = parser.parse_args()
 
     from splitc.frontend import import_model
     from splitc.passes.privacy import Calibration
 
     from examples.minilm import tokenize, topic_sentences, trained_classifier
-    from splitc.audit import DeviceSplit, GaussianNoise
-    from splitc.audit_text import sent_tensors, token_recovery, token_report_json
+    from splitc.drivers.audit import DeviceSplit, GaussianNoise
+    from splitc.drivers.audit_text import sent_tensors, token_recovery, token_report_json
     from tests.models import save_pt2
     from tests.test_audit_text import docstring_sentences
 

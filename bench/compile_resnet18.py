@@ -34,10 +34,10 @@ def main() -> None:
     parser.add_argument("--json", dest="json_path")
     args = parser.parse_args()
 
-    from splitc.compiler import compile_model
+    from splitc.drivers.compiler import compile_model
     from splitc.frontend import import_model
     from splitc.targets import load_link, load_targets
-    from splitc.verify import verify_bundle
+    from splitc.drivers.verify import verify_bundle
 
     work = Path(tempfile.mkdtemp(prefix="splitc-bench-"))
     figures: dict = {"model": "HF ResNet-18 (random init, BN stats set), 1x3x224x224", "targets": args.targets}

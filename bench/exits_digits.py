@@ -27,7 +27,7 @@ def main() -> None:
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for examples/
     from examples.digits import DigitsCNN, load_digits_arrays, train_classifier
-    from splitc.compiler import compile_model
+    from splitc.drivers.compiler import compile_model
     from splitc.frontend import import_model
     from splitc.runtime import Bundle, SplitSession
     from splitc.targets import load_link, load_targets

@@ -117,10 +117,10 @@ def main() -> None:
     from tvm import relax
 
     from splitc.backends.onnx import export_onnx
-    from splitc.bench import _ort_runner, _rebuild_partition, default_threads
+    from splitc.drivers.bench import _ort_runner, _rebuild_partition, default_threads
     from splitc.runtime import Bundle
     from splitc.runtime.executors import use_tvm_threads
-    from splitc.runtime.manifest import ROLE_DEPLOY, RUNTIME_TVM
+    from splitc.core.manifest import ROLE_DEPLOY, RUNTIME_TVM
 
     bundle = Bundle.open(args.bundle)
     spec = next(p for p in bundle.manifest.partitions if p.index == args.partition)

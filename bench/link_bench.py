@@ -339,7 +339,7 @@ class Builder:
     def compile(self, name: str, targets: list[Path], cut=None, quantize: str | None = None, link=None) -> Path:
         from splitc.targets import load_link, load_target
 
-        from splitc.compiler import compile_model
+        from splitc.drivers.compiler import compile_model
 
         out = self.work / f"{name}.splitc"
         if (out / "manifest.json").exists():
@@ -849,7 +849,7 @@ def add_adaptive(builder: Builder, modes: list[Mode], targets: list[Path], phase
 
         from splitc import variants as variants_mod
     except ImportError as exc:
-        return f"splitc.variants / splitc.runtime.adaptive not importable: {exc}"
+        return f"splitc.drivers.variants / splitc.runtime.adaptive not importable: {exc}"
     from splitc.targets import load_target
 
     out = builder.work / f"variants-k{args.variants}{'-' + quantize if quantize else ''}-{average.mbit_s:.3g}mbit-{average.rtt_ms:.3g}ms"

@@ -30,15 +30,15 @@ def main() -> None:
     parser.add_argument("--json", dest="json_path")
     args = parser.parse_args()
 
-    from splitc.compiler import compile_model
+    from splitc.drivers.compiler import compile_model
     from splitc.frontend import import_model
     from splitc.passes.cuts import CutAnalysis
     from splitc.passes.money import Workload
     from splitc.passes.planner import active_tiers, plan_placements
-    from splitc.profile import profile_target
+    from splitc.drivers.profile import profile_target
     from splitc.runtime import Bundle, SplitSession
     from splitc.targets import load_link, load_targets
-    from splitc.timing import time_callable
+    from splitc.core.timing import time_callable
 
     work = Path(tempfile.mkdtemp(prefix="splitc-r50-"))
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))

@@ -20,7 +20,7 @@ import torch.fx as fx
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from splitc.frontend.annotate import annotate
-from splitc.graph import ModelGraph, tensor_spec
+from splitc.core.graph import ModelGraph, tensor_spec
 from splitc.passes.cuts import CutAnalysis
 from splitc.passes.money import Workload
 from splitc.passes.planner import plan_placements

@@ -64,8 +64,8 @@ def build(root: Path, model_name: str) -> tuple[Path, Path]:
     from splitc.targets import load_link, load_target, load_targets
     from torch import nn
 
-    from splitc.compiler import compile_model
-    from splitc.variants import compile_variants
+    from splitc.drivers.compiler import compile_model
+    from splitc.drivers.variants import compile_variants
 
     torch.manual_seed(0)
     if model_name == "tiny":

@@ -16,7 +16,7 @@ input, in interleaved rounds (each runtime's best round counts). Prints figures;
 tuning budget is printed with every tuned figure: a short budget is a short budget, not what TVM
 reaches with a full search. Other processes on a shared host slow the search and add noise to every
 timing; load averages are recorded. With SPLITC_WINOGRAD=0 in the environment (tuning and
-measuring), 3x3 convolutions stay direct: the A/B of backends/winograd.py.
+measuring), 3x3 convolutions stay direct: the A/B of backends/tvm/winograd.py.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ MODELS = {"resnet18": resnet18, "mobilenet_v2": mobilenet_v2}
 
 _COMPILE = """
 import json, sys
-from splitc.compiler import compile_model
+from splitc.drivers.compiler import compile_model
 from splitc.frontend import import_model
 from splitc.targets import load_link, load_targets
 _, graph = import_model(sys.argv[1])
@@ -103,13 +103,13 @@ def main() -> None:
     parser.add_argument("--json", dest="json_path")
     args = parser.parse_args()
 
-    from splitc.backends import build_cache, tuning
+    from splitc.backends.tvm import build_cache, tuning
     from splitc.targets import load_targets
     from tvm.relax.frontend.torch import from_exported_program
 
-    from splitc.bench import bench_partition
-    from splitc.cli_tune import parse_budget
-    from splitc.verify import verify_bundle
+    from splitc.drivers.bench import bench_partition
+    from splitc.cli.tune import parse_budget
+    from splitc.drivers.verify import verify_bundle
 
     seconds = 0.0 if args.budget in ("0", "0s", "0m") else parse_budget(args.budget)
     if (args.tune_only or not seconds) and not args.cache:

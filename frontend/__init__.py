@@ -7,10 +7,10 @@ from typing import Sequence
 
 import torch
 
-from splitc.errors import ModelLoadError, first_line
+from splitc.core.errors import ModelLoadError, first_line
 from splitc.frontend.annotate import annotate
 from splitc.frontend.loader import LoadedModel, load_model, parse_input_shapes, read_example_inputs
-from splitc.graph import ModelGraph, is_tensor_node, tensor_spec
+from splitc.core.graph import ModelGraph, is_tensor_node, tensor_spec
 
 __all__ = ["LoadedModel", "ModelGraph", "annotate", "build_graph", "import_model", "load_model",
            "parse_input_shapes", "read_example_inputs"]

@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 from torch.utils.flop_counter import flop_registry
 
-from splitc.graph import DTYPE, FLOPS, MEMORY_BYTES, OUTPUT_BYTES, PARAM_BYTES, SHAPE, numpy_dtype
+from splitc.core.graph import DTYPE, FLOPS, MEMORY_BYTES, OUTPUT_BYTES, PARAM_BYTES, SHAPE, numpy_dtype
 
 # Ops that only reinterpret or move data: no arithmetic.
 _LAYOUT_OPS = {

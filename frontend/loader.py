@@ -19,7 +19,7 @@ from typing import Sequence
 
 import torch
 
-from splitc.errors import InputError, ModelLoadError, SplitcError, first_line
+from splitc.core.errors import InputError, ModelLoadError, SplitcError, first_line
 from splitc.runtime.arrays import read_arrays
 
 _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")

@@ -11,7 +11,7 @@ from typing import Sequence
 import numpy as np
 import torch.fx as fx
 
-from splitc.graph import FLOPS, MEMORY_BYTES
+from splitc.core.graph import FLOPS, MEMORY_BYTES
 from splitc.targets import Link, Target
 
 

@@ -18,10 +18,10 @@ from typing import Sequence
 import numpy as np
 import torch.fx as fx
 
-from splitc.errors import CutError
-from splitc.graph import EXIT, OUTPUT_BYTES, ModelGraph, is_tensor_node, tensor_spec
+from splitc.core.errors import CutError
+from splitc.core.graph import EXIT, OUTPUT_BYTES, ModelGraph, is_tensor_node, tensor_spec
 from splitc.passes.cost_model import compute_ms, transfer_ms
-from splitc.runtime.manifest import TensorSpec
+from splitc.core.manifest import TensorSpec
 from splitc.targets import Link, Target
 
 

@@ -36,9 +36,9 @@ from splitc.passes.cuts import CutAnalysis
 from splitc.passes.quantize import add_constant, emit
 from torch import fx
 
-from splitc.errors import CutError, InputError, UnsupportedOperatorError
-from splitc.graph import EXIT, ModelGraph, returning
-from splitc.training import fit_minibatches
+from splitc.core.errors import CutError, InputError, UnsupportedOperatorError
+from splitc.core.graph import EXIT, ModelGraph, returning
+from splitc.core.training import fit_minibatches
 
 aten = torch.ops.aten
 

@@ -17,9 +17,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from splitc.errors import CutError, PlanError
+from splitc.core.errors import CutError, PlanError
 from splitc.frontend.annotate import annotate
-from splitc.graph import ModelGraph, returning, tensor_spec
+from splitc.core.graph import ModelGraph, returning, tensor_spec
 from splitc.passes.cuts import CutAnalysis
 from splitc.passes.privacy import distance_correlation
 from splitc.passes.quantize import emit, observe

@@ -14,9 +14,9 @@ from typing import Sequence
 import torch
 import torch.fx as fx
 
-from splitc.graph import FLOPS, TIER, ModelGraph, tensor_spec
+from splitc.core.graph import FLOPS, TIER, ModelGraph, tensor_spec
 from splitc.passes.cuts import Cut, CutAnalysis
-from splitc.runtime.manifest import TensorSpec
+from splitc.core.manifest import TensorSpec
 from splitc.targets import Target
 
 

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from splitc.errors import PlanError, TargetError
+from splitc.core.errors import PlanError, TargetError
 from splitc.passes.cost_model import compute_ms, transfer_ms
 from splitc.passes.cuts import CutAnalysis
 from splitc.passes.money import (

@@ -24,11 +24,11 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from splitc.errors import InputError, first_line
+from splitc.core.errors import InputError, first_line
 from splitc.frontend.loader import is_reference, resolve_reference
-from splitc.graph import ModelGraph, is_tensor_node
+from splitc.core.graph import ModelGraph, is_tensor_node
 from splitc.passes.cuts import CutAnalysis
-from splitc.runtime.manifest import TensorSpec
+from splitc.core.manifest import TensorSpec
 
 MIN_SAMPLES = 8  # below this the V-statistic is dominated by its bias; dCor of independent data is ~1
 

@@ -23,9 +23,9 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from splitc.errors import CutError
+from splitc.core.errors import CutError
 from splitc.frontend.annotate import annotate
-from splitc.graph import ModelGraph, returning, tensor_spec
+from splitc.core.graph import ModelGraph, returning, tensor_spec
 from splitc.passes.cuts import CutAnalysis
 
 aten = torch.ops.aten

@@ -5,7 +5,7 @@
     outputs = session.run({"x": x})
 """
 
-from splitc.runtime.manifest import Manifest, PartitionSpec, TensorSpec
+from splitc.core.manifest import Manifest, PartitionSpec, TensorSpec
 from splitc.runtime.session import Answer, Bundle, SplitSession
 
 __all__ = ["Answer", "Bundle", "Manifest", "PartitionSpec", "SplitSession", "TensorSpec"]

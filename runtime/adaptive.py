@@ -43,7 +43,7 @@ from typing import Any, Self
 from urllib.parse import urlsplit
 
 import numpy as np
-from splitc.runtime.manifest import MANIFEST_NAME, Manifest, TensorSpec, read_manifest
+from splitc.core.manifest import MANIFEST_NAME, Manifest, TensorSpec, read_manifest
 from splitc.runtime.remote import (
     SOURCE_FALLBACK,
     SOURCE_REMOTE,
@@ -53,7 +53,7 @@ from splitc.runtime.remote import (
 from splitc.runtime.session import Bundle, SplitSession
 from splitc.runtime.v2protocol import model_name_for
 
-from splitc.errors import BundleError, InputError, RemoteError, SplitcError
+from splitc.core.errors import BundleError, InputError, RemoteError, SplitcError
 
 log = logging.getLogger("splitc.adaptive")
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from splitc.errors import InputError
+from splitc.core.errors import InputError
 
 
 def read_arrays(path: str | Path, what: str = "input") -> list[tuple[str | None, np.ndarray]]:

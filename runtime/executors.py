@@ -15,8 +15,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from splitc.errors import BackendError, ToolchainError
-from splitc.runtime.manifest import RUNTIME_ONNXRUNTIME, RUNTIME_TENSORRT, RUNTIME_TVM, Artifact
+from splitc.core.errors import BackendError, ToolchainError
+from splitc.core.manifest import RUNTIME_ONNXRUNTIME, RUNTIME_TENSORRT, RUNTIME_TVM, Artifact
 
 Executor = Callable[[Sequence[np.ndarray]], list[np.ndarray]]
 

@@ -31,7 +31,7 @@ from urllib.parse import quote, urlsplit
 
 import numpy as np
 from splitc.runtime.executors import Executor, load_executor
-from splitc.runtime.manifest import TensorSpec
+from splitc.core.manifest import TensorSpec
 from splitc.runtime.session import Answer, Bundle, SplitSession, confident_exit, exit_answer, host_artifact, softmax_max
 from splitc.runtime.v2protocol import (
     COMPUTE_PARAMETER,
@@ -45,7 +45,7 @@ from splitc.runtime.v2protocol import (
     model_name_for,
 )
 
-from splitc.errors import BundleError, InputError, SplitcError, first_line
+from splitc.core.errors import BundleError, InputError, SplitcError, first_line
 
 SOURCE_REMOTE = "remote"
 SOURCE_FALLBACK = "local-fallback"

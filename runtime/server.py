@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 from splitc.runtime.executors import Executor, load_executor
-from splitc.runtime.manifest import TensorSpec
+from splitc.core.manifest import TensorSpec
 from splitc.runtime.session import Bundle, SplitSession, confident_exit, exit_answer, host_artifact
 from splitc.runtime.v2protocol import (
     COMPUTE_PARAMETER,
@@ -59,7 +59,7 @@ from splitc.runtime.v2protocol import (
     wanted_outputs,
 )
 
-from splitc.errors import BundleError, InputError, SplitcError
+from splitc.core.errors import BundleError, InputError, SplitcError
 
 log = logging.getLogger("splitc.server")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 from splitc.runtime.executors import Executor, can_run_here, load_executor
-from splitc.runtime.manifest import (
+from splitc.core.manifest import (
     ROLE_DEPLOY,
     ROLE_HOST_TWIN,
     ROLE_PORTABLE,
@@ -28,7 +28,7 @@ from splitc.runtime.manifest import (
     read_manifest,
 )
 
-from splitc.errors import BundleError, InputError
+from splitc.core.errors import BundleError, InputError
 
 # What to run for a partition on this host, best first: the artifact the target itself runs, then
 # the same code built for this ISA, then the portable ONNX form.

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from splitc.errors import InputError, RemoteError, SplitcError  # noqa: F401  (RemoteError re-exported)
+from splitc.core.errors import InputError, RemoteError, SplitcError  # noqa: F401  (RemoteError re-exported)
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 JSON_CONTENT_TYPE = "application/json"

@@ -13,7 +13,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from splitc.errors import TargetError
+from splitc.core.errors import TargetError
 
 KNOWN_BACKENDS = ("tvm", "tensorrt", "onnxruntime")
 _NOT_TARGETS = {"links"}

@@ -24,7 +24,7 @@ def build_bundle(directory: Path, targets: str = "x86,cloud-cpu", cut: str = "la
     from splitc.targets import load_link, load_targets
 
     from examples.small_resnet import build
-    from splitc.compiler import compile_model
+    from splitc.drivers.compiler import compile_model
 
     x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(5))
     pt2 = directory / "m.pt2"

@@ -1,4 +1,4 @@
-"""Adaptive split (splitc.variants + splitc.runtime.adaptive) on real compiled bundles and a real
+"""Adaptive split (splitc.drivers.variants + splitc.runtime.adaptive) on real compiled bundles and a real
 server on 127.0.0.1.
 
 The variant directory is the example small ResNet compiled by `splitc compile --variants 2` for a
@@ -33,7 +33,7 @@ from splitc.runtime.adaptive import (
 from splitc.runtime.server import make_http_server, serve_in_thread, variant_servers
 from splitc.targets import Link, load_link, load_target
 
-from splitc.errors import BundleError, InputError, SplitcError
+from splitc.core.errors import BundleError, InputError, SplitcError
 from tests.serving import TOKEN, request
 from tests.test_cli import run_cli
 
@@ -168,7 +168,7 @@ def _close_to(result, expected) -> None:
 
 
 def test_variant_choice_covers_low_and_high_bandwidth(zoo, slow_device):
-    from splitc.variants import choose_variants, plan_latency
+    from splitc.drivers.variants import choose_variants, plan_latency
 
     graph = zoo.graph("resnet_like")
     targets = [load_target(str(slow_device)), load_target("cloud-cpu")]
@@ -194,7 +194,7 @@ def test_variant_choice_covers_low_and_high_bandwidth(zoo, slow_device):
 
 
 def test_bad_variant_requests_are_one_line_errors(zoo, slow_device, tmp_path, model_files, capsys):
-    from splitc.variants import choose_variants, compile_variants
+    from splitc.drivers.variants import choose_variants, compile_variants
 
     graph = zoo.graph("resnet_like")
     targets = [load_target(str(slow_device)), load_target("cloud-cpu")]

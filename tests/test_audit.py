@@ -1,4 +1,4 @@
-"""The attack-based privacy audit (splitc.audit, `splitc audit`).
+"""The attack-based privacy audit (splitc.drivers.audit, `splitc audit`).
 
 A small CNN is trained on scikit-learn's 8x8 digits inside the test (as in tests/test_privacy.py) and
 audited at a shallow cut (the first conv: 8x8x8 floats) and a deep one (the logits before the final
@@ -20,7 +20,7 @@ from splitc.passes.privacy import Calibration, load_calibration
 from torch import nn
 
 from examples.digits import DigitsCNN, load_digits_arrays, train_classifier
-from splitc.audit import (
+from splitc.drivers.audit import (
     DEFAULT_DFIL_SIGMA,
     DeviceSplit,
     GaussianNoise,
@@ -31,7 +31,7 @@ from splitc.audit import (
     ssim,
     write_reconstructions_png,
 )
-from splitc.errors import CutError, InputError
+from splitc.core.errors import CutError, InputError
 from tests.models import save_pt2
 
 
@@ -111,7 +111,7 @@ def test_noise_lowers_reidentification_at_an_accuracy_cost(audits):
 def test_report_json_and_png(audits, tmp_path):
     entries = [audits["shallow"], audits["deep"], audits["noisy"]]
     report = json.loads(json.dumps(audit_report_json(entries)))  # plain JSON, no NaN/inf
-    assert report["schema"] == "splitc.audit/1" and "labels" in report["class_mean_note"]
+    assert report["schema"] == "splitc.drivers.audit/1" and "labels" in report["class_mean_note"]
     rows = report["audits"]
     assert [(r["cut"], r["setting"]) for r in rows] == [("conv1", "plain"), ("fc2", "plain"), ("conv1", "noise 3")]
     for row, audit in zip(rows, entries):
@@ -215,7 +215,7 @@ def test_dfil_of_a_linear_device_part(tmp_path, d_in):
     """f(x) = W x: dFIL = ||W||_F² / (σ² d_in), σ = relative sigma x std(W x) per sample."""
     from splitc.frontend import import_model
 
-    from splitc.audit import _dfil
+    from splitc.drivers.audit import _dfil
 
     model = _Linear2(d_in, seed=d_in)
     _, graph = import_model(save_pt2(model, (torch.randn(1, d_in),), tmp_path / "lin.pt2"))
@@ -234,7 +234,7 @@ def test_dfil_of_a_linear_device_part(tmp_path, d_in):
 
 
 def _cli(argv, capsys):
-    from splitc.cli_audit import main
+    from splitc.cli.audit import main
 
     with pytest.raises(SystemExit) as info:
         main([str(a) for a in argv])

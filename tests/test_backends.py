@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from splitc.backends.emulation import find_aarch64_toolchain
-from splitc.compiler import compile_model
+from splitc.drivers.compiler import compile_model
 from splitc.passes.cuts import CutAnalysis
 from splitc.runtime import Bundle, SplitSession
 from splitc.targets import load_link, load_targets
-from splitc.verify import verify_bundle
+from splitc.drivers.verify import verify_bundle
 from tests.models import rel_err
 
 import torch
@@ -83,7 +83,7 @@ def test_model_input_used_late_crosses_the_cut(zoo, tmp_path):
 
 
 def test_session_refuses_missing_and_unknown_inputs(zoo, tmp_path):
-    from splitc.errors import InputError
+    from splitc.core.errors import InputError
 
     graph = zoo.graph("multi_io")
     result = compile_model(graph, load_targets("x86,cloud-cpu"), tmp_path / "b.splitc", cut="auto", link=load_link("4g"), samples=1)
@@ -127,7 +127,7 @@ def test_tvm_partition_runs_with_its_targets_thread_count(zoo, tmp_path):
     import tvm
 
     from splitc.runtime.executors import available_cpus, tvm_threads
-    from splitc.runtime.manifest import ROLE_DEPLOY
+    from splitc.core.manifest import ROLE_DEPLOY
 
     graph = zoo.graph("multi_io")
     result = compile_model(graph, load_targets("x86,cloud-cpu"), tmp_path / "b.splitc", cut="auto", link=load_link("4g"), samples=1)

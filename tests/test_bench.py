@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from splitc.bench import bench_partition
-from splitc.errors import InputError
+from splitc.drivers.bench import bench_partition
+from splitc.core.errors import InputError
 
 
 @pytest.fixture(scope="module")
 def bundle(zoo, tmp_path_factory):
     from splitc.targets import load_link, load_targets
 
-    from splitc.compiler import compile_model
+    from splitc.drivers.compiler import compile_model
 
     patch = pytest.MonkeyPatch()
     patch.setenv("SPLITC_CACHE", str(tmp_path_factory.mktemp("cache")))  # no user tuning records

@@ -14,7 +14,7 @@ import torch
 
 from examples.small_resnet import build as build_small_resnet
 from splitc.cli import main
-from splitc.runtime.manifest import read_manifest
+from splitc.core.manifest import read_manifest
 
 
 def run_cli(*args: str, capsys) -> tuple[int, str, str]:

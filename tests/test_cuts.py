@@ -8,8 +8,8 @@ import operator
 import numpy as np
 import pytest
 
-from splitc.errors import CutError
-from splitc.graph import OUTPUT_BYTES
+from splitc.core.errors import CutError
+from splitc.core.graph import OUTPUT_BYTES
 from splitc.passes.cuts import CutAnalysis, auto_cuts, estimate, resolve_cuts
 from splitc.targets import Link, Target, load_target
 

@@ -1,10 +1,10 @@
-"""Depthwise convolutions scheduled by splitc (backends/depthwise.py): which functions it takes, and
+"""Depthwise convolutions scheduled by splitc (backends/tvm/depthwise.py): which functions it takes, and
 that the scheduled code computes what torch computes."""
 from __future__ import annotations
 
 import numpy as np
 import torch
-from splitc.backends import tuning
+from splitc.backends.tvm import tuning
 from torch import nn
 
 X86 = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "host"}

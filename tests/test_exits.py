@@ -16,8 +16,8 @@ import pytest
 from click.testing import CliRunner
 
 from splitc.cli import cli
-from splitc.compiler import compile_model
-from splitc.errors import CutError, InputError, UnsupportedOperatorError
+from splitc.drivers.compiler import compile_model
+from splitc.core.errors import CutError, InputError, UnsupportedOperatorError
 from splitc.passes.exits import calibrate_thresholds, cascade_predictions, plan_exits
 from splitc.runtime import Bundle, SplitSession
 from splitc.targets import load_link, load_targets
@@ -166,7 +166,7 @@ def test_a_middle_tier_server_answers_from_its_own_exit_head(digits_split, tmp_p
 
 
 def test_verify_passes_with_exit_heads(bundle):
-    from splitc.verify import verify_bundle
+    from splitc.drivers.verify import verify_bundle
 
     report = verify_bundle(bundle.bundle, emulate=False)
     assert report.ok, report.failures
@@ -231,7 +231,7 @@ def test_minilm_token_exit_head_compiles_verifies_and_answers_on_the_device(tmp_
     assert head.partition == 0 and head.kind in ("first-token-norm-linear", "mean-token-norm-linear")
     assert head.exit_rate > 0.3
 
-    from splitc.verify import verify_bundle
+    from splitc.drivers.verify import verify_bundle
 
     assert verify_bundle(result.bundle, emulate=False).ok
 

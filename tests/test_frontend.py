@@ -7,9 +7,9 @@ from torch import nn
 
 import pytest
 
-from splitc.errors import InputError, ModelLoadError
+from splitc.core.errors import InputError, ModelLoadError
 from splitc.frontend import import_model, parse_input_shapes
-from splitc.graph import DTYPE, FLOPS, OUTPUT_BYTES, PARAM_BYTES, SHAPE, numpy_dtype
+from splitc.core.graph import DTYPE, FLOPS, OUTPUT_BYTES, PARAM_BYTES, SHAPE, numpy_dtype
 from tests import models
 from tests.models import rel_err, save_pt2
 

@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from splitc.compiler import compile_model
-from splitc.errors import CutError, InputError, PlanError
+from splitc.drivers.compiler import compile_model
+from splitc.core.errors import CutError, InputError, PlanError
 from splitc.passes.cuts import CutAnalysis
 from splitc.passes.noise import add_noise, choose_sigma, noise_trial
 from splitc.runtime import Bundle, SplitSession
-from splitc.runtime.manifest import read_manifest
+from splitc.core.manifest import read_manifest
 from splitc.runtime.session import secure_normal
 from splitc.targets import load_link, load_targets
-from splitc.verify import verify_bundle
+from splitc.drivers.verify import verify_bundle
 from tests.test_cli import run_cli
 
 

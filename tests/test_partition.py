@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from splitc.graph import TIER
+from splitc.core.graph import TIER
 from splitc.passes.cuts import CutAnalysis, auto_cuts, resolve_cuts
 from splitc.passes.partition import assign_tiers, extract_partitions
 from splitc.targets import Link, load_target

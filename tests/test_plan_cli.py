@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from splitc.runtime.manifest import read_manifest
+from splitc.core.manifest import read_manifest
 from tests.test_cli import run_cli
 
 

@@ -14,9 +14,9 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-from splitc.errors import TargetError
+from splitc.core.errors import TargetError
 from splitc.frontend.annotate import annotate
-from splitc.graph import ModelGraph, tensor_spec
+from splitc.core.graph import ModelGraph, tensor_spec
 from splitc.passes.cost_model import transfer_ms
 from splitc.passes.cuts import CutAnalysis, auto_cuts
 from splitc.passes.money import Workload, cold_fraction, faas_usd_per_million, iaas_usd_per_million, indifference_rate

@@ -1,4 +1,4 @@
-"""splitc's own schedules for 1x1 convolutions (backends/pointwise.py): which functions they take,
+"""splitc's own schedules for 1x1 convolutions (backends/tvm/pointwise.py): which functions they take,
 which tile shapes, that the scheduled code computes what the untuned code computes, and that a tuning
 run offers them to the search as records that compile applies."""
 from __future__ import annotations
@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from splitc.backends import tuning
+from splitc.backends.tvm import tuning
 from torch import nn
 
 X86 = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "host"}
@@ -43,7 +43,7 @@ def _prepared(model, x):
 
 
 def test_tile_shapes_divide_rows_and_keep_enough_accumulators():
-    from splitc.backends.pointwise import tile_shapes
+    from splitc.backends.tvm.pointwise import tile_shapes
 
     assert tile_shapes(112, 112, 2) == [(8, 1), (4, 2)]
     assert tile_shapes(56, 56, 3) == [(8, 1), (4, 3)]
@@ -58,7 +58,7 @@ def test_tile_shapes_divide_rows_and_keep_enough_accumulators():
 
 
 def test_strip_shapes_stack_two_strips_or_more():
-    from splitc.backends.pointwise import strip_shapes
+    from splitc.backends.tvm.pointwise import strip_shapes
 
     assert strip_shapes(112, 6) == [(8, 1)]                    # 16 registers: one vector per strip
     assert strip_shapes(56, 6, registers=32) == [(8, 1), (8, 2), (8, 3)]
@@ -81,7 +81,7 @@ SCHEDULES_PER_TASK = {256: [3, 5, 5, 5], 512: [3, 6, 6, 6]}
 @pytest.mark.parametrize("bits", sorted(SCHEDULES_PER_TASK))
 def test_pointwise_schedules_take_1x1_convolutions_and_match_the_untuned_code(bits):
     import tvm
-    from splitc.backends.pointwise import pointwise_schedules
+    from splitc.backends.tvm.pointwise import pointwise_schedules
     from tvm.s_tir.meta_schedule.arg_info import ArgInfo
 
     torch.manual_seed(0)

@@ -20,8 +20,8 @@ from splitc.passes.privacy import (
 )
 from torch import fx
 
-from splitc.errors import InputError
-from splitc.graph import is_tensor_node
+from splitc.core.errors import InputError
+from splitc.core.graph import is_tensor_node
 from tests.models import save_pt2
 
 # --------------------------------------------------------------------------------------- reference dCor

@@ -14,14 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from splitc.errors import BackendError, InputError, TargetError
-from splitc.graph import TIER
+from splitc.core.errors import BackendError, InputError, TargetError
+from splitc.core.graph import TIER
 from splitc.passes.cost_model import compute_ms
 from splitc.passes.cuts import CutAnalysis
-from splitc.profile import Profile, SegmentTiming, check_profilable, profile_target, segment_bounds
+from splitc.drivers.profile import Profile, SegmentTiming, check_profilable, profile_target, segment_bounds
 from splitc.runtime.executors import tensorrt_usable
 from splitc.targets import load_target
-from splitc.timing import Timing, time_callable
+from splitc.core.timing import Timing, time_callable
 
 # Short timing runs: these tests check structure and plumbing, not the figures themselves.
 FAST = dict(warmup=2, repeats=10, min_seconds=0.03, max_seconds=5.0)
@@ -154,7 +154,7 @@ def test_temporary_workdir_is_removed(resnet_graph, monkeypatch):
             super().__init__(*args, **kwargs)
             made.append(Path(self.name))
 
-    monkeypatch.setattr("splitc.profile.tempfile.TemporaryDirectory", Recording)
+    monkeypatch.setattr("splitc.drivers.profile.tempfile.TemporaryDirectory", Recording)
     profile_target(resnet_graph, "cloud-cpu", segments=1, log=lambda _: None, **FAST)
     assert len(made) == 1 and not made[0].exists()
 

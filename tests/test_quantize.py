@@ -7,13 +7,13 @@ import pytest
 import torch
 import torch.fx as fx
 
-from splitc.compiler import compile_model
-from splitc.errors import CutError
+from splitc.drivers.compiler import compile_model
+from splitc.core.errors import CutError
 from splitc.passes.cuts import CutAnalysis
-from splitc.graph import returning
+from splitc.core.graph import returning
 from splitc.passes.quantize import affine_params, agreement, quantize_cuts
 from splitc.targets import load_link, load_targets
-from splitc.verify import verify_bundle
+from splitc.drivers.verify import verify_bundle
 
 
 def samples_for(zoo, name, count=8):

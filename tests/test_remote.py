@@ -20,7 +20,7 @@ from splitc.runtime.remote import RemoteSession
 from splitc.runtime.server import PartitionServer, make_http_server, serve_in_thread
 from splitc.runtime.v2protocol import RemoteError
 
-from splitc.errors import BundleError, InputError
+from splitc.core.errors import BundleError, InputError
 from tests.serving import TOKEN, build_bundle, free_port, running_server
 
 
@@ -157,7 +157,7 @@ def test_retries_reach_a_server_that_comes_up_late(bundle, x, expected):
 
 
 def test_run_remote_helper_for_the_cli(bundle, server, x, tmp_path, expected):
-    from splitc.cli_serve import run_remote
+    from splitc.cli.serve import run_remote
 
     (tmp_path / "secret").write_text(TOKEN)
     lines = []
@@ -172,7 +172,7 @@ def test_serving_modules_stay_light():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
     modules = json.loads(result.stdout.strip().splitlines()[-1])
-    heavy = ("torch", "onnx", "onnxruntime", "tvm", "click", "splitc.frontend", "splitc.passes", "splitc.backends", "splitc.compiler")
+    heavy = ("torch", "onnx", "onnxruntime", "tvm", "click", "splitc.frontend", "splitc.passes", "splitc.backends", "splitc.drivers.compiler")
     assert [m for m in modules if any(m == h or m.startswith(h + ".") for h in heavy)] == []
 
 

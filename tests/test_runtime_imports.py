@@ -8,16 +8,16 @@ import json
 import subprocess
 import sys
 
-FORBIDDEN = ("torch", "onnx", "onnxruntime", "tvm", "splitc.frontend", "splitc.passes", "splitc.backends", "splitc.compiler")
+FORBIDDEN = ("torch", "onnx", "onnxruntime", "tvm", "splitc.frontend", "splitc.passes", "splitc.backends", "splitc.drivers.compiler")
 
 _PROBE = """
 import json, sys
 import splitc.runtime
 from splitc.runtime import Bundle, SplitSession, Manifest, TensorSpec
-import splitc.runtime.session, splitc.runtime.manifest, splitc.runtime.executors
+import splitc.runtime.session, splitc.core.manifest, splitc.runtime.executors
 import splitc.runtime.adaptive  # the adaptive split runs on the device too
 from splitc.runtime.adaptive import AdaptiveSession, LinkEstimator
-import splitc.errors
+import splitc.core.errors
 print(json.dumps(sorted(sys.modules)))
 """
 

@@ -259,7 +259,7 @@ def test_load_many_concurrent_clients(server, boundary):
 def test_bad_construction_is_refused(bundle):
     from splitc.runtime.server import PartitionServer
 
-    from splitc.errors import InputError
+    from splitc.core.errors import InputError
 
     with pytest.raises(InputError, match="out of range"):
         PartitionServer(bundle, 5, token=TOKEN)
@@ -270,7 +270,7 @@ def test_bad_construction_is_refused(bundle):
 def test_cli_serve_drains_in_flight_requests_on_sigterm(bundle, boundary, tmp_path):
     token_file = tmp_path / "secret"
     token_file.write_text(TOKEN + "\n")
-    code = "import sys; from splitc.cli_serve import serve; serve(sys.argv[1:], standalone_mode=True)"
+    code = "import sys; from splitc.cli.serve import serve; serve(sys.argv[1:], standalone_mode=True)"
     proc = subprocess.Popen([sys.executable, "-c", code, str(bundle.path), "--partition", "1", "--port", "0",
                              "--token-file", str(token_file)], stderr=subprocess.PIPE, text=True,
                             cwd=Path(__file__).parents[1], env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -310,7 +310,7 @@ def test_cli_serve_drains_in_flight_requests_on_sigterm(bundle, boundary, tmp_pa
 def test_cli_serve_refuses_without_token(bundle, tmp_path):
     from click.testing import CliRunner
 
-    from splitc.cli_serve import serve
+    from splitc.cli.serve import serve
 
     env = {k: v for k, v in os.environ.items() if k != "SPLITC_TOKEN"}
     result = CliRunner(env={"SPLITC_TOKEN": ""}).invoke(serve, [str(bundle.path), "--port", "0"], env=env)

@@ -8,12 +8,12 @@ import onnx
 import pytest
 
 from splitc.backends.tensorrt import build_engine
-from splitc.compiler import compile_model
-from splitc.errors import ToolchainError
+from splitc.drivers.compiler import compile_model
+from splitc.core.errors import ToolchainError
 from splitc.runtime import Bundle
 from splitc.runtime.executors import tensorrt_usable
 from splitc.targets import load_link, load_targets
-from splitc.verify import verify_bundle
+from splitc.drivers.verify import verify_bundle
 
 needs_tensorrt = pytest.mark.skipif(not tensorrt_usable(), reason="needs tensorrt + cuda-python + an NVIDIA GPU")
 

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from splitc.runtime import Bundle
-from splitc.runtime.manifest import RUNTIME_TENSORRT, read_manifest, sha256_file
+from splitc.core.manifest import RUNTIME_TENSORRT, read_manifest, sha256_file
 
-from splitc.bundle import record_artifact, write_manifest
-from splitc.errors import BundleError, InputError
-from splitc.triton import export_triton
+from splitc.core.bundle import record_artifact, write_manifest
+from splitc.core.errors import BundleError, InputError
+from splitc.drivers.triton import export_triton
 from tests.serving import build_bundle
 
 # ------------------------------------------------------------------ protobuf text-format subset
@@ -204,7 +204,7 @@ def test_tvm_only_cloud_partition_is_refused(tmp_path_factory):
 
 
 def test_cli_command(bundle, tmp_path):
-    from splitc.cli_serve import export_triton_command
+    from splitc.cli.serve import export_triton_command
 
     result = CliRunner().invoke(export_triton_command, [str(bundle.path), "-o", str(tmp_path / "repo"), "--instances", "2"])
     assert result.exit_code == 0, result.output

@@ -1,4 +1,4 @@
-"""MetaSchedule tuning and the tuning database (backends/tuning.py).
+"""MetaSchedule tuning and the tuning database (backends/tvm/tuning.py).
 
 The tuning test really tunes (no mocks): a 2-conv CNN at 1x3x16x16, 2 tasks, a small trial budget
 and a small search population, about 1-2 minutes on 2 cores. Then two compiles must both apply the
@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from splitc.backends import build_cache, tuning
+from splitc.backends.tvm import build_cache, tuning
 from torch import nn
 
-from splitc.cli_tune import parse_budget
-from splitc.errors import InputError
+from splitc.cli.tune import parse_budget
+from splitc.core.errors import InputError
 
 X86 = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "host"}
 
@@ -180,7 +180,7 @@ def test_pre_tuning_rewrites_fold_and_keep_results():
 def test_weights_are_read_in_place_and_written_once():
     from tvm import relax
 
-    from splitc.backends.relax_rewrites import constant_array, new_tensor, tensor_of
+    from splitc.backends.tvm.relax_rewrites import constant_array, new_tensor, tensor_of
 
     values = np.arange(24, dtype="float32").reshape(2, 3, 4)
     weights = constant_array(relax.const(values))
@@ -202,7 +202,7 @@ def _compile(pt2: Path, out: Path):
     from splitc.frontend import import_model
     from splitc.targets import load_link, load_targets
 
-    from splitc.compiler import compile_model
+    from splitc.drivers.compiler import compile_model
 
     _, graph = import_model(pt2)
     return compile_model(graph, load_targets("x86"), out, link=load_link("4g"), samples=2)
@@ -235,7 +235,7 @@ def tuned_cache(cnn_pt2, tmp_path_factory):
 def test_tune_then_compile_reuses_records(cnn_pt2, tuned_cache, tmp_path, monkeypatch):
     from splitc.frontend import import_model
 
-    from splitc.verify import verify_bundle
+    from splitc.drivers.verify import verify_bundle
 
     cache, report, _ = tuned_cache
     # The transposes into and out of NHWC, the first convolution (3 input channels: direct), and the
@@ -327,9 +327,9 @@ def test_tune_closes_with_compiles_build_which_the_next_compile_copies(cnn_pt2, 
     instead of running LLVM on the tuned kernels again."""
     import re
 
-    from splitc.cli_common import console
-    from splitc.cli_tune import build_tuned
-    from splitc.compiler import plan_partitions
+    from splitc.cli.common import console
+    from splitc.cli.tune import build_tuned
+    from splitc.drivers.compiler import plan_partitions
     from splitc.frontend import import_model
     from splitc.targets import load_link, load_targets
 
@@ -414,7 +414,7 @@ def test_compile_with_tuning_disabled(cnn_pt2, tmp_path, monkeypatch):
 def test_ctrl_c_keeps_finished_records(cnn_pt2, tmp_path):
     """`splitc tune` interrupted with SIGINT once records exist: exit 130, readable database, records kept."""
     env = dict(os.environ, SPLITC_CACHE=str(tmp_path / "cache"))
-    script = "from splitc.cli import cli, main\nfrom splitc.cli_tune import tune\ncli.add_command(tune)\nmain()\n"
+    script = "from splitc.cli import cli, main\nfrom splitc.cli.tune import tune\ncli.add_command(tune)\nmain()\n"
     proc = subprocess.Popen([sys.executable, "-c", script, "tune", str(cnn_pt2), "--target", "x86", "--budget", "30m"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     root = tmp_path / "cache" / "tuning"
@@ -613,8 +613,8 @@ def test_host_tuned_schedules_for_rpi4_are_applied_labelled_and_verified(cnn_pt2
     from splitc.frontend import import_model
     from splitc.targets import load_link, load_targets
 
-    from splitc.compiler import compile_model
-    from splitc.verify import verify_bundle
+    from splitc.drivers.compiler import compile_model
+    from splitc.drivers.verify import verify_bundle
 
     source, tuned, _ = tuned_cache
     host_db = tuned.directory.relative_to(source)  # the x86 database, inside a cache
@@ -693,7 +693,7 @@ def test_host_tuned_schedules_for_rpi4_are_applied_labelled_and_verified(cnn_pt2
 
 
 def test_tuning_another_isa_needs_rpc_or_from_host(cnn_pt2, tmp_path, monkeypatch):
-    from splitc.errors import TargetError
+    from splitc.core.errors import TargetError
 
     monkeypatch.setenv("SPLITC_CACHE", str(tmp_path / "cache"))
     mod = _cnn_module(cnn_pt2)

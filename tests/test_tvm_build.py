@@ -1,4 +1,4 @@
-"""The threaded TVM build (backends/tvm_build.py): how it estimates a function's cost, how it deals
+"""The threaded TVM build (backends/tvm/build.py): how it estimates a function's cost, how it deals
 functions out to workers, and that the library it links computes what `tvm.compile` +
 `export_library` compute."""
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from splitc.backends.tvm_build import (UNROLLED_STATEMENTS, build_library, cap_unrolling, cap_unrolling_in, codegen_target, deal,
+from splitc.backends.tvm.build import (UNROLLED_STATEMENTS, build_library, cap_unrolling, cap_unrolling_in, codegen_target, deal,
                                       unrolled_size)
 from torch import nn
 
@@ -112,7 +112,7 @@ def test_tuning_builds_candidates_with_the_unrolling_compile_builds():
     # The tuning builder caps unrolling and sets LLVM's options as compile does, so a record is timed
     # as it will be built (the IR names the target it was built for, options included).
     import tvm
-    from splitc.backends.tuning import _fast_build
+    from splitc.backends.tvm.tuning import _fast_build
     from tvm.driver import build as tvm_driver_build
 
     big = _matmul(64, 32, 2048).with_attr("global_symbol", "main")
@@ -163,7 +163,7 @@ def test_kept_kernel_objects_are_linked_instead_of_built_again(tmp_path):
     the same module reuses every group; a model whose classifier differs reuses the groups it
     shares and builds the others; both libraries compute what `tvm.compile` builds."""
     import tvm
-    from splitc.backends.build_cache import KernelObjects
+    from splitc.backends.tvm.build_cache import KernelObjects
     from tvm.relax.frontend.torch import from_exported_program
 
     torch.manual_seed(0)

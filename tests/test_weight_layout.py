@@ -1,12 +1,12 @@
-"""Weight layout rewrites run by numpy (backends/weight_layout.py): the same arrays as the compiled
+"""Weight layout rewrites run by numpy (backends/tvm/weight_layout.py): the same arrays as the compiled
 TIR, padding included; anything else (arithmetic, overlapping digits, a permuted read, several
 values to one place, a copy through an intermediate buffer) left to TIR."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from splitc.backends.relax_rewrites import tensor_of
-from splitc.backends.weight_layout import layout_copy
+from splitc.backends.tvm.relax_rewrites import tensor_of
+from splitc.backends.tvm.weight_layout import layout_copy
 from tvm.script import tirx as T
 
 
@@ -118,7 +118,7 @@ def test_weight_prepack_folding_runs_copies_in_numpy_and_compiles_the_rest():
     """The fold in tuning.apply_database: a digit copy (numpy) and a rewrite with arithmetic
     (compiled by TVM) of constant weights both become constants holding the rewritten weights."""
     import tvm
-    from splitc.backends import tuning
+    from splitc.backends.tvm import tuning
     from tvm import relax
 
     rng = np.random.default_rng(0)

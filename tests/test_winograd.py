@@ -1,4 +1,4 @@
-"""Winograd convolution (backends/winograd.py): the transforms' arithmetic, where the rewrite applies,
+"""Winograd convolution (backends/tvm/winograd.py): the transforms' arithmetic, where the rewrite applies,
 and that a compiled Winograd graph computes what torch computes."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from splitc.backends import tuning, winograd
+from splitc.backends.tvm import tuning, winograd
 from torch import nn
 
 X86 = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "host"}

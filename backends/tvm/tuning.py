@@ -22,18 +22,18 @@ Records are keyed by workload (the structural hash of a fused TIR function: oper
 weights) and by target (the directory), so any model with the same operator shapes reuses them.
 
 What is tuned (`prepare`) is the partition after splitc's pre-tuning rewrites
-(backends/relax_rewrites.py): batch norm folded into the preceding convolution's weights and bias,
+(backends/tvm/relax_rewrites.py): batch norm folded into the preceding convolution's weights and bias,
 zero padding folded into the convolution, clip written as max/min, and, on CPU targets, 2-D
 convolutions converted to NHWC (channels innermost, so the output-channel loop vectorizes for any
 spatial size), weight transposes folded in numpy, and 3x3 stride-1 convolutions rewritten as
-Winograd (backends/winograd.py; SPLITC_WINOGRAD=0: not). Then
+Winograd (backends/tvm/winograd.py; SPLITC_WINOGRAD=0: not). Then
 TVM's zero pipeline (legalize, fuse) and, by default, weight pre-packing (`cpu_weight_prepack`:
 layout-free weight buffers whose layout each schedule chooses, rewritten once at compile time by
 constant folding, since splitc binds weights as constants).
 
 Best of tuned and untuned, per task: before searching, a tuning run measures every task's untuned
 code and stores it as a record with an empty schedule, and, for 1x1 convolutions, splitc's own
-schedules (backends/pointwise.py, one per tile shape) as more records. MetaSchedule applies the
+schedules (backends/tvm/pointwise.py, one per tile shape) as more records. MetaSchedule applies the
 fastest record of each task, so a task whose tuned schedules are all slower than its untuned code
 stays untuned.
 
@@ -74,7 +74,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from splitc.errors import (
+from splitc.core.errors import (
     BackendError,
     InputError,
     TargetError,
@@ -571,7 +571,7 @@ def check_tuning_deps() -> None:
 
 
 def winograd_enabled() -> bool:
-    """Whether 3x3 convolutions become Winograd on CPU targets (backends/winograd.py): yes, unless
+    """Whether 3x3 convolutions become Winograd on CPU targets (backends/tvm/winograd.py): yes, unless
     SPLITC_WINOGRAD=0 (direct convolutions only: results closer to PyTorch's, and the workloads
     of databases tuned before Winograd existed)."""
     return os.environ.get("SPLITC_WINOGRAD", "1") != "0"
@@ -584,7 +584,7 @@ def prepare(mod, target_json: dict[str, Any], prepack: bool, winograd: bool | No
     import tvm
     from tvm import relax
 
-    from splitc.backends.relax_rewrites import constant_permute_folding, pre_tuning_rewrites
+    from splitc.backends.tvm.relax_rewrites import constant_permute_folding, pre_tuning_rewrites
 
     transform = relax.transform
     head = [pre_tuning_rewrites(), transform.CanonicalizeBindings(), transform.DecomposeOpsForInference(),
@@ -592,13 +592,13 @@ def prepare(mod, target_json: dict[str, Any], prepack: bool, winograd: bool | No
     nhwc = [transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]}), transform.Normalize(),
             constant_permute_folding(), transform.CanonicalizeBindings()]
     if winograd_enabled() if winograd is None else winograd:
-        from splitc.backends.winograd import rewrite_winograd
+        from splitc.backends.tvm.winograd import rewrite_winograd
 
         nhwc += [rewrite_winograd(vector_bits(target_json))]
     tail = [relax.get_pipeline("zero")] + ([transform.AttachAttrLayoutFreeBuffers()] if prepack else [])
     cpu = str(target_json.get("kind", "llvm")) == "llvm"
     if cpu:
-        from splitc.backends.depthwise import schedule_depthwise_functions
+        from splitc.backends.tvm.depthwise import schedule_depthwise_functions
 
         tail += [schedule_depthwise_functions(vector_bits(target_json))]
     with tvm.target.Target(target_json):
@@ -674,9 +674,9 @@ def _fold_weight_prepack():
     import numpy as np
     import tvm
     from tvm import relax
-    from splitc.backends.relax_rewrites import constant_array, rewrite_calls, tensor_of
-    from splitc.backends.tvm_build import deal
-    from splitc.backends.weight_layout import layout_copy
+    from splitc.backends.tvm.relax_rewrites import constant_array, rewrite_calls, tensor_of
+    from splitc.backends.tvm.build import deal
+    from splitc.backends.tvm.weight_layout import layout_copy
     from splitc.runtime.executors import available_cpus
 
     def foldable(mod, call) -> bool:
@@ -722,7 +722,7 @@ def _fold_weight_prepack():
                                      target=tvm.target.Target({"kind": "llvm", "opt-level": 0}))
             return {k: run(library, call) for k, call in calls.items() if call.args[0].name_hint in group}
 
-        # Rewrites that are plain tile copies run as numpy reshapes (backends/weight_layout.py);
+        # Rewrites that are plain tile copies run as numpy reshapes (backends/tvm/weight_layout.py);
         # the others are compiled, one library per thread (TVM releases the GIL): most of their
         # cost is LLVM compiling the library at its first call.
         computed: dict[Any, Any] = {k: [tensor_of(a) for a in copies[call.args[0].name_hint]([constant_array(c) for c in k[1]])]
@@ -752,7 +752,7 @@ def extract_tasks(prepared, target_json: dict[str, Any]):
     import tvm
     from tvm.s_tir import meta_schedule as ms
 
-    # A function scheduled by splitc itself (backends/winograd.py) says so on the function, not the module.
+    # A function scheduled by splitc itself (backends/tvm/winograd.py) says so on the function, not the module.
     return [t for t in ms.relax_integration.extract_tasks(prepared, tvm.target.Target(target_json))
             if not t.mod.attrs.get("tirx.is_scheduled", False) and not t.mod["main"].attrs.get("tirx.is_scheduled", False)]
 
@@ -847,7 +847,7 @@ class RPCEndpoint:
 
 
 def parse_rpc(rpc: str, key: str | None = None) -> RPCEndpoint:
-    from splitc.profile import _parse_rpc  # one HOST:PORT parser for profile and tune
+    from splitc.drivers.profile import _parse_rpc  # one HOST:PORT parser for profile and tune
 
     host, port = _parse_rpc(rpc)
     return RPCEndpoint(host, port, key or None)
@@ -1089,7 +1089,7 @@ def _run_worker(spec: Path, seconds: float | None, directory: Path, log: Callabl
     log_path.parent.mkdir(parents=True, exist_ok=True)
     # The child finishes the batch it is measuring past its own deadline; allow that much more.
     hard = None if seconds is None else seconds + max(60.0, 0.25 * seconds)
-    entry = "import sys; from splitc.backends.tuning import _worker; _worker(sys.argv[1])"
+    entry = "import sys; from splitc.backends.tvm.tuning import _worker; _worker(sys.argv[1])"
     # Ctrl-C sets a flag this loop reads, rather than raising KeyboardInterrupt wherever the main
     # thread happens to be: raised inside the progress bar's lock, it left the lock held, and the
     # bar's refresh thread (and with it the exit) hung for good.
@@ -1259,7 +1259,7 @@ def _fast_build(mod, target, _params):
     import tvm
     from tvm.driver import build as tvm_build
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
-    from splitc.backends.tvm_build import cap_unrolling_in, codegen_target
+    from splitc.backends.tvm.build import cap_unrolling_in, codegen_target
 
     mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
     return tvm_build(cap_unrolling_in(mod)[0], target=tvm.target.Target(codegen_target(dict(target.export()))))
@@ -1538,12 +1538,12 @@ def _remeasure_top(task_mods, builder, runner, directory: Path, target, *, keep:
 
 def _measure_baselines(contexts, builder, runner, database, target, vector_bits: int | None, *, over_rpc: bool) -> None:
     """Time and store, for each task without an untuned record yet, its untuned code and, where
-    they apply (backends/pointwise.py), splitc's own schedules: records the search starts from and
+    they apply (backends/tvm/pointwise.py), splitc's own schedules: records the search starts from and
     must beat."""
     from tvm.s_tir import meta_schedule as ms
     from tvm.s_tir.meta_schedule.arg_info import ArgInfo
 
-    from splitc.backends.pointwise import pointwise_schedules
+    from splitc.backends.tvm.pointwise import pointwise_schedules
 
     have = {r.workload.as_json()[0] for r in database.get_all_tuning_records() if is_untuned(r)}
     todo = [(ctx, database.commit_workload(ctx.mod)) for ctx in contexts]

@@ -17,8 +17,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from splitc.errors import BundleError, InputError
-from splitc.runtime.manifest import (
+from splitc.core.errors import BundleError, InputError
+from splitc.core.manifest import (
     ROLE_DEPLOY,
     ROLE_PORTABLE,
     RUNTIME_ONNXRUNTIME,

@@ -9,7 +9,7 @@ import click
 from rich.console import Console
 from rich.markup import escape
 
-from splitc.errors import SplitcError
+from splitc.core.errors import SplitcError
 
 # Wide enough for the tables when output goes to a CI log rather than a terminal.
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)

@@ -1,14 +1,14 @@
-"""`splitc audit`: attack what a device sends at one or more cuts (registered by splitc/cli.py):
+"""`splitc audit`: attack what a device sends at one or more cuts (registered by cli/__init__.py):
 
-    from splitc.cli_audit import audit
+    from splitc.cli.audit import audit
     cli.add_command(audit)
 
     splitc audit model.pt2 --cut layer2,layer3 --calib digits.npz [--noise 0.5] [--report audit/]
 
-writes audit/report.json (splitc.audit.audit_report_json) and audit/reconstructions.png, and prints a
+writes audit/report.json (splitc.drivers.audit.audit_report_json) and audit/reconstructions.png, and prints a
 table. A model whose input is token ids feeding an embedding gets the token-recovery audit instead
-(splitc.audit_text: report.json in its own schema, no PNG); its --calib holds the inputs by name
-(input_ids, attention_mask) and optional labels y. `python -m splitc.cli_audit ...` runs the command on
+(splitc.drivers.audit_text: report.json in its own schema, no PNG); its --calib holds the inputs by name
+(input_ids, attention_mask) and optional labels y. `python -m splitc.cli.audit ...` runs the command on
 its own, with the same error handling.
 """
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import click
 
-from splitc.errors import InputError
+from splitc.core.errors import InputError
 
 
 @click.command("audit")
@@ -47,7 +47,7 @@ def audit(source, cuts, calib, noise, report_dir, epochs, whitebox_steps, seed, 
     read back from the sent hidden states) instead of the image attacks."""
     from rich.console import Console
 
-    from splitc.audit import (
+    from splitc.drivers.audit import (
         DeviceSplit,
         GaussianNoise,
         audit_cut,
@@ -55,7 +55,7 @@ def audit(source, cuts, calib, noise, report_dir, epochs, whitebox_steps, seed, 
         print_audit_table,
         write_reconstructions_png,
     )
-    from splitc.audit_text import token_inputs
+    from splitc.drivers.audit_text import token_inputs
     from splitc.frontend import import_model
     from splitc.passes.privacy import load_calibration
 
@@ -97,7 +97,7 @@ def compiled_noise(graph, cut: str, calibration, sigma: float, seed: int):
     several activations falls back to σ x each sample's own std, and the label says so."""
     import torch
 
-    from splitc.audit import GaussianNoise
+    from splitc.drivers.audit import GaussianNoise
     from splitc.passes.cuts import CutAnalysis
     from splitc.passes.noise import data_carrying
     from splitc.passes.quantize import observe
@@ -115,7 +115,7 @@ def compiled_noise(graph, cut: str, calibration, sigma: float, seed: int):
 
 def _audit_tokens(graph, names, splits, calibration, settings, seed, epochs, report, console) -> None:
     """The token-recovery audit of every cut and setting; report.json, a table, no PNG."""
-    from splitc.audit_text import (
+    from splitc.drivers.audit_text import (
         per_token_tensors,
         print_token_table,
         sent_tensors,
@@ -142,7 +142,7 @@ def _audit_tokens(graph, names, splits, calibration, settings, seed, epochs, rep
 
 def main(argv: list[str] | None = None) -> None:
     """Run `audit` alone, with the same error handling as `splitc`."""
-    from splitc.cli_common import run_command
+    from splitc.cli.common import run_command
 
     run_command(audit, argv, "splitc audit")
 

@@ -15,9 +15,9 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from splitc.errors import BundleError
+from splitc.core.errors import BundleError
 from splitc.runtime.adaptive import VARIANTS_NAME
-from splitc.runtime.manifest import MANIFEST_NAME, Artifact, Manifest, sha256_file
+from splitc.core.manifest import MANIFEST_NAME, Artifact, Manifest, sha256_file
 
 
 def check_output_path(out: Path) -> None:

@@ -1,5 +1,5 @@
 """The `splitc` command line. Every failure a user can cause is a SplitcError: printed as one line
-and mapped to that error's exit code (see splitc/errors.py); a failed verification exits 10."""
+and mapped to that error's exit code (see core/errors.py); a failed verification exits 10."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import numpy as np
 from rich.markup import escape
 from rich.table import Table
 
-from splitc.cli_audit import audit
-from splitc.cli_serve import export_triton_command, remote_options, run_remote, serve
-from splitc.cli_tune import bench, tune, tuning_group
-from splitc.cli_variants import variants_option
-from splitc.cli_common import _import, _mb, _model_options, console, err_console, run_command
-from splitc.errors import InputError, VerificationFailed
+from splitc.cli.audit import audit
+from splitc.cli.serve import export_triton_command, remote_options, run_remote, serve
+from splitc.cli.tune import bench, tune, tuning_group
+from splitc.cli.variants import variants_option
+from splitc.cli.common import _import, _mb, _model_options, console, err_console, run_command
+from splitc.core.errors import InputError, VerificationFailed
 
 class NoiseLevel(click.ParamType):
     """`--noise`: a positive float, or 'auto'."""
@@ -66,8 +66,8 @@ def cli() -> None:
 def compile(source, targets, plan_path, plan_link, cut, link, output, samples, quantize, per_channel, noise, max_leakage, calib, exits,
             max_accuracy_drop, input_shapes, example_input, trust_pickle):
     """Split SOURCE across TARGETS and compile every partition into a bundle."""
-    from splitc.compiler import compile_model
-    from splitc.plan_file import read_plan
+    from splitc.drivers.compiler import compile_model
+    from splitc.drivers.plan_file import read_plan
     from splitc.targets import load_link, load_targets
 
     if not targets and not plan_path:
@@ -134,8 +134,8 @@ def compile(source, targets, plan_path, plan_link, cut, link, output, samples, q
 def verify(bundle, json_path, junit_path, no_emulation):
     """Run every artifact of BUNDLE and compare with the torch reference; exit 10 on any mismatch."""
     from splitc.runtime.adaptive import is_variant_dir
-    from splitc.variants import verify_variants
-    from splitc.verify import verify_bundle
+    from splitc.drivers.variants import verify_variants
+    from splitc.drivers.verify import verify_bundle
 
     check_all = verify_variants if is_variant_dir(bundle) else verify_bundle  # a variant directory: every variant
     report = check_all(bundle, emulate=not no_emulation, log=lambda m: err_console.print(f"[dim]{escape(m)}[/dim]"))
@@ -302,7 +302,7 @@ def plan(source, targets, link, rate, utilisation, objective, max_latency, max_c
     from splitc.passes.cuts import CutAnalysis
     from splitc.passes.money import Workload
     from splitc.passes.planner import Constraints, plan_placements
-    from splitc.plan_file import parse_duration_ms, parse_rate, plan_document
+    from splitc.drivers.plan_file import parse_duration_ms, parse_rate, plan_document
     from splitc.targets import load_link, load_targets
 
     chain = load_targets(targets)
@@ -314,7 +314,7 @@ def plan(source, targets, link, rate, utilisation, objective, max_latency, max_c
     times = [compute_ms(analysis.order, t) for t in chain]
     sources: dict = {"latency": {t.name: "analytic" for t in chain}, "leakage": None, "quantize": quantize}
     for path in profiles:
-        from splitc.profile import Profile
+        from splitc.drivers.profile import Profile
 
         measured = Profile.load(path, model_sha256=graph.source_sha256)
         matches = [k for k, t in enumerate(chain) if t.name == measured.target]
@@ -335,7 +335,7 @@ def plan(source, targets, link, rate, utilisation, objective, max_latency, max_c
                               quantize_bits={"int8": 8, "int4": 4}.get(quantize)) for l in links]
     document = plan_document(graph, [s.strip() for s in targets.split(",")], workload, constraints, fronts, sources)
     if png:
-        from splitc.plot import plot_fronts
+        from splitc.drivers.plot import plot_fronts
 
         plot_fronts(fronts, png)
     if as_json:
@@ -385,7 +385,7 @@ def _pricing_note(tier) -> str:
 @_model_options
 def profile(source, target, rpc, segments, output, input_shapes, example_input, trust_pickle):
     """Measure SOURCE's segments on TARGET (this host, or a device over RPC) for the planner."""
-    from splitc.profile import check_profilable, profile_target
+    from splitc.drivers.profile import check_profilable, profile_target
     from splitc.targets import load_target
 
     target_obj = load_target(target)

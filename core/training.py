@@ -1,5 +1,5 @@
 """The one minibatch training loop the compiler's small learned pieces share: exit heads
-(passes/exits.py) and the audit's attack decoders (splitc/audit.py, splitc/audit_text.py)."""
+(passes/exits.py) and the audit's attack decoders (drivers/audit.py, drivers/audit_text.py)."""
 
 from __future__ import annotations
 

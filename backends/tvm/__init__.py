@@ -4,7 +4,7 @@ A target whose ISA differs from the build host (rpi4: aarch64) is cross-compiled
 cross compiler, and the same partition is also built for the host ISA (the "host twin") so checks
 can run here when the artifact itself cannot be executed or emulated.
 
-Tuning (backends/tuning.py): when the tuning database of the deploy target holds records for some of
+Tuning (backends/tvm/tuning.py): when the tuning database of the deploy target holds records for some of
 the partition's TIR functions, the deploy build applies them (with weight pre-packing if the records
 were tuned that way). Each task then runs its fastest measured code: a tuning run also records every
 task's untuned code, so a task whose schedules all lost keeps its untuned code. On a target this host
@@ -14,9 +14,9 @@ the device (tuned over RPC) or, labelled "host-tuned", from this host (`splitc t
 The artifact's options say how many tasks had a record, where the schedules came from ("schedules")
 and what was chosen. `SPLITC_TUNING=0` skips the database.
 
-Every build goes through the build cache (backends/build_cache.py): a module, target and TVM seen
+Every build goes through the build cache (backends/tvm/build_cache.py): a module, target and TVM seen
 before get their library copied back instead of rebuilt; the artifact's options say "hit" or "miss".
-A library that is built is built on all of this host's cores (backends/tvm_build.py), linking the
+A library that is built is built on all of this host's cores (backends/tvm/build.py), linking the
 kept object of every group of kernels built before (other weights, same kernels): the options'
 "kernel_objects" says how many.
 """
@@ -29,15 +29,15 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from splitc.backends import build_cache, tuning
+from splitc.backends.tvm import build_cache, tuning
 from splitc.backends.base import CompiledArtifact, CompiledPartition, op_name
-from splitc.backends.tvm_build import UNROLLED_STATEMENTS, build_library, cap_unrolling_in, codegen_target
+from splitc.backends.tvm.build import UNROLLED_STATEMENTS, build_library, cap_unrolling_in, codegen_target
 from splitc.passes.partition import Partition
 from splitc.runtime.executors import available_cpus, host_arch, target_threads, use_tvm_threads
-from splitc.runtime.manifest import ROLE_DEPLOY, ROLE_HOST_TWIN, RUNTIME_TVM
+from splitc.core.manifest import ROLE_DEPLOY, ROLE_HOST_TWIN, RUNTIME_TVM
 from torch import fx
 
-from splitc.errors import BackendError, ToolchainError, first_line
+from splitc.core.errors import BackendError, ToolchainError, first_line
 
 _HOST_TRIPLES = {"x86_64": "x86_64-linux-gnu", "aarch64": "aarch64-linux-gnu"}
 
@@ -220,7 +220,7 @@ def _time_library(path: Path, partition: Partition, target_json: dict, *, choosi
     import tvm
     from tvm import relax
 
-    from splitc.timing import time_callable
+    from splitc.core.timing import time_callable
 
     use_tvm_threads(target_threads(target_json) or available_cpus())
     vm = relax.VirtualMachine(tvm.runtime.load_module(str(path)), tvm.cpu())

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from splitc.errors import InputError
-from splitc.graph import ModelGraph
+from splitc.core.errors import InputError
+from splitc.core.graph import ModelGraph
 from splitc.passes.money import Workload
 from splitc.passes.planner import Constraints, PlanSet, active_tiers
 

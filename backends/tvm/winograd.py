@@ -37,7 +37,7 @@ import functools
 from dataclasses import dataclass
 from typing import Any
 
-from splitc.backends.cpu_schedule import float32_lanes, widest_dividing
+from splitc.backends.tvm.cpu_schedule import float32_lanes, widest_dividing
 
 TILES = (4, 2)          # output tile sizes tried, largest first: F(4x4, 3x3), F(2x2, 3x3)
 MIN_TILES = 49          # a batched product of fewer rows than this does not pay for the transforms
@@ -249,7 +249,7 @@ def rewrite_winograd(vector_bits: int | None):
     docstring). `vector_bits`: the target's natural vector width (the input transform's lanes)."""
     import tvm
     from tvm import relax
-    from splitc.backends.relax_rewrites import constant_array, rewrite_calls
+    from splitc.backends.tvm.relax_rewrites import constant_array, rewrite_calls
 
     @tvm.transform.module_pass(opt_level=0, name="splitc.WinogradConv2d")
     def rewrite_module(mod, _ctx):

@@ -18,7 +18,7 @@ function, or one where a schedule step does not apply, is left to MetaSchedule u
 
 from __future__ import annotations
 
-from splitc.backends.cpu_schedule import epilogue_per_tile, float32_lanes, fused_conv2d, widest_dividing
+from splitc.backends.tvm.cpu_schedule import epilogue_per_tile, float32_lanes, fused_conv2d, widest_dividing
 
 PIXELS_PER_TILE = 2      # output pixels along the row per tile (4 won on two layers, 2 on one, the rest even)
 VECTORS_PER_TILE = 2     # channel vectors per tile: 2 x 2 accumulators, plus the 9 weights, fit 16 registers

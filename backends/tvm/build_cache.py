@@ -12,7 +12,7 @@ cache. A cached library is only ever a copy of what the same inputs built before
     $SPLITC_CACHE/builds/<key>.o        # one group of a library's kernels, compiled (KernelObjects)
 
 A library's key covers its constants, so new weights miss it; its kernels do not depend on the
-weights, and the threaded build (backends/tvm_build.py) keeps the object of each group of kernels
+weights, and the threaded build (backends/tvm/build.py) keeps the object of each group of kernels
 it compiles under a key of the group's own: the same architecture with other weights, or a model
 that shares a group, links those objects instead of running LLVM on them again.
 
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from splitc.errors import InputError
+from splitc.core.errors import InputError
 
 BUILDS_SUBDIR = "builds"
 _FORMAT = 1  # bump when what goes into a key changes

@@ -1,7 +1,7 @@
 """CLI commands for split deployment: `splitc serve`, `splitc export-triton`, and the `--remote`
-path of `splitc run` (registered by splitc/cli.py):
+path of `splitc run` (registered by cli/__init__.py):
 
-    from splitc.cli_serve import serve, export_triton_command, remote_options, run_remote
+    from splitc.cli.serve import serve, export_triton_command, remote_options, run_remote
     cli.add_command(serve)
     cli.add_command(export_triton_command)       # named "export-triton"
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from splitc.errors import InputError
+from splitc.core.errors import InputError
 
 
 def read_token(token_file: str | None) -> str | None:
@@ -122,7 +122,7 @@ def _serve_apps(apps, host, port, token, drain_timeout) -> None:
 @click.option("--instances", default=1, show_default=True, type=click.IntRange(1, 64), help="Triton instance_group count.")
 def export_triton_command(bundle, output, partition, name, fmt, instances):
     """Write the cloud partition of BUNDLE as a Triton model repository (config.pbtxt + model)."""
-    from splitc.triton import export_triton
+    from splitc.drivers.triton import export_triton
 
     model_dir = export_triton(bundle, output, partition=partition, name=name, fmt=fmt, instances=instances)
     click.echo(f"wrote {model_dir} (tritonserver --model-repository {Path(output).resolve()})")

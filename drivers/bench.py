@@ -11,7 +11,7 @@ partition (the same exporter the ONNX backend uses). Without --model, only the c
 (and a bundled ONNX artifact) is timed.
 
 All three run on this host, with the same thread count, on the same input, each timed per call with
-`splitc.timing.time_callable` (numpy in, numpy out for the compiled artifact and ORT; torch tensors
+`splitc.core.timing.time_callable` (numpy in, numpy out for the compiled artifact and ORT; torch tensors
 for eager). Every output is also checked against the torch reference, so a fast wrong result shows.
 An artifact for another ISA is never timed: the host twin (same partition, this host's ISA) is
 timed instead and labelled so; it says nothing about the device.
@@ -30,16 +30,16 @@ from typing import Any
 
 import numpy as np
 
-from splitc.errors import BundleError, InputError, ToolchainError
+from splitc.core.errors import BundleError, InputError, ToolchainError
 from splitc.runtime.executors import available_cpus, can_run_here, host_arch, load_executor, tvm_threads
-from splitc.runtime.manifest import (
+from splitc.core.manifest import (
     ROLE_DEPLOY,
     ROLE_HOST_TWIN,
     ROLE_PORTABLE,
     RUNTIME_ONNXRUNTIME,
     PartitionSpec,
 )
-from splitc.timing import Timing, time_callable
+from splitc.core.timing import Timing, time_callable
 
 _QUIET_S = 0.5  # pause before timing each runtime (see bench_partition)
 
@@ -208,7 +208,7 @@ def _ort_runner(path: Path, threads: int):
 
 def _rebuild_partition(model: str | Path, manifest, index: int):
     """Partition `index` re-extracted from the model with the bundle's own cuts and targets."""
-    from splitc.errors import SplitcError
+    from splitc.core.errors import SplitcError
     from splitc.frontend import import_model
     from splitc.passes.cuts import CutAnalysis, resolve_cuts
     from splitc.passes.partition import assign_tiers, extract_partitions

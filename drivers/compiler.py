@@ -16,15 +16,15 @@ import torch
 
 import splitc
 from splitc.backends.base import check_support, get_backend
-from splitc.bundle import record_artifact, staged_directory, write_manifest
-from splitc.errors import CutError, InputError, PlanError, SplitcError
-from splitc.graph import ModelGraph
+from splitc.core.bundle import record_artifact, staged_directory, write_manifest
+from splitc.core.errors import CutError, InputError, PlanError, SplitcError
+from splitc.core.graph import ModelGraph
 from splitc.passes.cuts import Cut, CutAnalysis, auto_cuts, estimate, resolve_cuts
 from splitc.passes.exits import ExitPlan, classifier_output, plan_exits
 from splitc.passes.noise import DEFAULT_MAX_LEAKAGE, add_noise, choose_sigma, noise_trial
 from splitc.passes.partition import Partition, assign_tiers, extract_partitions
 from splitc.passes.quantize import agreement, quantize_cuts
-from splitc.runtime.manifest import (
+from splitc.core.manifest import (
     REFERENCE_NAME,
     ExitSpec,
     Manifest,

@@ -29,7 +29,7 @@ their batch size: samples are batched with torch.func.vmap (checked against a di
 first sample; a per-sample loop is the fallback).
 
 Limits: one floating-point model input (what is reconstructed); images are (..., H, W) with the leading
-dims taken as channels; SSIM needs H, W >= 3. Token-id inputs: splitc/audit_text.py (token recovery).
+dims taken as channels; SSIM needs H, W >= 3. Token-id inputs: drivers/audit_text.py (token recovery).
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from splitc.errors import CutError, InputError
-from splitc.graph import ModelGraph
+from splitc.core.errors import CutError, InputError
+from splitc.core.graph import ModelGraph
 from splitc.passes.cuts import Cut, CutAnalysis
 from splitc.passes.partition import assign_tiers, extract_partitions
 from splitc.passes.privacy import (
@@ -56,11 +56,11 @@ from splitc.passes.privacy import (
     _sample_indices,
     distance_correlation,
 )
-from splitc.runtime.manifest import TensorSpec
-from splitc.training import fit_minibatches
+from splitc.core.manifest import TensorSpec
+from splitc.core.training import fit_minibatches
 from splitc.targets import Target
 
-SCHEMA = "splitc.audit/1"
+SCHEMA = "splitc.drivers.audit/1"
 MIN_AUDIT_SAMPLES = 20          # 10 auxiliary + 10 held-out at least; meaningful figures need hundreds
 DEFAULT_DFIL_SIGMA = 0.1        # assumed noise std, relative to the sent tensor's std, when none is known
 CLASS_MEAN_NOTE = "class-mean floor uses labels an attacker may not have"

@@ -1,4 +1,4 @@
-"""Pieces shared by splitc's own CPU schedules (backends/winograd.py, depthwise.py, pointwise.py)."""
+"""Pieces shared by splitc's own CPU schedules (backends/tvm/winograd.py, depthwise.py, pointwise.py)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """`splitc compile --variants K`: the option and what it runs (registered on `compile` by
-splitc/cli.py with the `variants_option` decorator, so the compile command itself is unchanged
+cli/__init__.py with the `variants_option` decorator, so the compile command itself is unchanged
 when the option is absent)."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import click
 from rich.markup import escape
 from rich.table import Table
 
-from splitc.cli_common import _import, _mb, console
-from splitc.errors import InputError
+from splitc.cli.common import _import, _mb, console
+from splitc.core.errors import InputError
 
 
 def variants_option(func):
@@ -34,7 +34,7 @@ def compile_variants_command(k, *, source, targets, plan_path=None, cut="auto", 
                              quantize="none", noise=None, max_leakage=None, calib=None, exits=None, max_accuracy_drop=1.0,
                              input_shapes=(), example_input=None, trust_pickle=False, **_ignored):
     from splitc.targets import load_link, load_targets
-    from splitc.variants import check_count, compile_variants, describe
+    from splitc.drivers.variants import check_count, compile_variants, describe
 
     check_count(k)  # before the seconds an export takes
     if plan_path:

@@ -17,7 +17,7 @@ Only TVM's own steps are used (`relax.build`'s, taken apart at its joints: pipel
 generation, TIR build, link), so the result is what `tvm.compile(...).export_library(...)` gives.
 
 Each group's object file can be kept in a cache keyed by the group's content (`KernelObjects`,
-backends/build_cache.py): a module that shares them with one built before links the kept objects
+backends/tvm/build_cache.py): a module that shares them with one built before links the kept objects
 instead of lowering and code-generating again. The functions of a model do not depend on its
 weights (those are constants of the Relax module), so new weights for the same architecture and
 records rebuild no kernel: only the executable, which holds the constants, is linked again.
@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
-    from splitc.backends.build_cache import KernelObjects
+    from splitc.backends.tvm.build_cache import KernelObjects
 
 
 UNROLL_PRAGMA = "pragma_auto_unroll_max_step"   # MetaSchedule's loop annotation that TVM's UnrollLoop reads

@@ -9,7 +9,7 @@ every segment sums exactly to what was measured.
 What a profile measures:
   - on this host: one call of the loaded executor (`runtime.executors.load_executor`) on numpy
     inputs, as `splitc run` would make it: input/output copies between numpy and the backend
-    included, timed with `splitc.timing.time_callable`;
+    included, timed with `splitc.core.timing.time_callable`;
   - over RPC (TVM targets): the VM's `main` on tensors already on the device, timed on the device by
     TVM's `time_evaluator` (no network, no copies).
 Each segment's figure includes one call's fixed overhead, so a partition made of k segments is
@@ -33,14 +33,14 @@ from typing import Any, Callable
 
 import numpy as np
 
-from splitc.errors import BackendError, InputError, SplitcError, TargetError, ToolchainError, first_line
-from splitc.graph import TIER, ModelGraph
+from splitc.core.errors import BackendError, InputError, SplitcError, TargetError, ToolchainError, first_line
+from splitc.core.graph import TIER, ModelGraph
 from splitc.passes.cost_model import compute_ms
 from splitc.passes.cuts import CutAnalysis
 from splitc.runtime.executors import can_run_here, host_arch, load_executor, tensorrt_usable
-from splitc.runtime.manifest import ROLE_DEPLOY, Artifact, TensorSpec, sha256_file
+from splitc.core.manifest import ROLE_DEPLOY, Artifact, TensorSpec, sha256_file
 from splitc.targets import Target, load_target
-from splitc.timing import Timing, time_callable
+from splitc.core.timing import Timing, time_callable
 
 FORMAT = "splitc-profile"
 SCHEMA_VERSION = 1

@@ -1,6 +1,6 @@
 """Token-recovery audit: how many input tokens an attacker reads back from what a device sends.
 
-The text counterpart of the image audit in splitc/audit.py, for models whose input is token ids
+The text counterpart of the image audit in drivers/audit.py, for models whose input is token ids
 feeding an embedding (BERT-style encoders). `splitc audit` runs it instead of the image attacks when
 the model has such an input.
 
@@ -45,18 +45,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from splitc.audit import MIN_AUDIT_SAMPLES, DeviceSplit, Transform, _num, audit_threads
-from splitc.errors import CutError, InputError
-from splitc.graph import ModelGraph
+from splitc.drivers.audit import MIN_AUDIT_SAMPLES, DeviceSplit, Transform, _num, audit_threads
+from splitc.core.errors import CutError, InputError
+from splitc.core.graph import ModelGraph
 from splitc.passes.privacy import (
     Calibration,
     _check_calibration,
     _sample_indices,
     distance_correlation,
 )
-from splitc.training import fit_minibatches
+from splitc.core.training import fit_minibatches
 
-SCHEMA = "splitc.audit.tokens/1"
+SCHEMA = "splitc.drivers.audit.tokens/1"
 DECODER = "linear softmax over the candidate vocabulary (tokens of the auxiliary and held-out sentences)"
 DCOR_INPUT = "one-hot token ids, every position"
 
@@ -256,7 +256,7 @@ def token_recovery(graph: ModelGraph, cut_name: str, calibration: Calibration, *
     `special_ids`: token ids reported apart from the others (None: the tokens every calibration
     sentence starts / ends with). `split` and `clean` (from `sent_tensors`) let callers auditing
     several settings of one cut build the split and run the device part once. `threads`: torch
-    intra-op threads during the audit (splitc.audit.audit_threads; default 1, as token ids are small).
+    intra-op threads during the audit (splitc.drivers.audit.audit_threads; default 1, as token ids are small).
     """
     with audit_threads(graph, threads):
         return _token_recovery(graph, cut_name, calibration, transform, setting, seed, epochs, dcor_samples, special_ids,

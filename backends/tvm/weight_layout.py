@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from splitc.backends.tvm_build import child_statements
+from splitc.backends.tvm.build import child_statements
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from splitc.errors import SplitcError, first_line
+from splitc.core.errors import SplitcError, first_line
 from splitc.runtime.executors import can_run_here, load_executor
-from splitc.runtime.manifest import ROLE_DEPLOY, ROLE_HOST_TWIN, ROLE_PORTABLE, RUNTIME_TENSORRT, RUNTIME_TVM, Artifact, PartitionSpec
+from splitc.core.manifest import ROLE_DEPLOY, ROLE_HOST_TWIN, ROLE_PORTABLE, RUNTIME_TENSORRT, RUNTIME_TVM, Artifact, PartitionSpec
 from splitc.runtime.session import Bundle, softmax_max
 
 Batch = list[list[np.ndarray]]
@@ -70,14 +70,14 @@ class VerifyReport:
         suite = ET.SubElement(
             root,
             "testsuite",
-            name="splitc.verify",
+            name="splitc.drivers.verify",
             tests=str(len(self.checks)),
             failures=str(len(self.failures)),
             skipped=str(sum(c.status == "skip" for c in self.checks)),
             time=f"{self.seconds:.3f}",
         )
         for check in self.checks:
-            case = ET.SubElement(suite, "testcase", classname=f"splitc.verify.{Path(self.bundle).name}", name=check.name, time=f"{check.seconds:.3f}")
+            case = ET.SubElement(suite, "testcase", classname=f"splitc.drivers.verify.{Path(self.bundle).name}", name=check.name, time=f"{check.seconds:.3f}")
             detail = _describe(check)
             if check.status == "fail":
                 ET.SubElement(case, "failure", message=check.note or detail).text = detail

@@ -19,8 +19,8 @@ import click
 from rich.markup import escape
 from rich.table import Table
 
-from splitc.cli_common import _import, _model_options, console, err_console
-from splitc.errors import InputError
+from splitc.cli.common import _import, _model_options, console, err_console
+from splitc.core.errors import InputError
 
 _UNITS = {"s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
 _CACHE_DIR = click.option("--cache-dir", type=click.Path(file_okay=False), help="Cache root (default $SPLITC_CACHE or ~/.cache/splitc).")
@@ -57,9 +57,9 @@ def tune(source, targets, cut, link, budget, trials, trials_per_task, no_prepack
          input_shapes, example_input, trust_pickle):
     """Tune SOURCE's TVM partitions for TARGET with MetaSchedule, on this host or on the device
     (--rpc); records go to a tuning database that every later compile reuses."""
-    from splitc.backends import tuning
+    from splitc.backends.tvm import tuning
     from splitc.backends.base import get_backend
-    from splitc.compiler import plan_partitions
+    from splitc.drivers.compiler import plan_partitions
     from splitc.runtime.executors import host_arch
     from splitc.targets import load_link, load_targets
 
@@ -166,9 +166,9 @@ def build_tuned(partition) -> None:
     import tempfile
     import time
 
-    from splitc.backends import build_cache
+    from splitc.backends.tvm import build_cache
     from splitc.backends.base import get_backend
-    from splitc.errors import SplitcError
+    from splitc.core.errors import SplitcError
 
     start = time.perf_counter()
     try:
@@ -210,7 +210,7 @@ def _progress_bar(label: str):
 def bench(bundle, index, model, threads, repeats, json_path):
     """Time partition K of BUNDLE on this host beside ONNX Runtime and PyTorch eager running the
     same partition on the same input; print ratios."""
-    from splitc.bench import bench_partition
+    from splitc.drivers.bench import bench_partition
 
     report = bench_partition(bundle, index, model=model, threads=threads, repeats=repeats,
                              log=lambda m: err_console.print(f"[dim]{escape(m)}[/dim]"))
@@ -248,7 +248,7 @@ def tuning_group():
 @click.option("--json", "as_json", is_flag=True, help="Print the list as JSON.")
 def tuning_list(cache_dir, as_json):
     """The tuning databases in the cache: target key, where measured, workloads, records."""
-    from splitc.backends import tuning
+    from splitc.backends.tvm import tuning
 
     cache = Path(cache_dir) if cache_dir else None
     found = tuning.list_databases(cache)
@@ -279,7 +279,7 @@ def _origin_words(origin: dict) -> str:
 @_CACHE_DIR
 def tuning_export(output, keys, all_records, cache_dir):
     """Write the cache's tuning databases to an archive another machine can import."""
-    from splitc.backends import tuning
+    from splitc.backends.tvm import tuning
 
     exported = tuning.export_databases(Path(output), list(keys) or None, Path(cache_dir) if cache_dir else None,
                                        best=None if all_records else 1)
@@ -293,7 +293,7 @@ def tuning_export(output, keys, all_records, cache_dir):
 @_CACHE_DIR
 def tuning_import(archive, cache_dir):
     """Merge the databases of ARCHIVE (from `splitc tuning export`) into this cache."""
-    from splitc.backends import tuning
+    from splitc.backends.tvm import tuning
 
     for result in tuning.import_databases(Path(archive), Path(cache_dir) if cache_dir else None):
         console.print(f"{result.key}: {result.new_records} new record(s), {result.known_records} already here, "

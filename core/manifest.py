@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from splitc.errors import BundleError
+from splitc.core.errors import BundleError
 
 FORMAT = "splitc-bundle"
 SCHEMA_VERSION = 1

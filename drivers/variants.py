@@ -25,9 +25,9 @@ from typing import Any
 import numpy as np
 
 import splitc
-from splitc.bundle import staged_directory
-from splitc.errors import InputError, PlanError
-from splitc.graph import ModelGraph
+from splitc.core.bundle import staged_directory
+from splitc.core.errors import InputError, PlanError
+from splitc.core.graph import ModelGraph
 from splitc.passes.cost_model import compute_ms, transfer_ms
 from splitc.passes.cuts import CutAnalysis
 from splitc.passes.money import Workload
@@ -40,7 +40,7 @@ from splitc.runtime.adaptive import (
     served_bytes,
     variant_model_name,
 )
-from splitc.runtime.manifest import MANIFEST_NAME
+from splitc.core.manifest import MANIFEST_NAME
 from splitc.targets import Link, Target, load_links
 
 SWEEP_MBIT = (0.1, 200.0)       # uplink range swept: below cellular Cat-1 to fast Wi-Fi
@@ -160,7 +160,7 @@ def compile_variants(graph: ModelGraph, targets: Sequence[Target], out: Path, k:
     runtime assumes before it has measured one (its best variant is the index's default).
     `compile_options` go to compile_model (samples, examples, quantize, noise, calibration...).
     Returns the choice and one CompileResult per variant."""
-    from splitc.compiler import compile_model
+    from splitc.drivers.compiler import compile_model
 
     if compile_options.get("cut") not in (None, "auto"):
         raise InputError("--variants chooses the cuts itself; drop --cut")
@@ -242,7 +242,7 @@ def _first_remote(plan: Plan, manifest) -> int | None:
 def verify_variants(path: str | Path, **options):
     """verify_bundle on every variant; one report whose checks are named `v<i>: <check>`."""
     from splitc.runtime.adaptive import read_variants
-    from splitc.verify import VerifyReport, verify_bundle
+    from splitc.drivers.verify import VerifyReport, verify_bundle
 
     index = read_variants(path)
     combined = VerifyReport(str(path))

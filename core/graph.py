@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from splitc.runtime.manifest import TensorSpec
+from splitc.core.manifest import TensorSpec
 
 # node.meta keys owned by splitc (torch's own "val" holds the FakeTensor every key is derived from).
 SHAPE = "splitc_shape"                # tuple[int, ...] of the output tensor (None for non-tensors)
