@@ -1,8 +1,8 @@
-"""The backend interface and the one place that dispatches a target to its backend.
+"""The backend interface: what every backend takes and gives back.
 
 A backend compiles one partition for one target into files in a work directory and says what each
 file is (runtime id, role, ISA). Loading is the runtime's job (splitc.runtime.executors), so a device
-never imports a backend.
+never imports a backend. Which backends exist, and what each can do, is backends/registry.py.
 """
 
 from __future__ import annotations
@@ -10,13 +10,12 @@ from __future__ import annotations
 import operator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import torch.fx as fx
 
-from splitc.core.errors import TargetError, UnsupportedOperatorError
+from splitc.core.errors import UnsupportedOperatorError
 from splitc.passes.partition import Partition
-from splitc.targets import Target
 
 
 @dataclass
@@ -59,27 +58,3 @@ def check_support(partition: Partition, backend: Backend) -> None:
                 f"node {node.name} ({op_name(node)}) cannot run on target {partition.target.name}: "
                 f"the {backend.id} backend has no converter for it; move the cut so it lands on another target"
             )
-
-
-def _registry() -> dict[str, Callable[[], Backend]]:
-    # Imported lazily: each backend pulls in its compiler (TVM, onnx) only when used.
-    def tvm() -> Backend:
-        from splitc.backends.tvm import TVMBackend
-        return TVMBackend()
-
-    def onnxruntime() -> Backend:
-        from splitc.backends.onnx import OnnxRuntimeBackend
-        return OnnxRuntimeBackend()
-
-    def tensorrt() -> Backend:
-        from splitc.backends.tensorrt import TensorRTBackend
-        return TensorRTBackend()
-
-    return {"tvm": tvm, "onnxruntime": onnxruntime, "tensorrt": tensorrt}
-
-
-def get_backend(target: Target) -> Backend:
-    registry = _registry()
-    if target.backend not in registry:
-        raise TargetError(f"target {target.name} asks for backend {target.backend!r}; supported backends: {', '.join(registry)}")
-    return registry[target.backend]()

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from splitc.core.errors import ToolchainError  # re-exported: callers catch it from here too
+from splitc.core.manifest import RUNTIME_TVM, Artifact
 
 __all__ = [
     "Aarch64Toolchain",
@@ -164,6 +165,16 @@ class Aarch64Toolchain:
             }
         )
         return env
+
+
+# What the emulated toolchain can run: aarch64 artifacts of these runtimes.
+EMULATED_ARCH = "aarch64"
+EMULATED_RUNTIMES = frozenset({RUNTIME_TVM})
+
+
+def can_emulate(artifact: Artifact) -> bool:
+    """Whether `splitc verify` can run this artifact under qemu-user with the emulated toolchain."""
+    return artifact.arch == EMULATED_ARCH and artifact.runtime in EMULATED_RUNTIMES
 
 
 def default_cache_dir() -> Path:

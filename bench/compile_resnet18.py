@@ -35,6 +35,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from splitc.drivers.compiler import compile_model
+
+    from splitc.passes.contract import CompileOptions
     from splitc.frontend import import_model
     from splitc.targets import load_link, load_targets
     from splitc.drivers.verify import verify_bundle
@@ -51,8 +53,7 @@ def main() -> None:
         figures["gflops"] = round(graph.total_flops / 1e9, 3)
         figures["param_mb"] = round(graph.param_bytes / 1e6, 2)
 
-        result = compile_model(graph, load_targets(args.targets), work / "resnet18.splitc", cut=args.cut,
-                               link=load_link(args.link), samples=args.samples, log=lambda m: print(m, file=sys.stderr))
+        result = compile_model(graph, CompileOptions(load_targets(args.targets), cut=args.cut, link=load_link(args.link), samples=args.samples), work / "resnet18.splitc", log=lambda m: print(m, file=sys.stderr))
         figures["peak_rss_mb_through_compile"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         figures["compile_s"] = {k: round(v, 2) for k, v in result.seconds.items()}
         figures["cut"] = [c["after"] for c in result.manifest.plan["cuts"]]

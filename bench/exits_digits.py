@@ -28,6 +28,7 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for examples/
     from examples.digits import DigitsCNN, load_digits_arrays, train_classifier
     from splitc.drivers.compiler import compile_model
+    from splitc.passes.contract import CompileData, CompileOptions
     from splitc.frontend import import_model
     from splitc.runtime import Bundle, SplitSession
     from splitc.targets import load_link, load_targets
@@ -44,9 +45,7 @@ def main() -> None:
         _, graph = import_model(save_pt2(model, (torch.from_numpy(images[:1]),), Path(tmp) / "digits.pt2"))
         for drop in (float(d) for d in args.drops.split(",")):
             tick = time.perf_counter()
-            result = compile_model(graph, load_targets("x86,cloud-cpu"), Path(tmp) / f"d{drop}.splitc", cut="relu_1",
-                                   link=load_link("4g"), calibration=samples, labels=labels[calib], exits="relu,relu_1",
-                                   max_accuracy_drop=drop)
+            result = compile_model(graph, CompileOptions(load_targets("x86,cloud-cpu"), cut="relu_1", link=load_link("4g"), exits="relu,relu_1", max_accuracy_drop=drop), Path(tmp) / f"d{drop}.splitc", data=CompileData(calibration=samples, labels=labels[calib]))
             seconds = time.perf_counter() - tick
             session = SplitSession(Bundle.open(result.bundle))
             name = session.manifest.outputs[0].name

@@ -35,7 +35,6 @@ so the plain mean over requests favours whoever is fast where it is already fast
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import shutil
@@ -341,13 +340,14 @@ class Builder:
 
         from splitc.drivers.compiler import compile_model
 
+        from splitc.passes.contract import CompileOptions
+
         out = self.work / f"{name}.splitc"
         if (out / "manifest.json").exists():
             return out
         tick = time.perf_counter()
         log(f"compiling {out.name} ...")
-        compile_model(self.graph, [load_target(str(t)) for t in targets], out, cut=cut if cut is not None else "auto",
-                      link=link or load_link("4g"), samples=2, quantize=quantize)
+        compile_model(self.graph, CompileOptions([load_target(str(t)) for t in targets], cut=cut if cut is not None else "auto", link=link or load_link("4g"), samples=2, quantize=quantize), out)
         log(f"  {out.name} compiled in {time.perf_counter() - tick:.0f} s")
         return out
 
@@ -854,13 +854,12 @@ def add_adaptive(builder: Builder, modes: list[Mode], targets: list[Path], phase
 
     out = builder.work / f"variants-k{args.variants}{'-' + quantize if quantize else ''}-{average.mbit_s:.3g}mbit-{average.rtt_ms:.3g}ms"
     if not (out / "variants.json").exists():
-        params = inspect.signature(variants_mod.compile_variants).parameters
-        kwargs = {"link": average, "log": log, "samples": 2}
-        if "quantize" in params and quantize:
-            kwargs["quantize"] = quantize
+        from splitc.passes.contract import CompileOptions
+
+        options = CompileOptions([load_target(str(t)) for t in targets], average, samples=2, quantize=quantize or None)
         tick = time.perf_counter()
         log(f"compiling {args.variants} variants into {out.name} ...")
-        variants_mod.compile_variants(builder.graph, [load_target(str(t)) for t in targets], out, args.variants, **kwargs)
+        variants_mod.compile_variants(builder.graph, options, out, args.variants, log=log)
         log(f"  variants compiled in {time.perf_counter() - tick:.0f} s")
     modes.append(Mode("adaptive", "adaptive", out, note="AdaptiveSession over the variant directory", static=False))
     return None

@@ -31,6 +31,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from splitc.drivers.compiler import compile_model
+
+    from splitc.passes.contract import CompileOptions
     from splitc.frontend import import_model
     from splitc.passes.cuts import CutAnalysis
     from splitc.passes.money import Workload
@@ -57,7 +59,7 @@ def main() -> None:
         profiled = plan_placements(analysis, chain, link, Workload(10), node_ms=measured_ms)
         plan = profiled.plans[profiled.chosen]
         active, cuts = active_tiers(plan.placement, plan.cuts)
-        result = compile_model(graph, [chain[k] for k in active], work / f"{name}.splitc", cut=cuts or "auto", link=link, samples=1)
+        result = compile_model(graph, CompileOptions([chain[k] for k in active], cut=cuts or "auto", link=link, samples=1), work / f"{name}.splitc")
         session = SplitSession(Bundle.open(result.bundle))
         env = session.bind_inputs({graph.inputs[0].name: x.numpy()})
         partition_ms = []

@@ -65,6 +65,8 @@ def build(root: Path, model_name: str) -> tuple[Path, Path]:
     from torch import nn
 
     from splitc.drivers.compiler import compile_model
+
+    from splitc.passes.contract import CompileOptions
     from splitc.drivers.variants import compile_variants
 
     torch.manual_seed(0)
@@ -79,11 +81,11 @@ def build(root: Path, model_name: str) -> tuple[Path, Path]:
     torch.export.save(torch.export.export(model, (x,)), root / f"{model_name}.pt2")
     _, graph = import_model(root / f"{model_name}.pt2")
     split = root / f"{model_name}.splitc"
-    compile_model(graph, load_targets("x86,cloud-cpu"), split, cut=cut, link=load_link("wifi"), samples=1)
+    compile_model(graph, CompileOptions(load_targets("x86,cloud-cpu"), cut=cut, link=load_link("wifi"), samples=1), split)
     (root / "slow-x86.toml").write_text(SLOW_DEVICE)
     variants = root / f"{model_name}.variants"
-    compile_variants(graph, [load_target(str(root / "slow-x86.toml")), load_target("cloud-cpu")], variants, 2,
-                     link=load_link("wifi"), samples=1)
+    compile_variants(graph, CompileOptions([load_target(str(root / "slow-x86.toml")), load_target("cloud-cpu")], load_link("wifi"),
+                                           samples=1), variants, 2)
     return split, variants
 
 

@@ -6,21 +6,22 @@ import sys
 import warnings
 
 import click
+import numpy as np
 from rich.console import Console
 from rich.markup import escape
 
-from splitc.core.errors import SplitcError
+from splitc.core.errors import InputError, SplitcError
 
 # Wide enough for the tables when output goes to a CI log rather than a terminal.
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
 
 
-def _mb(nbytes: float) -> str:
+def mb(nbytes: float) -> str:
     return f"{nbytes / 1e6:.3f} MB" if nbytes >= 1e4 else f"{int(nbytes)} B"
 
 
-def _model_options(func):
+def model_options(func):
     func = click.option("--trust-pickle", is_flag=True, help="Allow loading a pickled nn.Module (.pt/.pth). Unpickling runs code.")(func)
     func = click.option("--example-input", type=click.Path(dir_okay=False), help="Inputs as .npy (one) or .npz (several, in order).")(func)
     func = click.option("--input-shape", "input_shapes", multiple=True, metavar="SHAPE[:DTYPE]",
@@ -28,7 +29,7 @@ def _model_options(func):
     return func
 
 
-def _import(source, input_shapes, example_input, trust_pickle):
+def import_source(source, input_shapes, example_input, trust_pickle):
     from splitc.frontend import import_model
 
     with console.status(f"exporting {source}"):
@@ -51,3 +52,65 @@ def run_command(command: click.Command, argv: list[str] | None, prog_name: str) 
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
+
+
+def calibration_samples(path, graph):
+    """Calibration data as per-sample input tuples (torch) and labels (or None), checked against the model."""
+    import torch
+
+    from splitc.passes.privacy import load_calibration
+
+    data = load_calibration(path, graph)
+    return [tuple(torch.from_numpy(np.ascontiguousarray(x[i])) for x in data.inputs) for i in range(len(data))], data.labels
+
+
+def read_inputs(specs, names) -> dict[str, np.ndarray]:
+    """`--input` values: FILE (.npy in model-input order, or one .npz) or NAME=FILE."""
+    from splitc.runtime.arrays import read_arrays
+
+    feed: dict[str, np.ndarray] = {}
+    for position, spec in enumerate(specs):
+        name, _, path = spec.rpartition("=") if "=" in spec else ("", "", spec)
+        arrays = read_arrays(path)
+        if arrays[0][0] is None:  # a .npy: one tensor
+            if not name:
+                if position >= len(names):
+                    raise InputError(f"got more inputs than the model's {len(names)} ({', '.join(names)})")
+                name = names[position]
+            feed[name] = arrays[0][1]
+        else:  # a .npz: by key when the keys are input names, else in stored order
+            keys = [k for k, _ in arrays]
+            feed.update(dict(arrays) if set(keys) <= set(names) else dict(zip(names, (a for _, a in arrays))))
+    return feed
+
+
+
+
+# The options several commands share, defined once: the same name, short flag, default and parsing
+# everywhere; each command says in its own help what the option means there.
+LINK_HELP = "a preset (cat1, 3g, 4g, wifi) or BANDWIDTHmbit:RTTms such as 20mbit:30ms"
+
+
+def targets_option(help: str = "Comma-separated target chain, first tier first: rpi4,a100 (names or .toml paths).",
+                   required: bool = False):
+    return click.option("--targets", "-t", required=required, help=help)
+
+
+def link_option(help: str = f"Link for --cut auto: {LINK_HELP}."):
+    return click.option("--link", default="4g", show_default=True, help=help)
+
+
+def cut_option(help: str = "'auto', or one node name / module path per boundary: layer2,layer4."):
+    return click.option("--cut", default="auto", show_default=True, help=help)
+
+
+def calib_option(help: str = "Calibration data: an .npz (inputs, labels as y) or package.module:callable.", required: bool = False):
+    return click.option("--calib", required=required, help=help)
+
+
+def json_report_option(help: str = "Write the report as JSON ('-' for stdout)."):
+    return click.option("--json", "json_path", type=click.Path(dir_okay=False), help=help)
+
+
+def json_flag_option(help: str = "Print JSON instead of tables."):
+    return click.option("--json", "as_json", is_flag=True, help=help)

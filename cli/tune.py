@@ -19,7 +19,7 @@ import click
 from rich.markup import escape
 from rich.table import Table
 
-from splitc.cli.common import _import, _model_options, console, err_console
+from splitc.cli.common import console, cut_option, err_console, import_source, json_flag_option, json_report_option, link_option, model_options
 from splitc.core.errors import InputError
 
 _UNITS = {"s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
@@ -38,8 +38,8 @@ def parse_budget(text: str) -> float:
 @click.argument("source")
 @click.option("--target", "--targets", "-t", "targets", required=True,
               help="Target, or the chain the bundle will use (rpi4,a100): tunes the TVM partitions of that plan.")
-@click.option("--cut", default="auto", show_default=True, help="As for compile: 'auto' or one node per boundary.")
-@click.option("--link", default="4g", show_default=True, help="Link for --cut auto.")
+@cut_option("As for compile: 'auto' or one node per boundary.")
+@link_option()
 @click.option("--budget", help="Wall-clock budget for tuning: 10m, 90s, 1h. Ctrl-C stops early and keeps finished records.")
 @click.option("--trials", type=click.IntRange(1), help="Trial budget (MetaSchedule measurements), alone or with --budget.")
 @click.option("--trials-per-task", default=256, show_default=True, type=click.IntRange(1))
@@ -52,13 +52,13 @@ def parse_budget(text: str) -> float:
 @click.option("--no-build", is_flag=True,
               help="Skip the closing build of each partition tuned here (its latency with the records, kept for the next compile).")
 @_CACHE_DIR
-@_model_options
+@model_options
 def tune(source, targets, cut, link, budget, trials, trials_per_task, no_prepack, rpc, rpc_key, from_host, no_build, cache_dir,
          input_shapes, example_input, trust_pickle):
     """Tune SOURCE's TVM partitions for TARGET with MetaSchedule, on this host or on the device
     (--rpc); records go to a tuning database that every later compile reuses."""
     from splitc.backends.tvm import tuning
-    from splitc.backends.base import get_backend
+    from splitc.backends.registry import get_backend, target_backend
     from splitc.drivers.compiler import plan_partitions
     from splitc.runtime.executors import host_arch
     from splitc.targets import load_link, load_targets
@@ -72,14 +72,15 @@ def tune(source, targets, cut, link, budget, trials, trials_per_task, no_prepack
     seconds = parse_budget(budget) if budget else None
     endpoint = tuning.parse_rpc(rpc, rpc_key) if rpc else None
     chain = load_targets(targets)
-    _, graph = _import(source, input_shapes, example_input, trust_pickle)
+    _, graph = import_source(source, input_shapes, example_input, trust_pickle)
     partitions = plan_partitions(graph, chain, cut, load_link(link))
     jobs = []  # (partition, how): "here", "rpc" or "from-host"
     # --rpc names one device: it tunes the partitions of another ISA, or, when every TVM partition is
     # of this host's ISA, those (a remote machine like this one).
-    foreign = any(p.target.backend == "tvm" and p.nodes and p.target.arch != host_arch() for p in partitions)
+    tunable = {p.index: target_backend(p.target).tunable for p in partitions}
+    foreign = any(tunable[p.index] and p.nodes and p.target.arch != host_arch() for p in partitions)
     for p in partitions:
-        if p.target.backend != "tvm":
+        if not tunable[p.index]:
             console.print(f"[dim]partition {p.index} ({p.target.name}): {p.target.backend} backend, nothing to tune[/dim]")
         elif not p.nodes:
             console.print(f"[dim]partition {p.index} ({p.target.name}): empty[/dim]")
@@ -167,7 +168,7 @@ def build_tuned(partition) -> None:
     import time
 
     from splitc.backends.tvm import build_cache
-    from splitc.backends.base import get_backend
+    from splitc.backends.registry import get_backend
     from splitc.core.errors import SplitcError
 
     start = time.perf_counter()
@@ -206,7 +207,7 @@ def _progress_bar(label: str):
 @click.option("--model", type=click.Path(dir_okay=False), help="The model the bundle was compiled from (.pt2), for the ORT and torch baselines.")
 @click.option("--threads", type=click.IntRange(1), help="Threads for every runtime (default: the TVM target's num-cores, else this host's CPUs).")
 @click.option("--repeats", default=30, show_default=True, type=click.IntRange(1))
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the report as JSON ('-' for stdout).")
+@json_report_option()
 def bench(bundle, index, model, threads, repeats, json_path):
     """Time partition K of BUNDLE on this host beside ONNX Runtime and PyTorch eager running the
     same partition on the same input; print ratios."""
@@ -245,7 +246,7 @@ def tuning_group():
 
 @tuning_group.command("list")
 @_CACHE_DIR
-@click.option("--json", "as_json", is_flag=True, help="Print the list as JSON.")
+@json_flag_option("Print the list as JSON.")
 def tuning_list(cache_dir, as_json):
     """The tuning databases in the cache: target key, where measured, workloads, records."""
     from splitc.backends.tvm import tuning

@@ -1,42 +1,22 @@
-"""`splitc compile --variants K`: the option and what it runs (registered on `compile` by
-cli/__init__.py with the `variants_option` decorator, so the compile command itself is unchanged
-when the option is absent)."""
+"""`splitc compile --variants K`: what the compile command runs instead when K is given, with the
+same CompileOptions it built."""
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
-import click
 from rich.markup import escape
 from rich.table import Table
 
-from splitc.cli.common import _import, _mb, console
+from splitc.cli.common import console, mb
 from splitc.core.errors import InputError
 
 
-def variants_option(func):
-    """Adds --variants K to a compile command; with it, the command compiles K variants instead."""
+def check_variant_request(k, *, targets, plan_path, cut, exits) -> None:
+    """Refuse what --variants cannot take, before the model is exported."""
+    from splitc.drivers.variants import check_count
 
-    @functools.wraps(func)
-    def wrapper(*args, variant_count=None, **kwargs):
-        if variant_count is None:
-            return func(*args, **kwargs)
-        return compile_variants_command(variant_count, **kwargs)
-
-    return click.option(
-        "--variants", "variant_count", type=int, metavar="K",
-        help="Compile the K placements that win across link conditions (device-only and cloud-only included) "
-             "into one directory, for the adaptive runtime (`splitc run --remote` switches between them).")(wrapper)
-
-
-def compile_variants_command(k, *, source, targets, plan_path=None, cut="auto", link="4g", output=None, samples=4,
-                             quantize="none", noise=None, max_leakage=None, calib=None, exits=None, max_accuracy_drop=1.0,
-                             input_shapes=(), example_input=None, trust_pickle=False, **_ignored):
-    from splitc.targets import load_link, load_targets
-    from splitc.drivers.variants import check_count, compile_variants, describe
-
-    check_count(k)  # before the seconds an export takes
+    check_count(k)
     if plan_path:
         raise InputError("--variants chooses its own placements; drop --plan (or drop --variants)")
     if cut not in (None, "auto"):
@@ -46,21 +26,14 @@ def compile_variants_command(k, *, source, targets, plan_path=None, cut="auto", 
     if exits:
         # Exit heads sit at cuts, and device-only and cloud-only variants have none.
         raise InputError("--variants does not take --exits yet; compile the variants without exit heads, or drop --variants")
-    target_list = load_targets(targets)
-    link_obj = load_link(link)
-    loaded, graph = _import(source, input_shapes, example_input, trust_pickle)
-    options = {}
-    if calib:
-        from splitc.cli import _calibration_samples
 
-        calibration, labels = _calibration_samples(calib, graph)
-        options.update(calibration=calibration, labels=labels)
-    if noise == "auto":
-        options.update(max_leakage=max_leakage)
-    out = Path(output or f"{graph.name}.variants")
-    choice, results = compile_variants(graph, target_list, out, k, link=link_obj, samples=samples, examples=loaded.example_inputs,
-                                       quantize=quantize, noise=noise, log=lambda m: console.print(f"[dim]{escape(m)}[/dim]"),
-                                       **options)
+
+def compile_variants_command(graph, options, data, k: int, out: Path, log) -> None:
+    """Compile and print K variants with the compile command's own options (every one of them)."""
+    from splitc.drivers.variants import compile_variants, describe
+
+    link_obj = options.link
+    choice, results = compile_variants(graph, options, out, k, data=data, log=log)
     table = Table(title=f"{out} — {len(results)} variant(s) of {graph.name}; the runtime starts with v{choice.default} (best on {link_obj.name})")
     for column in ("variant", "placement", "cuts after", "sends", "planned ms on " + link_obj.name, "best on"):
         table.add_column(column)
@@ -70,7 +43,7 @@ def compile_variants_command(k, *, source, targets, plan_path=None, cut="auto", 
         sent = plan.transfers[0]["bytes"] if plan.transfers else 0
         on_link = choice.latency[i][choice.links.index(link_obj)] if link_obj in choice.links else float("nan")
         table.add_row(f"v{i}", parts, ", ".join(result.manifest.plan["cuts"][j]["after"] for j in range(len(result.manifest.plan["cuts"]))) or "-",
-                      _mb(sent) if sent else "nothing", f"{on_link:.2f}",
+                      mb(sent) if sent else "nothing", f"{on_link:.2f}",
                       f"{wins['share']:.0%} of links" + (f" ({', '.join(wins['links'])})" if wins["links"] else ""))
     console.print(table)
     for line in describe(choice)[len(choice.plans):]:

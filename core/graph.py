@@ -6,6 +6,7 @@ constants below and nothing else: passes never scatter string literals through `
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -83,3 +84,36 @@ def returning(module: fx.GraphModule, names) -> fx.GraphModule:
     output.args = (returned[:1] + tuple(by_name[n] for n in names),)
     module.recompile()
     return module
+
+
+def sample_inputs(graph: ModelGraph, count: int, examples: Sequence[torch.Tensor] | None = None, seed: int = 0) -> list[tuple[torch.Tensor, ...]]:
+    """Reference inputs: the user's example first, then seeded random ones.
+
+    Integer inputs that feed an embedding are drawn below that table's size (token ids); other
+    integer inputs are drawn from {0, 1} (masks, segment ids).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    bounds = integer_input_bounds(graph)
+    samples = []
+    if examples is not None:
+        samples.append(tuple(examples))
+    while len(samples) < count:
+        sample = []
+        for spec in graph.inputs:
+            dtype = getattr(torch, spec.dtype) if spec.dtype != "bool" else torch.bool
+            if dtype.is_floating_point:
+                sample.append(torch.randn(spec.shape, generator=generator).to(dtype))
+            else:
+                sample.append(torch.randint(0, bounds.get(spec.name, 2), spec.shape, generator=generator).to(dtype))
+        samples.append(tuple(sample))
+    return samples
+
+
+def integer_input_bounds(graph: ModelGraph) -> dict[str, int]:
+    bounds = {}
+    for node in graph.module.graph.nodes:
+        if node.op == "call_function" and "embedding" in str(node.target) and len(node.args) > 1:
+            weight, indices = node.args[0], node.args[1]
+            if indices.op == "placeholder" and hasattr(weight, "meta") and "val" in weight.meta:
+                bounds[indices.name] = int(weight.meta["val"].shape[0])
+    return bounds

@@ -37,7 +37,7 @@ from splitc.core.errors import BackendError, InputError, SplitcError, TargetErro
 from splitc.core.graph import TIER, ModelGraph
 from splitc.passes.cost_model import compute_ms
 from splitc.passes.cuts import CutAnalysis
-from splitc.runtime.executors import can_run_here, host_arch, load_executor, tensorrt_usable
+from splitc.runtime.executors import can_run_here, host_arch, load_executor
 from splitc.core.manifest import ROLE_DEPLOY, Artifact, TensorSpec, sha256_file
 from splitc.targets import Target, load_target
 from splitc.core.timing import Timing, time_callable
@@ -261,21 +261,23 @@ def host_description() -> str:
 
 def check_profilable(target: Target, rpc: str | None) -> None:
     """Refuse, with what to do instead, a target whose timings this host cannot produce."""
-    if target.backend == "tensorrt":
-        if rpc:
-            raise TargetError(f"--rpc times TVM modules only; target {target.name} compiles with TensorRT: profile it on the GPU host without --rpc")
-        if not tensorrt_usable():
-            raise TargetError(
-                f"target {target.name} runs TensorRT engines, which cannot be built or run on this host (no TensorRT with a CUDA GPU); "
-                "profile it on the GPU host"
-            )
+    from splitc.backends.registry import backend_records, target_backend
+
+    backend = target_backend(target)
+    if rpc and not backend.rpc:
+        remote = ", ".join(r.id for r in backend_records() if r.rpc)
+        raise TargetError(f"--rpc times {remote} modules only; target {target.name} uses {backend.id}: "
+                          f"run `splitc profile` on a host of that target instead")
+    if not rpc and not backend.usable_here():
+        raise TargetError(
+            f"target {target.name} runs {backend.runtime} artifacts ({backend.description}), which cannot be built or run on this host; "
+            + ("profile it on the GPU host" if backend.runtime_record.gpu else "profile it on a host that has that runtime")
+        )
     if rpc:
-        if target.backend != "tvm":
-            raise TargetError(f"--rpc times TVM modules only; target {target.name} uses {target.backend}: run `splitc profile` on a host of that target instead")
         _parse_rpc(rpc)
         return
     if target.arch != host_arch():
-        if target.backend == "tvm":
+        if backend.rpc:
             raise TargetError(
                 f"target {target.name} is {target.arch} and this host is {host_arch()}: timings on this host or under emulation say nothing "
                 f"about a {target.description or target.name}; pass --rpc HOST:PORT of a device running `python -m tvm.exec.rpc_server`"
@@ -313,7 +315,8 @@ def profile_target(
     partitions = _segment_partitions(graph, analysis, bounds, target)
     estimates = compute_ms(analysis.order, target)
 
-    from splitc.backends.base import check_support, get_backend  # imports torch / the compiler lazily
+    from splitc.backends.base import check_support  # imports torch / the compiler lazily
+    from splitc.backends.registry import get_backend
 
     backend = get_backend(target)
     for partition in partitions:

@@ -17,6 +17,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from splitc.backends.registry import backend_record
 from splitc.core.errors import BundleError, InputError
 from splitc.core.manifest import (
     ROLE_DEPLOY,
@@ -128,7 +129,8 @@ def export_triton(bundle_path: str | Path, out: str | Path, *, partition: int | 
     if not use_engine:
         _check_onnx_names(source, spec, manifest.outputs)
     platform, filename = ("tensorrt_plan", "model.plan") if use_engine else ("onnxruntime_onnx", "model.onnx")
-    kind = "KIND_GPU" if use_engine or spec.backend == "tensorrt" else "KIND_CPU"
+    # A partition compiled for a GPU backend stays on the GPU even while its engine is deferred.
+    kind = "KIND_GPU" if use_engine or backend_record(spec.backend).runtime_record.gpu else "KIND_CPU"
     text = config_pbtxt(model, platform, spec, manifest.outputs, str(manifest.model.get("sha256", "")), kind, instances)
 
     root = Path(out)

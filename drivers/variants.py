@@ -2,7 +2,7 @@
 best one over a sweep of link conditions, and compile each into one variant directory.
 
     choice = choose_variants(graph, targets, 3, default_link=load_link("4g"))
-    compile_variants(graph, targets, Path("m.variants"), 3, link=load_link("4g"))
+    compile_variants(graph, CompileOptions(targets, load_link("4g")), Path("m.variants"), 3)
 
 The sweep crosses log-spaced uplink bandwidths with a few round-trip times, plus the presets of
 targets/links.toml. At each link the planner (passes/planner.py) gives its Pareto front; every plan
@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from splitc.core.bundle import staged_directory
 from splitc.core.errors import InputError, PlanError
 from splitc.core.graph import ModelGraph
 from splitc.passes.cost_model import compute_ms, transfer_ms
+from splitc.passes.contract import CompileData, CompileOptions
 from splitc.passes.cuts import CutAnalysis
 from splitc.passes.money import Workload
 from splitc.passes.planner import Plan, active_tiers, plan_placements
@@ -151,24 +152,22 @@ def check_count(k: Any) -> int:
     return int(k)
 
 
-def compile_variants(graph: ModelGraph, targets: Sequence[Target], out: Path, k: int, *, link: Link,
+def compile_variants(graph: ModelGraph, options: CompileOptions, out: Path, k: int, *, data: CompileData | None = None,
                      log: Callable[[str], None] = lambda _: None, links: Sequence[Link] | None = None,
-                     workload: Workload = DEFAULT_WORKLOAD, node_ms: Sequence[np.ndarray] | None = None,
-                     quantize: str | None = None, **compile_options) -> tuple[VariantChoice, list]:
-    """Choose up to `k` placements (see choose_variants) and compile each as bundle v<i>/ of one
-    directory written atomically, with variants.json indexing them. `link` is the link the
-    runtime assumes before it has measured one (its best variant is the index's default).
-    `compile_options` go to compile_model (samples, examples, quantize, noise, calibration...).
-    Returns the choice and one CompileResult per variant."""
+                     workload: Workload = DEFAULT_WORKLOAD, node_ms: Sequence[np.ndarray] | None = None) -> tuple[VariantChoice, list]:
+    """Choose up to `k` placements over `options.targets` (see choose_variants) and compile each,
+    with the same options otherwise, as bundle v<i>/ of one directory written atomically, with
+    variants.json indexing them. `options.link` is the link the runtime assumes before it has
+    measured one (its best variant is the index's default). Returns the choice and one
+    CompileResult per variant."""
     from splitc.drivers.compiler import compile_model
 
-    if compile_options.get("cut") not in (None, "auto"):
+    if options.cut != "auto":
         raise InputError("--variants chooses the cuts itself; drop --cut")
-    compile_options.pop("cut", None)
-    compile_options["quantize"] = quantize
+    targets, link, quantize = options.targets, options.link, options.quantize
     choice = choose_variants(graph, targets, k, links=links, default_link=link, workload=workload, node_ms=node_ms,
                              quantize_bits={"int8": 8, "int4": 4}.get(quantize or ""),
-                             device_first=bool(compile_options.get("noise")))
+                             device_first=bool(options.noise))
     if len(choice.plans) < k:
         log(f"only {len(choice.plans)} distinct placement(s) win anywhere in the sweep; compiling {len(choice.plans)}, not {k}")
     model = str(graph.name)
@@ -186,8 +185,10 @@ def compile_variants(graph: ModelGraph, targets: Sequence[Target], out: Path, k:
             log(f"variant v{i}: {where}" + (f", cut after {', '.join(cuts)}" if cuts else "") +
                 f" (best on {choice.wins[i]['share']:.0%} of the sweep)")
             record = {"link": {"name": link.name, "mbit_s": link.mbit_s, "rtt_ms": link.rtt_ms}, **plan.to_json(), "variant": i}
-            result = compile_model(graph, chain, staging / f"v{i}", cut=cuts or "auto", link=link, plan_record=record,
-                                   log=log, **compile_options)
+            variant = replace(options, targets=tuple(chain), cut=cuts or "auto", plan_record=record)
+            if not cuts:  # nothing leaves this tier: there is nothing to noise or quantize
+                variant = replace(variant, noise=None, quantize=None)
+            result = compile_model(graph, variant, staging / f"v{i}", data=data, log=log)
             results.append(result)
             manifest = result.manifest
             first_remote = _first_remote(plan, manifest)

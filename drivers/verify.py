@@ -22,8 +22,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from splitc.core.errors import SplitcError, first_line
-from splitc.runtime.executors import can_run_here, load_executor
-from splitc.core.manifest import ROLE_DEPLOY, ROLE_HOST_TWIN, ROLE_PORTABLE, RUNTIME_TENSORRT, RUNTIME_TVM, Artifact, PartitionSpec
+from splitc.runtime.executors import can_run_here, load_executor, runtime_record
+from splitc.core.manifest import ROLE_DEPLOY, ROLE_HOST_TWIN, ROLE_PORTABLE, Artifact, PartitionSpec
 from splitc.runtime.session import Bundle, softmax_max
 
 Batch = list[list[np.ndarray]]
@@ -109,13 +109,13 @@ def choose_runner(bundle: Bundle, partition: PartitionSpec, *, emulate: bool = T
     rtol = float(verify_cfg.get("rtol", 1e-4))
     deploy = partition.artifact(ROLE_DEPLOY)
     if deploy is not None and can_run_here(deploy):
-        if deploy.runtime == RUNTIME_TENSORRT:
+        if runtime_record(deploy.runtime).gpu:  # a GPU engine's kernels differ more from torch's
             rtol = float(verify_cfg.get("engine_rtol", rtol))
         return Runner(_native(bundle, deploy), "native", deploy, rtol)
     reason = ""
-    if deploy is not None and deploy.runtime == RUNTIME_TVM and deploy.arch == "aarch64":
-        from splitc.backends.emulation import find_aarch64_toolchain
+    from splitc.backends.emulation import can_emulate, find_aarch64_toolchain
 
+    if deploy is not None and can_emulate(deploy):
         toolchain = find_aarch64_toolchain() if emulate else None
         if toolchain is not None:
             return Runner(_emulated(bundle, deploy, toolchain), "emulated", deploy, rtol, "aarch64 library run under qemu-user")

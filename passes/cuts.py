@@ -45,6 +45,7 @@ class CutAnalysis:
         self.graph = graph
         self.order: list[fx.Node] = placed_nodes(graph.module)
         self.index = {n: i for i, n in enumerate(self.order)}
+        self.by_name = {n.name: i for i, n in enumerate(self.order)}
         n = len(self.order)
         # last_use[i]: position of the last reader of node i; model outputs are read "after the end".
         self.last_use = np.full(n, -1, dtype=np.int64)
@@ -113,14 +114,19 @@ class CutAnalysis:
     def candidates(self) -> list[Cut]:
         return [self.cut(int(p)) for p in self.valid_positions()]
 
+    def position_of(self, node_name: str) -> int:
+        """Position of the node called `node_name` (an exact node name, as a pass returns it)."""
+        if node_name not in self.by_name:
+            raise CutError(f"no node {node_name!r} in {self.graph.name} to cut after")
+        return self.by_name[node_name]
+
     def resolve(self, name: str, flag: str = "--cut") -> int:
         """Position of the cut named `name`: a node name, or a module path (cut after its last node).
         `flag` names the option the user wrote it in, for the error message."""
         if not name.strip():
             raise CutError(f"{flag} has an empty name; give node names or module paths, e.g. layer2,layer3")
-        for node in self.order:
-            if node.name == name:
-                return self.index[node]
+        if name in self.by_name:
+            return self.by_name[name]
         owned = [i for i, node in enumerate(self.order) if _in_module(node, name)]
         if owned:
             return max(owned)

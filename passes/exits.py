@@ -32,7 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 from splitc.frontend.annotate import annotate
-from splitc.passes.cuts import CutAnalysis
+from splitc.passes.contract import CompileOptions, PassContext, PassOutput
+from splitc.passes.cuts import Cut, CutAnalysis
 from splitc.passes.quantize import add_constant, emit
 from torch import fx
 
@@ -83,7 +84,8 @@ def classifier_output(graph: ModelGraph) -> int:
 
 
 def plan_exits(graph: ModelGraph, points: Sequence[str], samples: Sequence[tuple[torch.Tensor, ...]],
-               labels: np.ndarray | None, max_drop_points: float, *, seed: int = 0) -> tuple[ModelGraph, ExitPlan]:
+               labels: np.ndarray | None, max_drop_points: float, *, seed: int = 0,
+               analysis: CutAnalysis | None = None) -> tuple[ModelGraph, ExitPlan]:
     """Train, calibrate and insert one exit head per point (node names or module paths)."""
     classifier_output(graph)
     if not points:
@@ -96,7 +98,7 @@ def plan_exits(graph: ModelGraph, points: Sequence[str], samples: Sequence[tuple
     if labels is not None and len(labels) != n:
         raise InputError(f"calibration has {n} samples but {len(labels)} labels; give one label per sample")
 
-    analysis = CutAnalysis(graph)
+    analysis = analysis or CutAnalysis(graph)
     nodes = [analysis.order[analysis.resolve(p, "--exits")] for p in points]
     for point, node in zip(points, nodes):
         if node.op != "call_function" or not node.meta["val"].is_floating_point():
@@ -345,3 +347,41 @@ def _insert_head(module: fx.GraphModule, at: str, fit: _Fitted, output_name: str
     returned = tuple(output.args[0]) if isinstance(output.args[0], (tuple, list)) else (output.args[0],)
     output.args = (returned + (logits,),)
     return logits.name
+
+
+class ExitsPass:
+    """Early-exit heads (`--exits`), trained and calibrated on the calibration data; the cut that
+    falls at an exit point moves to the end of its head, so the head runs on the earlier tier."""
+
+    name = "exits"
+    record_key = "exits"
+
+    def applies(self, options: CompileOptions) -> bool:
+        return bool(options.exits)
+
+    def run(self, graph: ModelGraph, cuts: list[Cut], options: CompileOptions, context: PassContext) -> PassOutput:
+        data = context.data
+        if not data.calibration:
+            raise InputError("--exits trains exit heads on data: pass --calib data.npz with inputs and labels (y)")
+        if data.labels is None:
+            context.notes.append("the calibration data has no labels: exit heads learned the final classifier's answers, "
+                                 "and the accuracy budget is agreement with it")
+        points = exit_points(options.exits, cuts)
+        context.log(f"training exit heads at {', '.join(points)} on {len(data.calibration)} calibration samples")
+        headed, plan = plan_exits(graph, points, data.calibration, data.labels, options.max_accuracy_drop,
+                                  analysis=context.analysis(graph))
+        if not plan.heads:
+            context.notes.append(f"no exit head answers any input within a {options.max_accuracy_drop:g}-point accuracy drop; none was inserted")
+        return PassOutput(headed, [plan.cut_renames.get(c.after, c.after) for c in cuts], plan.report, result=plan)
+
+
+def exit_points(exits: Sequence[str] | str, cuts: Sequence[Cut]) -> list[str]:
+    """`--exits auto`: one head at every cut (on the tier before it); else the named points."""
+    names = [exits] if isinstance(exits, str) else list(exits)
+    if names == ["auto"]:
+        if not cuts:
+            raise CutError("--exits auto puts a head at each cut, and this compile has none; name exit points or add a target")
+        return [c.after for c in cuts]
+    if "auto" in names:
+        raise CutError("--exits takes 'auto' or node names / module paths, not both")
+    return names

@@ -17,12 +17,13 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from splitc.core.errors import CutError, PlanError
+from splitc.core.errors import CutError, InputError, PlanError
 from splitc.frontend.annotate import annotate
 from splitc.core.graph import ModelGraph, returning, tensor_spec
-from splitc.passes.cuts import CutAnalysis
+from splitc.passes.contract import CompileOptions, PassContext, PassOutput
+from splitc.passes.cuts import Cut, CutAnalysis
 from splitc.passes.privacy import distance_correlation
-from splitc.passes.quantize import emit, observe
+from splitc.passes.quantize import agreement, emit, observe
 
 aten = torch.ops.aten
 
@@ -102,7 +103,6 @@ def add_noise(graph: ModelGraph, cut_name: str, sigma: float, samples: Sequence[
 SIGMA_GRID = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 8.0)
 # `--noise auto`'s default target: bias-corrected dCor between the input and what is sent. NoPeek-style
 # defences report useful privacy from about 0.5 down; 1 is an invertible copy of the input.
-DEFAULT_MAX_LEAKAGE = 0.5
 LEAKAGE_SAMPLES = 128   # dCor is O(n^2) in memory and time; 128 samples resolve it to ~0.02
 
 
@@ -162,3 +162,55 @@ def choose_sigma(graph: ModelGraph, cut_name: str, samples, labels, *, max_leaka
 
 def _first(value):
     return value[0] if isinstance(value, (tuple, list)) else value
+
+
+class NoisePass:
+    """Gaussian noise on what leaves the device: σ given, or the least σ meeting --max-leakage
+    (`auto`), checked against the accuracy budget whenever there is real data to measure it on.
+    Adds one graph input per noised tensor: the runtime draws it per request."""
+
+    name = "noise"
+    record_key = "noise"
+
+    def applies(self, options: CompileOptions) -> bool:
+        return bool(options.noise)
+
+    def run(self, graph: ModelGraph, cuts: list[Cut], options: CompileOptions, context: PassContext) -> PassOutput:
+        if not cuts:
+            raise CutError("--noise defends what leaves the device, and this compile has no cut; add a target or drop --noise")
+        data = context.data
+        sigma, choice = resolve_sigma(graph, cuts[0].after, options, data.calibration, data.labels, context.log)
+        samples = context.statistics(graph)
+        noisy, first_cut, layers = add_noise(graph, cuts[0].after, sigma, samples)
+        # From here on every sample carries noise inputs too: seeded, so references are reproducible.
+        generator = torch.Generator().manual_seed(2)
+        noisy_samples = [sample + tuple(torch.randn(layer.shape, generator=generator) for layer in layers) for sample in samples]
+        examples = None
+        if data.examples is not None:
+            examples = tuple(data.examples) + tuple(torch.zeros(layer.shape) for layer in layers)
+        record = {"sigma": sigma, "layers": [layer.to_json() for layer in layers],
+                  **agreement(graph, noisy, noisy_samples, extra_inputs=len(layers)), **(choice or {})}
+        return PassOutput(noisy, [first_cut] + [c.after for c in cuts[1:]], record, result=layers,
+                          examples=examples, statistics=noisy_samples)
+
+
+def resolve_sigma(graph: ModelGraph, cut_after: str, options: CompileOptions, calibration, labels,
+                  log=lambda _: None) -> tuple[float, dict | None]:
+    """σ for the noise layers: `auto` searches for the least noise meeting `max_leakage`; a given σ
+    is checked against the accuracy budget when there is real data to measure it on."""
+    max_leakage, max_drop = options.max_leakage, options.max_accuracy_drop
+    if options.noise == "auto":
+        if not calibration:
+            raise InputError("--noise auto measures leakage and accuracy on data: pass --calib data.npz (inputs, labels as y)")
+        log(f"choosing noise: least σ with leakage (dCor) ≤ {max_leakage:g} on {len(calibration)} calibration samples")
+        chosen, trials = choose_sigma(graph, cut_after, calibration, labels, max_leakage=max_leakage, max_drop_points=max_drop)
+        return chosen.sigma, {"auto": {"max_leakage": max_leakage, "chosen": chosen.to_json(), "trials": [t.to_json() for t in trials]}}
+    sigma = float(options.noise)
+    if not calibration:
+        return sigma, None
+    trial = noise_trial(graph, cut_after, sigma, calibration, labels)
+    if trial.drop_points > max_drop:
+        raise PlanError(f"--noise {sigma:g} costs {trial.drop_points:.1f} accuracy points on the calibration data "
+                        f"({100 * (trial.accuracy + trial.drop_points / 100):.1f}% → {100 * trial.accuracy:.1f}%), more than "
+                        f"--max-accuracy-drop {max_drop:g}; lower σ, cut deeper, or raise the allowed drop")
+    return sigma, {"measured": trial.to_json()}

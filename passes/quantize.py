@@ -26,7 +26,8 @@ import torch.fx as fx
 from splitc.core.errors import CutError
 from splitc.frontend.annotate import annotate
 from splitc.core.graph import ModelGraph, returning, tensor_spec
-from splitc.passes.cuts import CutAnalysis
+from splitc.passes.contract import CompileOptions, PassContext, PassOutput
+from splitc.passes.cuts import Cut, CutAnalysis
 
 aten = torch.ops.aten
 BITS = {"int8": 8, "int4": 4}
@@ -252,3 +253,29 @@ def agreement(graph: ModelGraph, changed: ModelGraph, samples: Sequence[tuple[to
                         agree += int((x.argmax(-1) == y.argmax(-1)).sum())
                         total += math.prod(x.shape[:-1])
     return {"top1_agreement": agree / total if total else float("nan"), "max_rel_err": worst}
+
+
+class QuantizePass:
+    """Affine int8/int4 quantizers on every tensor crossing every cut: fewer bytes on the wire."""
+
+    name = "quantize"
+    record_key = "quantization"
+
+    def applies(self, options: CompileOptions) -> bool:
+        return options.quantize is not None
+
+    def run(self, graph: ModelGraph, cuts: list[Cut], options: CompileOptions, context: PassContext) -> PassOutput:
+        if not cuts:
+            return PassOutput(graph, [])  # nothing crosses: nothing to quantize
+        samples = context.statistics(graph)
+        quantized, cut_names, quantizers = quantize_cuts(graph, [c.after for c in cuts], options.quantize, samples,
+                                                         per_channel=options.per_channel)
+        record = {
+            "scheme": options.quantize,
+            "granularity": "channel" if options.per_channel else "tensor",
+            "tensors": [q.to_json() for q in quantizers],
+            "bytes_float": [c.nbytes for c in cuts],
+            "bytes_sent": [c.nbytes for c in context.cuts(quantized, cut_names)],
+            **agreement(graph, quantized, samples),
+        }
+        return PassOutput(quantized, list(cut_names), record, result=quantizers)

@@ -1,8 +1,11 @@
-"""Loaders that turn one artifact into a callable on numpy arrays.
+"""Loaders that turn one artifact into a callable on numpy arrays, keyed by runtime id.
 
-Each backend runtime is imported only when an artifact of its kind is loaded, so a device ships just
-the one it uses (TVM's runtime, ONNX Runtime, or TensorRT). Set TVM_USE_RUNTIME_LIB=1 on a device to
-make `import tvm` load the 3 MB runtime library instead of the compiler.
+Each backend runtime is one `RuntimeRecord` in `RUNTIMES`: how to load an artifact, whether this
+host has the runtime, whether it needs torch or a GPU. A backend (backends/registry.py) names the
+runtime its artifacts run on; nothing else compares runtime ids. Each runtime is imported only when
+an artifact of its kind is loaded, so a device ships just the one it uses (TVM's runtime, ONNX
+Runtime, or TensorRT). Set TVM_USE_RUNTIME_LIB=1 on a device to make `import tvm` load the 3 MB
+runtime library instead of the compiler.
 """
 
 from __future__ import annotations
@@ -10,6 +13,9 @@ from __future__ import annotations
 import os
 import platform
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -19,8 +25,25 @@ from splitc.core.errors import BackendError, ToolchainError
 from splitc.core.manifest import RUNTIME_ONNXRUNTIME, RUNTIME_TENSORRT, RUNTIME_TVM, Artifact
 
 Executor = Callable[[Sequence[np.ndarray]], list[np.ndarray]]
+Loader = Callable[[Path, Artifact, int], Executor]
 
 _ARCH_ALIASES = {"amd64": "x86_64", "x86_64": "x86_64", "arm64": "aarch64", "aarch64": "aarch64"}
+
+
+def _always() -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class RuntimeRecord:
+    """One backend runtime, as a device sees it."""
+
+    id: str
+    load: Loader                            # (artifact file, its manifest entry, threads) -> executor
+    usable: Callable[[], bool] = _always    # whether this host has the runtime (and the device it needs)
+    needs_torch: bool = False               # shipping it puts torch on the device
+    gpu: bool = False                       # its artifacts run on a GPU
+    triton_platform: str | None = None      # the Triton Inference Server platform that serves its artifacts
 
 
 def host_arch() -> str:
@@ -28,34 +51,44 @@ def host_arch() -> str:
     return _ARCH_ALIASES.get(machine, machine)
 
 
+def runtime_record(runtime: str, path: str = "") -> RuntimeRecord:
+    if runtime not in RUNTIMES:
+        raise BackendError(
+            f"artifact {path or '?'} needs runtime {runtime!r}, which this splitc does not know "
+            f"(known: {', '.join(sorted(RUNTIMES))}); upgrade splitc"
+        )
+    return RUNTIMES[runtime]
+
+
+@contextmanager
+def registered_runtime(record: RuntimeRecord) -> Iterator[RuntimeRecord]:
+    """Make `record` loadable for the duration of a `with` block (an embedding app's own runtime, or a test's)."""
+    if record.id in RUNTIMES:
+        raise BackendError(f"runtime {record.id!r} is already registered")
+    RUNTIMES[record.id] = record
+    try:
+        yield record
+    finally:
+        del RUNTIMES[record.id]
+
+
 def can_run_here(artifact: Artifact) -> bool:
     """Whether this host can execute the artifact natively (ISA and runtime library present)."""
     if artifact.arch is not None and artifact.arch != host_arch():
         return False
-    if artifact.runtime == RUNTIME_TENSORRT:
-        return tensorrt_usable()
-    return True
+    return artifact.runtime in RUNTIMES and RUNTIMES[artifact.runtime].usable()
 
 
 def load_executor(artifact: Artifact, path: Path, threads: int = 0) -> Executor:
     """Load the artifact file at `path` (already hash-checked by the caller). `threads`: run with
     this many threads instead of the target's figure (TVM and ONNX Runtime)."""
-    loaders = {
-        RUNTIME_TVM: _load_tvm,
-        RUNTIME_ONNXRUNTIME: _load_onnxruntime,
-        RUNTIME_TENSORRT: _load_tensorrt,
-    }
-    if artifact.runtime not in loaders:
-        raise BackendError(
-            f"artifact {artifact.path} needs runtime {artifact.runtime!r}, which this splitc does not know "
-            f"(known: {', '.join(sorted(loaders))}); upgrade splitc"
-        )
+    record = runtime_record(artifact.runtime, artifact.path)
     if artifact.arch is not None and artifact.arch != host_arch():
         raise BackendError(
             f"artifact {artifact.path} is {artifact.arch} code and this host is {host_arch()}; "
             "run it on its target, or use `splitc verify`, which emulates it"
         )
-    return loaders[artifact.runtime](path, artifact, threads)
+    return record.load(path, artifact, threads)
 
 
 def target_threads(target_json: dict) -> int:
@@ -211,3 +244,11 @@ def _load_tensorrt(path: Path, artifact: Artifact, threads: int = 0) -> Executor
         return [host_outputs[name].copy() for name in output_names]
 
     return run
+
+
+# The runtimes this splitc can load. A new runtime is one loader plus one record here.
+RUNTIMES: dict[str, RuntimeRecord] = {
+    RUNTIME_TVM: RuntimeRecord(RUNTIME_TVM, _load_tvm),
+    RUNTIME_ONNXRUNTIME: RuntimeRecord(RUNTIME_ONNXRUNTIME, _load_onnxruntime, triton_platform="onnxruntime_onnx"),
+    RUNTIME_TENSORRT: RuntimeRecord(RUNTIME_TENSORRT, _load_tensorrt, usable=tensorrt_usable, gpu=True, triton_platform="tensorrt_plan"),
+}

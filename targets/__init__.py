@@ -15,7 +15,6 @@ from typing import Any
 
 from splitc.core.errors import TargetError
 
-KNOWN_BACKENDS = ("tvm", "tensorrt", "onnxruntime")
 _NOT_TARGETS = {"links"}
 
 
@@ -129,8 +128,6 @@ def _parse(text: str, source: str) -> Target:
         raise TargetError(f"target file {source} lacks required key {exc.args[0]!r}; see splitc/targets/rpi4.toml for the format") from exc
     except (TypeError, ValueError) as exc:
         raise TargetError(f"target file {source} has a malformed value ({exc}); see splitc/targets/rpi4.toml for the format") from exc
-    if target.backend not in KNOWN_BACKENDS:
-        raise TargetError(f"target {target.name} names backend {target.backend!r}; supported backends: {', '.join(KNOWN_BACKENDS)}")
     if target.sustained_gflops <= 0 or target.memory_bandwidth_gbs <= 0:
         raise TargetError(f"target {target.name}: sustained_gflops and memory_bandwidth_gbs must be positive")
     return target

@@ -25,6 +25,7 @@ def build_bundle(directory: Path, targets: str = "x86,cloud-cpu", cut: str = "la
 
     from examples.small_resnet import build
     from splitc.drivers.compiler import compile_model
+    from splitc.passes.contract import CompileOptions
 
     x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(5))
     pt2 = directory / "m.pt2"
@@ -32,7 +33,7 @@ def build_bundle(directory: Path, targets: str = "x86,cloud-cpu", cut: str = "la
     np.save(directory / "x.npy", x.numpy())
     _, graph = import_model(pt2)
     out = directory / "m.splitc"
-    compile_model(graph, load_targets(targets), out, cut=cut, link=load_link("4g"), samples=1)
+    compile_model(graph, CompileOptions(load_targets(targets), cut=cut, link=load_link("4g"), samples=1), out)
     return out
 
 

@@ -195,6 +195,7 @@ def test_variant_choice_covers_low_and_high_bandwidth(zoo, slow_device):
 
 def test_bad_variant_requests_are_one_line_errors(zoo, slow_device, tmp_path, model_files, capsys):
     from splitc.drivers.variants import choose_variants, compile_variants
+    from splitc.passes.contract import CompileOptions
 
     graph = zoo.graph("resnet_like")
     targets = [load_target(str(slow_device)), load_target("cloud-cpu")]
@@ -205,7 +206,7 @@ def test_bad_variant_requests_are_one_line_errors(zoo, slow_device, tmp_path, mo
     with pytest.raises(SplitcError, match="two targets"):
         choose_variants(graph, targets[:1], 2)
     with pytest.raises(InputError, match="drop --cut"):
-        compile_variants(graph, targets, tmp_path / "o", 2, link=load_link("4g"), cut="layer1")
+        compile_variants(graph, CompileOptions(targets, load_link("4g"), cut="layer1"), tmp_path / "o", 2)
     assert not (tmp_path / "o").exists()
     code, _, err = run_cli("compile", model_files["pt2"], "--targets", "x86,cloud-cpu", "--variants", "0", capsys=capsys)
     assert code == 7 and "--variants" in err and len(err.strip().splitlines()) == 1

@@ -11,6 +11,7 @@ import pytest
 
 from splitc.backends.emulation import find_aarch64_toolchain
 from splitc.drivers.compiler import compile_model
+from splitc.passes.contract import CompileData, CompileOptions
 from splitc.passes.cuts import CutAnalysis
 from splitc.runtime import Bundle, SplitSession
 from splitc.targets import load_link, load_targets
@@ -38,8 +39,7 @@ def test_zoo_model_compiles_verifies_and_runs(zoo, zoo_name, chain, cut, tmp_pat
     graph = zoo.graph(zoo_name)
     targets = load_targets(chain)
     cut_arg = mid_cut(graph) if cut == "mid" else "auto"
-    result = compile_model(graph, targets, tmp_path / "b.splitc", cut=cut_arg, link=load_link("4g"), samples=3,
-                           examples=zoo.inputs(zoo_name))
+    result = compile_model(graph, CompileOptions(targets, cut=cut_arg, link=load_link("4g"), samples=3), tmp_path / "b.splitc", data=CompileData(examples=zoo.inputs(zoo_name)))
     manifest = result.manifest
     assert [p.target for p in manifest.partitions] == [t.name for t in targets]
     assert all(p.nodes for p in manifest.partitions)
@@ -64,7 +64,7 @@ def test_cut_inside_residual_block_sends_skip_tensor(zoo, tmp_path):
     graph = zoo.graph("resnet_like")
     analysis = CutAnalysis(graph)
     inside = next(c for c in analysis.candidates() if len(c.crossing) == 2)
-    result = compile_model(graph, load_targets("x86,cloud-cpu"), tmp_path / "b.splitc", cut=inside.after, link=load_link("4g"), samples=2)
+    result = compile_model(graph, CompileOptions(load_targets("x86,cloud-cpu"), cut=inside.after, link=load_link("4g"), samples=2), tmp_path / "b.splitc")
     boundary = result.manifest.boundaries[0]
     assert len(boundary) == 2
     assert [t.name for t in result.manifest.partitions[1].inputs] == [t.name for t in boundary]
@@ -76,7 +76,7 @@ def test_model_input_used_late_crosses_the_cut(zoo, tmp_path):
     late_input = graph.inputs[1].name
     analysis = CutAnalysis(graph)
     cut = next(c for c in analysis.candidates() if late_input in {t.name for t in c.crossing})
-    result = compile_model(graph, load_targets("x86,cloud-cpu"), tmp_path / "b.splitc", cut=cut.after, link=load_link("4g"), samples=2)
+    result = compile_model(graph, CompileOptions(load_targets("x86,cloud-cpu"), cut=cut.after, link=load_link("4g"), samples=2), tmp_path / "b.splitc")
     assert late_input in {t.name for t in result.manifest.boundaries[0]}
     assert late_input in {t.name for t in result.manifest.partitions[1].inputs}
     assert verify_bundle(result.bundle).ok
@@ -86,7 +86,7 @@ def test_session_refuses_missing_and_unknown_inputs(zoo, tmp_path):
     from splitc.core.errors import InputError
 
     graph = zoo.graph("multi_io")
-    result = compile_model(graph, load_targets("x86,cloud-cpu"), tmp_path / "b.splitc", cut="auto", link=load_link("4g"), samples=1)
+    result = compile_model(graph, CompileOptions(load_targets("x86,cloud-cpu"), cut="auto", link=load_link("4g"), samples=1), tmp_path / "b.splitc")
     session = SplitSession(Bundle.open(result.bundle))
     first, second = (t.numpy() for t in zoo.inputs("multi_io"))
     with pytest.raises(InputError, match="missing"):
@@ -130,7 +130,7 @@ def test_tvm_partition_runs_with_its_targets_thread_count(zoo, tmp_path):
     from splitc.core.manifest import ROLE_DEPLOY
 
     graph = zoo.graph("multi_io")
-    result = compile_model(graph, load_targets("x86,cloud-cpu"), tmp_path / "b.splitc", cut="auto", link=load_link("4g"), samples=1)
+    result = compile_model(graph, CompileOptions(load_targets("x86,cloud-cpu"), cut="auto", link=load_link("4g"), samples=1), tmp_path / "b.splitc")
     artifact = result.manifest.partitions[0].artifact(ROLE_DEPLOY)
     expected = tvm_threads(artifact)
     assert expected == min(int(artifact.options["target"]["num-cores"]), available_cpus()) >= 1

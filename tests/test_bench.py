@@ -14,11 +14,13 @@ def bundle(zoo, tmp_path_factory):
 
     from splitc.drivers.compiler import compile_model
 
+    from splitc.passes.contract import CompileOptions
+
     patch = pytest.MonkeyPatch()
     patch.setenv("SPLITC_CACHE", str(tmp_path_factory.mktemp("cache")))  # no user tuning records
     out = tmp_path_factory.mktemp("bench") / "resnet_like.splitc"
     try:
-        compile_model(zoo.graph("resnet_like"), load_targets("x86,cloud-cpu"), out, cut="layer1", link=load_link("4g"), samples=1)
+        compile_model(zoo.graph("resnet_like"), CompileOptions(load_targets("x86,cloud-cpu"), cut="layer1", link=load_link("4g"), samples=1), out)
     finally:
         patch.undo()
     return out

@@ -17,6 +17,7 @@ from click.testing import CliRunner
 
 from splitc.cli import cli
 from splitc.drivers.compiler import compile_model
+from splitc.passes.contract import CompileData, CompileOptions
 from splitc.core.errors import CutError, InputError, UnsupportedOperatorError
 from splitc.passes.exits import calibrate_thresholds, cascade_predictions, plan_exits
 from splitc.runtime import Bundle, SplitSession
@@ -29,8 +30,7 @@ CUT = "relu_1"  # after the second convolution: (1, 16, 4, 4) crosses
 @pytest.fixture(scope="module")
 def bundle(digits_split):
     out = digits_split["root"] / "exits.splitc"
-    result = compile_model(digits_split["graph"], load_targets("x86,cloud-cpu"), out, cut=CUT, link=load_link("4g"),
-                           calibration=digits_split["samples"], labels=digits_split["labels"], exits="auto", max_accuracy_drop=1.0)
+    result = compile_model(digits_split["graph"], CompileOptions(load_targets("x86,cloud-cpu"), cut=CUT, link=load_link("4g"), exits="auto", max_accuracy_drop=1.0), out, data=CompileData(calibration=digits_split["samples"], labels=digits_split["labels"]))
     return result
 
 
@@ -147,9 +147,7 @@ def test_a_middle_tier_server_answers_from_its_own_exit_head(digits_split, tmp_p
     from splitc.runtime.remote import RemoteSession
     from tests.serving import TOKEN, running_server
 
-    result = compile_model(digits_split["graph"], load_targets("x86,edge-server,cloud-cpu"), tmp_path / "three.splitc",
-                           cut="relu,relu_1", link=load_link("4g"), calibration=digits_split["samples"],
-                           labels=digits_split["labels"], exits="relu_1", max_accuracy_drop=2.0)
+    result = compile_model(digits_split["graph"], CompileOptions(load_targets("x86,edge-server,cloud-cpu"), cut="relu,relu_1", link=load_link("4g"), exits="relu_1", max_accuracy_drop=2.0), tmp_path / "three.splitc", data=CompileData(calibration=digits_split["samples"], labels=digits_split["labels"]))
     (head,) = result.manifest.exits
     assert head.partition == 1
     opened = Bundle.open(result.bundle)
@@ -198,7 +196,7 @@ def test_bad_exit_requests_are_one_line_errors(digits_split, multi_io_graph, tmp
     with pytest.raises(UnsupportedOperatorError, match="one output"):
         plan_exits(multi_io_graph, ["x"], samples, labels, 1.0)
     with pytest.raises(InputError, match="--calib"):
-        compile_model(graph, load_targets("x86,cloud-cpu"), tmp_path / "x.splitc", cut=CUT, link=load_link("4g"), exits="auto")
+        compile_model(graph, CompileOptions(load_targets("x86,cloud-cpu"), cut=CUT, link=load_link("4g"), exits="auto"), tmp_path / "x.splitc")
     assert not (tmp_path / "x.splitc").exists()
     code, _, err = run_cli("compile", digits_split["pt2"], "--targets", "x86,cloud-cpu", "--cut", CUT, "--calib", digits_split["root"] / "calib.npz",
                            "--exits", "nope", "-o", tmp_path / "y", capsys=capsys)
@@ -224,9 +222,7 @@ def test_minilm_token_exit_head_compiles_verifies_and_answers_on_the_device(tmp_
     _, graph = import_model(tmp_path / "minilm.pt2")
     samples = [(torch.from_numpy(data["held_ids"][i:i + 1]), torch.from_numpy(data["held_mask"][i:i + 1]))
                for i in range(len(data["held_y"]))]
-    result = compile_model(graph, load_targets("x86,cloud-cpu"), tmp_path / "minilm.splitc", cut="encoder.encoder.layer.1",
-                           link=load_link("4g"), calibration=samples, labels=data["held_y"],
-                           exits="encoder.encoder.layer.0", max_accuracy_drop=2.0)
+    result = compile_model(graph, CompileOptions(load_targets("x86,cloud-cpu"), cut="encoder.encoder.layer.1", link=load_link("4g"), exits="encoder.encoder.layer.0", max_accuracy_drop=2.0), tmp_path / "minilm.splitc", data=CompileData(calibration=samples, labels=data["held_y"]))
     (head,) = result.manifest.exits
     assert head.partition == 0 and head.kind in ("first-token-norm-linear", "mean-token-norm-linear")
     assert head.exit_rate > 0.3

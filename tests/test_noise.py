@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from splitc.drivers.compiler import compile_model
+
+from splitc.passes.contract import CompileOptions
 from splitc.core.errors import CutError, InputError, PlanError
 from splitc.passes.cuts import CutAnalysis
 from splitc.passes.noise import add_noise, choose_sigma, noise_trial
@@ -45,8 +47,7 @@ def test_noise_pass_adds_an_input_and_sends_the_noisy_tensor(zoo):
 
 def test_runtime_draws_fresh_noise_and_verify_uses_the_seeded_reference(zoo, tmp_path):
     graph = zoo.graph("resnet_like")
-    result = compile_model(graph, load_targets("x86,cloud-cpu"), tmp_path / "n.splitc", cut="auto", link=load_link("4g"),
-                           samples=2, noise=1.0, quantize="int8")
+    result = compile_model(graph, CompileOptions(load_targets("x86,cloud-cpu"), cut="auto", link=load_link("4g"), samples=2, noise=1.0, quantize="int8"), tmp_path / "n.splitc")
     manifest = result.manifest
     generated = manifest.model["generated_inputs"]
     assert set(generated) == {layer["noise_input"] for layer in manifest.plan["noise"]["layers"]}

@@ -8,6 +8,8 @@ import torch
 import torch.fx as fx
 
 from splitc.drivers.compiler import compile_model
+
+from splitc.passes.contract import CompileOptions
 from splitc.core.errors import CutError
 from splitc.passes.cuts import CutAnalysis
 from splitc.core.graph import returning
@@ -112,7 +114,7 @@ def test_affine_params_cover_the_range_and_zero():
 def test_quantized_bundle_verifies_and_sends_fewer_bytes(zoo, tmp_path, scheme, chain):
     graph = zoo.graph("resnet_like")
     cut = skip_cut(graph)
-    result = compile_model(graph, load_targets(chain), tmp_path / "q.splitc", cut=cut.after, link=load_link("4g"), samples=3, quantize=scheme)
+    result = compile_model(graph, CompileOptions(load_targets(chain), cut=cut.after, link=load_link("4g"), samples=3, quantize=scheme), tmp_path / "q.splitc")
     record = result.manifest.plan["quantization"]
     assert record["bytes_sent"][0] * (32 // int(scheme[3:])) == record["bytes_float"][0] == cut.nbytes
     assert all(t.dtype == "uint8" for t in result.manifest.boundaries[0])
@@ -145,8 +147,7 @@ def test_per_channel_steps_follow_each_channel_and_beat_per_tensor(zoo):
 def test_per_channel_bundle_verifies_bit_exactly(zoo, tmp_path):
     graph = zoo.graph("resnet_like")
     cut = skip_cut(graph)
-    result = compile_model(graph, load_targets("x86,cloud-cpu"), tmp_path / "qc.splitc", cut=cut.after, link=load_link("4g"),
-                           samples=3, quantize="int8", per_channel=True)
+    result = compile_model(graph, CompileOptions(load_targets("x86,cloud-cpu"), cut=cut.after, link=load_link("4g"), samples=3, quantize="int8", per_channel=True), tmp_path / "qc.splitc")
     record = result.manifest.plan["quantization"]
     assert record["granularity"] == "channel" and all(isinstance(t["scale"], list) for t in record["tensors"])
     report = verify_bundle(result.bundle, emulate=False)

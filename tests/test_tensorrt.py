@@ -9,6 +9,7 @@ import pytest
 
 from splitc.backends.tensorrt import build_engine
 from splitc.drivers.compiler import compile_model
+from splitc.passes.contract import CompileOptions
 from splitc.core.errors import ToolchainError
 from splitc.runtime import Bundle
 from splitc.runtime.executors import tensorrt_usable
@@ -21,7 +22,7 @@ needs_tensorrt = pytest.mark.skipif(not tensorrt_usable(), reason="needs tensorr
 @pytest.fixture(scope="module")
 def bundle(zoo, tmp_path_factory):
     out = tmp_path_factory.mktemp("trt") / "b.splitc"
-    return compile_model(zoo.graph("resnet_like"), load_targets("x86,a100"), out, cut="auto", link=load_link("4g"), samples=2).bundle
+    return compile_model(zoo.graph("resnet_like"), CompileOptions(load_targets("x86,a100"), cut="auto", link=load_link("4g"), samples=2), out).bundle
 
 
 def test_tensorrt_ready_onnx_has_static_named_io(bundle):

@@ -204,8 +204,10 @@ def _compile(pt2: Path, out: Path):
 
     from splitc.drivers.compiler import compile_model
 
+    from splitc.passes.contract import CompileOptions
+
     _, graph = import_model(pt2)
-    return compile_model(graph, load_targets("x86"), out, link=load_link("4g"), samples=2)
+    return compile_model(graph, CompileOptions(load_targets("x86"), link=load_link("4g"), samples=2), out)
 
 
 def _run(bundle: Path, x: np.ndarray) -> np.ndarray:
@@ -614,6 +616,8 @@ def test_host_tuned_schedules_for_rpi4_are_applied_labelled_and_verified(cnn_pt2
     from splitc.targets import load_link, load_targets
 
     from splitc.drivers.compiler import compile_model
+
+    from splitc.passes.contract import CompileOptions
     from splitc.drivers.verify import verify_bundle
 
     source, tuned, _ = tuned_cache
@@ -634,7 +638,7 @@ def test_host_tuned_schedules_for_rpi4_are_applied_labelled_and_verified(cnn_pt2
 
     # No host-tuned database yet: the rpi4 build is untuned and says how to get schedules.
     _, graph = import_model(cnn_pt2)
-    plain = compile_model(graph, load_targets("rpi4"), tmp_path / "plain.splitc", link=load_link("4g"), samples=1)
+    plain = compile_model(graph, CompileOptions(load_targets("rpi4"), link=load_link("4g"), samples=1), tmp_path / "plain.splitc")
     assert plain.manifest.partitions[0].artifacts[0].options["tuning"]["schedules"] == "untuned"
     assert any("--from-host" in n and "--rpc" in n for n in plain.notes)
 
@@ -654,7 +658,7 @@ def test_host_tuned_schedules_for_rpi4_are_applied_labelled_and_verified(cnn_pt2
     origin = tuning.read_origin(report.directory)
     assert origin["schedules"] == report.label and report.directory.name.endswith(tuning.HOST_TUNED_SUFFIX)
 
-    result = compile_model(graph, load_targets("rpi4"), tmp_path / "rpi4.splitc", link=load_link("4g"), samples=2)
+    result = compile_model(graph, CompileOptions(load_targets("rpi4"), link=load_link("4g"), samples=2), tmp_path / "rpi4.splitc")
     deploy = result.manifest.partitions[0].artifacts[0]
     info = deploy.options["tuning"]
     assert deploy.arch == "aarch64" and info["schedules"] == report.label, info
