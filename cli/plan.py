@@ -67,7 +67,10 @@ def inspect(source, targets, link, limit, as_json, input_shapes, example_input, 
 @click.command()
 @click.argument("source")
 @targets_option("Tier chain, device first: rpi4,edge-server,a100.", required=True)
-@link_option(f"Device uplink: {LINK_HELP}; several, comma-separated, give one front each.")
+@link_option(f"Device uplink: {LINK_HELP}; several, comma-separated, give one front each; a link that changes as "
+             "states joined by '+' (wifi+4g+3g+wifi: equal shares, wifi*2+3g: weighted), planned for over its states.")
+@click.option("--percentile", type=click.FloatRange(0, 100, min_open=True), help="With a '+' link: plan for this percentile of "
+              "latency over its states (e.g. 95) instead of the mean.")
 @click.option("--rate", default="10/s", show_default=True, help="Request rate: 50/s, 3000/min, 1e6/day.")
 @click.option("--utilisation", default=0.7, show_default=True, type=click.FloatRange(0.05, 1.0), help="Target utilisation of a reserved VM replica.")
 @click.option("--objective", type=click.Choice(["latency", "cost", "privacy", "energy"]), default="latency", show_default=True)
@@ -83,7 +86,7 @@ def inspect(source, targets, link, limit, as_json, input_shapes, example_input, 
 @json_flag_option("Print the plan document as JSON (for `compile --plan`).")
 @click.option("--png", type=click.Path(dir_okay=False), help="Write a PNG of the front(s).")
 @model_options
-def plan(source, targets, link, rate, utilisation, objective, max_latency, max_cost, max_leakage, max_energy, calib, profiles,
+def plan(source, targets, link, percentile, rate, utilisation, objective, max_latency, max_cost, max_leakage, max_energy, calib, profiles,
          all_tiers, quantize, as_json, png, input_shapes, example_input, trust_pickle):
     """Plan where to cut SOURCE over TARGETS: the Pareto front of latency, money, privacy, energy."""
     from splitc.passes.cost_model import compute_ms
@@ -91,10 +94,13 @@ def plan(source, targets, link, rate, utilisation, objective, max_latency, max_c
     from splitc.passes.money import Workload
     from splitc.passes.planner import Constraints, plan_placements
     from splitc.drivers.plan_file import parse_duration_ms, parse_rate, plan_document
-    from splitc.targets import load_link, load_targets
+    from splitc.targets import load_link, load_link_mix, load_targets
 
     chain = load_targets(targets)
-    links = [load_link(name) for name in link.split(",") if name.strip()]
+    names = [name.strip() for name in link.split(",") if name.strip()]
+    if percentile is not None and not any("+" in n for n in names):
+        raise InputError("--percentile is taken over the states of a changing link: give --link as states joined by '+', e.g. wifi+4g+3g+wifi")
+    links = [load_link_mix(n, percentile) if "+" in n else load_link(n) for n in names]
     workload = Workload(parse_rate(rate), utilisation)
     constraints = Constraints(parse_duration_ms(max_latency, "--max-latency") if max_latency else None, max_cost, max_leakage, max_energy)
     _, graph = import_source(source, input_shapes, example_input, trust_pickle)
@@ -136,9 +142,14 @@ def plan(source, targets, link, rate, utilisation, objective, max_latency, max_c
 
 
 def _print_front(front, model_name: str) -> None:
-    table = Table(title=f"{model_name} on {front.link.name} ({front.link.mbit_s:g} Mbit/s, {front.link.rtt_ms:g} ms): "
+    where = (f"{len(front.link.states)} link states" if getattr(front.link, "states", None)
+             else f"{front.link.mbit_s:g} Mbit/s, {front.link.rtt_ms:g} ms")
+    table = Table(title=f"{model_name} on {front.link.name} ({where}): "
                         f"{len(front.plans)} Pareto-optimal of {front.evaluated} plans, objective {front.objective}")
-    for column in ("", "cuts after", "placement", "latency ms", "$ / M req", "leakage", "device J", "remote tiers"):
+    states = getattr(front.link, "states", ())  # a LinkMix: one column per state
+    aggregate = "mean" if not states or front.link.percentile is None else f"p{front.link.percentile:g}"
+    for column in ("", "cuts after", "placement", f"latency ms ({aggregate})" if states else "latency ms",
+                   *(f"{s.name} ms" for s in states), "$ / M req", "leakage", "device J", "remote tiers"):
         table.add_column(column)
     for i, p in enumerate(front.plans):
         remote = []
@@ -147,7 +158,7 @@ def _print_front(front, model_name: str) -> None:
                 remote.append(f"{t.target}: {'VM' if t.pricing == 'iaas' else 'serverless'}{_pricing_note(t)}")
         placement = " → ".join(f"{t.target}({t.nodes})" for t in p.tiers if t.nodes)
         table.add_row("★" if i == front.chosen else "", ", ".join(p.cuts), placement or "-", f"{p.latency_ms:.2f}",
-                      f"{p.cost_usd_per_million:.4g}", "-" if p.leakage is None else f"{p.leakage:.3f}",
+                      *(f"{v:.2f}" for v in (p.state_latency_ms or ())), f"{p.cost_usd_per_million:.4g}", "-" if p.leakage is None else f"{p.leakage:.3f}",
                       "-" if p.energy_j is None else f"{p.energy_j:.4f}", "; ".join(remote) or "-")
     console.print(table)
     for warning in front.warnings:

@@ -32,7 +32,7 @@ from splitc.passes.money import (
     iaas_usd_per_million,
     indifference_rate,
 )
-from splitc.targets import Link, Target
+from splitc.targets import Link, LinkMix, Target
 
 OBJECTIVES = ("latency", "cost", "privacy", "energy")
 
@@ -69,6 +69,7 @@ class Plan:
     tiers: tuple[TierCost, ...]
     transfers: tuple[dict[str, Any], ...]
     accuracy: float = 1.0            # relative to the unsplit model (no accuracy-changing pass planned)
+    state_latency_ms: tuple[float, ...] | None = None  # per state of a LinkMix (latency_ms aggregates them)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -82,12 +83,13 @@ class Plan:
             "energy_j": None if self.energy_j is None else round(self.energy_j, 6),
             "tiers": [t.__dict__ for t in self.tiers],
             "transfers": list(self.transfers),
+            **({"state_latency_ms": [round(v, 4) for v in self.state_latency_ms]} if self.state_latency_ms is not None else {}),
         }
 
 
 @dataclass
 class PlanSet:
-    link: Link
+    link: Link | LinkMix
     objective: str
     plans: list[Plan]                # the Pareto front, fastest first
     chosen: int
@@ -96,13 +98,21 @@ class PlanSet:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "link": {"name": self.link.name, "mbit_s": self.link.mbit_s, "rtt_ms": self.link.rtt_ms},
+            "link": link_json(self.link),
             "objective": self.objective,
             "evaluated": self.evaluated,
             "chosen": self.chosen,
             "warnings": self.warnings,
             "plans": [p.to_json() for p in self.plans],
         }
+
+
+def link_json(link: Link | LinkMix) -> dict[str, Any]:
+    out = {"name": link.name, "mbit_s": link.mbit_s, "rtt_ms": link.rtt_ms}
+    if isinstance(link, LinkMix):
+        out["states"] = [{"name": s.name, "mbit_s": s.mbit_s, "rtt_ms": s.rtt_ms, "weight": w} for s, w in zip(link.states, link.weights)]
+        out["aggregate"] = "mean" if link.percentile is None else f"p{link.percentile:g}"
+    return out
 
 
 def active_tiers(placement: Sequence[str | None], cuts: Sequence[str]) -> tuple[list[int], list[str]]:
@@ -153,7 +163,7 @@ def _combinations(positions: np.ndarray, boundaries: int, strict: bool, limit: i
 def plan_placements(
     analysis: CutAnalysis,
     targets: Sequence[Target],
-    link: Link,
+    link: Link | LinkMix,
     workload: Workload,
     *,
     node_ms: Sequence[np.ndarray] | None = None,
@@ -190,7 +200,12 @@ def plan_placements(
     combos, warnings = _combinations(positions, len(targets) - 1, require_all_tiers, max_plans, crossing)
     if len(combos) == 0:
         raise PlanError(f"the graph has too few cut positions for {len(targets)} tiers")
-    metrics = _score(analysis, targets, link, workload, times, crossing, leakage, combos)
+    states = link.states if isinstance(link, LinkMix) else (link,)
+    scored = [_score(analysis, targets, state, workload, times, crossing, leakage, combos) for state in states]
+    metrics = scored[0]
+    if isinstance(link, LinkMix):  # money, leakage and energy do not depend on the link; latency does
+        metrics["states"] = np.stack([m["latency"] for m in scored])
+        metrics["latency"] = link.aggregate(metrics["states"])
 
     columns = [metrics["latency"], metrics["cost"]]
     if leakage is not None:
@@ -199,7 +214,8 @@ def plan_placements(
         columns.append(metrics["energy"])
     front = pareto_front(np.stack(columns, axis=1), group=combos[:, 0])
     front = front[np.lexsort((metrics["cost"][front], metrics["latency"][front]))]
-    plans = _plans(analysis, targets, link, workload, times, crossing, combos[front], {k: v[front] for k, v in metrics.items()})
+    plans = _plans(analysis, targets, link, workload, times, crossing, combos[front],
+                   {k: (v[:, front] if k == "states" else v[front]) for k, v in metrics.items()})
     chosen = _choose(plans, objective, constraints, link)
     picked = plans[chosen]
     if picked.placement[0] is not None and any(picked.placement[1:]) and crossing[picked.positions[0]] >= crossing[_inputs_end(analysis)]:
@@ -348,6 +364,7 @@ def _plans(analysis, targets, link, workload, times, crossing, combos, metrics) 
             energy_j=float(metrics["energy"][row]) if "energy" in metrics else None,
             tiers=tuple(tiers),
             transfers=tuple(transfers[row]),
+            state_latency_ms=tuple(float(v) for v in metrics["states"][:, row]) if "states" in metrics else None,
         ))
     return plans
 

@@ -26,6 +26,64 @@ class Link:
 
 
 @dataclass(frozen=True)
+class LinkMix:
+    """A link that changes: the states it takes and the share of requests each sees (a trace of
+    phases, or percentiles of a measured distribution). The planner scores a plan on every state
+    and plans for the mean latency over them, or for a percentile of it, never for the mean link:
+    a plan made for the average of Wi-Fi and 3G is made for a link that never exists."""
+
+    name: str
+    states: tuple[Link, ...]
+    weights: tuple[float, ...]
+    percentile: float | None = None  # plan for this percentile of latency over the states; None: the mean
+
+    @property
+    def mbit_s(self) -> float:
+        return float(sum(w * s.mbit_s for s, w in zip(self.states, self.weights)))
+
+    @property
+    def rtt_ms(self) -> float:
+        return float(sum(w * s.rtt_ms for s, w in zip(self.states, self.weights)))
+
+    def aggregate(self, per_state) -> "np.ndarray":
+        """Latency over the states (rows) for each plan (columns): the weighted mean, or the
+        weighted percentile (the least latency that at least `percentile`% of requests meet)."""
+        import numpy as np
+
+        values = np.asarray(per_state, dtype=np.float64)
+        weights = np.asarray(self.weights, dtype=np.float64)
+        if self.percentile is None:
+            return weights @ values
+        order = np.argsort(values, axis=0, kind="stable")
+        covered = np.cumsum(weights[order], axis=0)
+        first = np.argmax(covered >= self.percentile / 100.0 - 1e-12, axis=0)
+        return np.take_along_axis(values, order, axis=0)[first, np.arange(values.shape[1])]
+
+
+def load_link_mix(spec: str, percentile: float | None = None) -> LinkMix:
+    """`wifi+4g+3g+wifi` (a trace of equal phases) or `wifi*2+4g+3g` (weights): each term a preset
+    or BANDWIDTHmbit:RTTms."""
+    terms = [t.strip() for t in spec.split("+") if t.strip()]
+    counts: dict[str, float] = {}
+    for term in terms:
+        name, _, weight = term.partition("*")
+        try:
+            share = float(weight) if weight else 1.0
+        except ValueError:
+            share = -1.0
+        if not share > 0:
+            raise TargetError(f"link mix term {term!r}: the weight after '*' must be a positive number, e.g. wifi*2+3g")
+        counts[name.strip()] = counts.get(name.strip(), 0.0) + share
+    if not counts:
+        raise TargetError(f"link mix {spec!r} names no link; write states joined by '+', e.g. wifi+4g+3g+wifi")
+    if percentile is not None and not 0 < percentile <= 100:
+        raise TargetError(f"percentile {percentile:g} must be in (0, 100]")
+    total = sum(counts.values())
+    states = tuple(load_link(name) for name in counts)
+    return LinkMix(spec, states, tuple(c / total for c in counts.values()), percentile)
+
+
+@dataclass(frozen=True)
 class Target:
     name: str
     description: str

@@ -233,3 +233,79 @@ def test_quantized_plans_price_the_raw_input_at_its_own_size(zoo):
     cloud_only = [p for p in plans.plans if p.placement[0] is None]
     assert cloud_only, "cloud-only must be among the candidates"
     assert all(sum(t["bytes"] for t in p.transfers) == input_bytes for p in cloud_only)
+
+
+# ----------------------------------------------------------------------------- a link that changes
+
+def _mix_case(zoo):
+    """A graph, device and cloud per-node times, and the trace wifi, 4g, 3g, wifi. The device's time
+    sits in its last operator; offloading saves it for the fewest bytes any cut sends. Its time is
+    set between what sending those bytes costs on the mean link and what it costs on average over
+    the states (1/bandwidth is convex: the mean of the transfer times exceeds the transfer time of
+    the mean link), so the mean link says offload and the states say do not."""
+    from splitc.targets import load_link_mix
+
+    graph = zoo.graph("resnet_like")
+    analysis = CutAnalysis(graph)
+    trace = load_link_mix("wifi+4g+3g+wifi")
+    mean_link = Link("trace-mean", trace.mbit_s, trace.rtt_ms)  # 11.18 Mbit/s, 42.5 ms: no phase has it
+    n = len(analysis.order)
+    fewest = int(analysis.crossing_bytes()[allowed_positions(analysis)[:-1]].min())
+    on_mean = float(transfer_ms(fewest, mean_link))
+    on_states = float(np.dot(trace.weights, [transfer_ms(fewest, s) for s in trace.states]))
+    assert on_states > on_mean
+    device = np.zeros(n)
+    device[int(np.flatnonzero(analysis.is_op)[-1])] = (on_mean + on_states) / 2
+    return analysis, load_targets("x86,cloud-cpu"), [device, np.zeros(n)], trace, mean_link
+
+
+def _latency(analysis, times, position, link) -> float:
+    """An independent oracle: device time up to the cut, then the transfer and the cloud's time."""
+    n = len(analysis.order)
+    device = float(times[0][: position + 1].sum())
+    if position >= n - 1:
+        return device
+    return device + float(transfer_ms(int(analysis.crossing_bytes()[position]), link)) + float(times[1][position + 1:].sum())
+
+
+BUSY = Workload(1000.0)  # reserved VMs: no serverless cold start in the latency
+
+
+def test_a_changing_link_is_planned_over_its_states_not_its_mean(zoo):
+    analysis, targets, times, trace, mean_link = _mix_case(zoo)
+    assert trace.weights == (0.5, 0.25, 0.25) and [s.name for s in trace.states] == ["wifi", "4g", "3g"]
+    over_mean = plan_placements(analysis, targets, mean_link, BUSY, node_ms=times)
+    over_trace = plan_placements(analysis, targets, trace, BUSY, node_ms=times)
+    for plan in over_trace.plans:  # per state: the placement scored on that state; overall: their weighted mean
+        expected = [_latency(analysis, times, plan.positions[0], state) for state in trace.states]
+        assert np.allclose(plan.state_latency_ms, expected)
+        assert math.isclose(plan.latency_ms, float(np.dot(trace.weights, expected)))
+
+    def over_states(position):
+        return float(np.dot(trace.weights, [_latency(analysis, times, position, s) for s in trace.states]))
+
+    n = len(analysis.order)
+    ends = min(over_states(n - 1), over_states(int(allowed_positions(analysis)[0])))  # device only, cloud only
+    best = min(over_states(int(p)) for p in allowed_positions(analysis))
+    assert math.isclose(over_trace.plans[over_trace.chosen].latency_ms, best)
+    assert best <= ends
+    # The case is one where planning for the mean link goes wrong: its plan loses to an end over the trace.
+    assert over_states(over_mean.plans[over_mean.chosen].positions[0]) > ends
+
+
+def test_percentile_of_a_changing_link(zoo):
+    from splitc.targets import load_link_mix
+
+    analysis, targets, times, _, _ = _mix_case(zoo)
+    worst = plan_placements(analysis, targets, load_link_mix("wifi+4g+3g+wifi", percentile=100), BUSY, node_ms=times)
+    assert all(p.latency_ms == max(p.state_latency_ms) for p in worst.plans)
+    # p50 with Wi-Fi holding half the requests: the Wi-Fi figure whenever Wi-Fi is the fastest state.
+    median = plan_placements(analysis, targets, load_link_mix("wifi+4g+3g+wifi", percentile=50), BUSY, node_ms=times)
+    for plan in median.plans:
+        wifi = plan.state_latency_ms[0]
+        if wifi == min(plan.state_latency_ms):
+            assert plan.latency_ms == wifi
+    with pytest.raises(TargetError, match="positive number"):
+        load_link_mix("wifi*0+3g")
+    with pytest.raises(TargetError, match="unknown link"):
+        load_link_mix("wifi+5g")
