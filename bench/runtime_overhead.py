@@ -144,16 +144,17 @@ def server_process(conn, bundle_path: str, variant_dir: str | None, server_modul
         for index, run in list(app.session._executors.items()):
             if index >= app.first:
                 app.session._executors[index] = Timed(run, compute)
-    handle = server._Handler.handle_one_request
+    if hasattr(server, "_Handler"):  # the hand-written server of earlier revisions: its handler thread's CPU
+        handle = server._Handler.handle_one_request
 
-    def timed(self):
-        cpu = time.thread_time()
-        try:
-            handle(self)
-        finally:
-            handler[0] += (time.thread_time() - cpu) * 1e3
+        def timed(self):
+            cpu = time.thread_time()
+            try:
+                handle(self)
+            finally:
+                handler[0] += (time.thread_time() - cpu) * 1e3
 
-    server._Handler.handle_one_request = timed
+        server._Handler.handle_one_request = timed
     count = [0]
     for app in apps:
         infer = app.infer

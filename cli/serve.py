@@ -43,9 +43,21 @@ def read_token(token_file: str | None) -> str | None:
 @click.option("--name", help="Model name in URLs (default: the bundle's model name).")
 @click.option("--max-body-mb", default=64.0, show_default=True, type=click.FloatRange(0.001, 4096), help="Largest request body accepted.")
 @click.option("--drain-timeout", default=30.0, show_default=True, type=float, help="Seconds to let in-flight requests finish on SIGTERM.")
+@click.option("--grpc-port", type=click.IntRange(0, 65535), default=None, help="Also serve KServe v2 gRPC on this port (0: any free port).")
+@click.option("--workers", type=click.IntRange(1, 256), default=None, help="Requests computed at once (default: the cores).")
+@click.option("--threads", type=click.IntRange(0, 256), default=0, help="Threads per computation (0: the cores divided among the workers).")
+@click.option("--max-queue", default=64, show_default=True, type=click.IntRange(1, 100000),
+              help="Requests waiting for a worker before the server answers 503 + Retry-After.")
+@click.option("--max-batch", default=1, show_default=True, type=click.IntRange(1, 1024),
+              help="Dynamic batching: run up to this many queued requests as one batch (partitions with a batch dimension only).")
+@click.option("--max-delay-ms", default=2.0, show_default=True, type=click.FloatRange(0, 1000), help="Longest a request waits for a batch to fill.")
+@click.option("--inline-below-ms", default=0.5, show_default=True, type=click.FloatRange(0, 1000),
+              help="A partition computing faster than this runs on the protocol thread instead of a worker (0: always a worker).")
 @click.option("--verbose", "-v", is_flag=True, help="Log every request to stderr.")
-def serve(bundle, partition, host, port, token_file, no_auth, name, max_body_mb, drain_timeout, verbose):
-    """Serve BUNDLE's partitions from --partition to the end over KServe v2 (Triton-compatible) HTTP.
+def serve(bundle, partition, host, port, token_file, no_auth, name, max_body_mb, drain_timeout, grpc_port, workers, threads,
+          max_queue, max_batch, max_delay_ms, inline_below_ms, verbose):
+    """Serve BUNDLE's partitions from --partition to the end over KServe v2 (Triton-compatible) HTTP
+    and, with --grpc-port, gRPC. Prometheus metrics at /metrics.
 
     A variant directory (`compile --variants`) serves every variant's cloud part, each as model
     <name>-v<k>, on this one server."""
@@ -53,12 +65,8 @@ def serve(bundle, partition, host, port, token_file, no_auth, name, max_body_mb,
 
     from splitc.runtime import Bundle
     from splitc.runtime.adaptive import is_variant_dir
-    from splitc.runtime.server import (
-        PartitionServer,
-        make_http_server,
-        serve_until_signalled,
-        variant_servers,
-    )
+    from splitc.runtime.executors import available_cpus
+    from splitc.runtime.server import PartitionServer, variant_servers
 
     token = read_token(token_file)
     if token is None and not no_auth:
@@ -70,41 +78,43 @@ def serve(bundle, partition, host, port, token_file, no_auth, name, max_body_mb,
         if partition is not None or name:
             raise InputError("a variant directory serves each variant from its first cloud partition, named <model>-v<k> "
                              "as its variants.json says (what the adaptive runtime asks for); drop --partition and --name")
-        apps = variant_servers(bundle, token=token, max_body=int(max_body_mb * (1 << 20)))
-        _serve_apps(apps, host, port, token, drain_timeout)
-        return
-    opened = Bundle.open(bundle)
-    if partition is None:
-        partition = 1 if len(opened.manifest.partitions) > 1 else 0
-    app = PartitionServer(opened, partition, token=token, model_name=name, max_body=int(max_body_mb * (1 << 20)))
-    httpd = make_http_server(app, host, port)
-    url = f"http://{host}:{httpd.port}"
-
-    def ready() -> None:
-        served = ", ".join(str(p.index) for p in opened.manifest.partitions[partition:])
-        click.echo(f"serving {app.name} (partitions {served}, model sha256 {app.sha256[:12]}…) at {url}/v2/models/{app.name}"
-                   f"{'' if token else ' WITHOUT a token'}; SIGTERM or Ctrl-C to stop", err=True)
-
-    finished = serve_until_signalled(httpd, drain_timeout=drain_timeout, on_ready=ready)
-    s = app.stats
-    click.echo(f"stopped: {s['infer']} inferences, {s['errors_4xx']} refused (4xx), {s['errors_5xx']} failed (5xx)"
-               f"{'' if finished else '; some requests were still running at the drain timeout'}", err=True)
+    pool = {"workers": workers or available_cpus(), "threads": threads}
+    scheduling = {"grpc_port": grpc_port, "max_queue": max_queue, "max_batch": max_batch, "max_delay_ms": max_delay_ms,
+                  "inline_below_ms": inline_below_ms}
+    if is_variant_dir(bundle):
+        apps = variant_servers(bundle, token=token, max_body=int(max_body_mb * (1 << 20)), **pool)
+    else:
+        opened = Bundle.open(bundle)
+        if partition is None:
+            partition = 1 if len(opened.manifest.partitions) > 1 else 0
+        apps = [PartitionServer(opened, partition, token=token, model_name=name, max_body=int(max_body_mb * (1 << 20)), **pool)]
+    _serve_apps(apps, host, port, token, drain_timeout, scheduling)
 
 
-def _serve_apps(apps, host, port, token, drain_timeout) -> None:
+def _serve_apps(apps, host, port, token, drain_timeout, scheduling) -> None:
     from splitc.runtime.server import make_http_server, serve_until_signalled
 
-    httpd = make_http_server(apps, host, port)
-    url = f"http://{host}:{httpd.port}"
+    stack = make_http_server(apps, host, port, **scheduling)
+    url = f"http://{host}:{stack.port}"
 
     def ready() -> None:
+        grpc = f", gRPC on port {stack.grpc_port}" if stack.grpc_port else ""
+        batching = [a.name for a in apps if stack.served.batching[a.name]]
+        if scheduling["max_batch"] > 1:
+            click.echo(f"dynamic batching (up to {scheduling['max_batch']}): {', '.join(batching) or 'no model has a batch dimension'}", err=True)
+        if len(apps) == 1:
+            app = apps[0]
+            served = ", ".join(str(p.index) for p in app.manifest.partitions[app.first:])
+            click.echo(f"serving {app.name} (partitions {served}, model sha256 {app.sha256[:12]}…) at {url}/v2/models/{app.name}"
+                       f"{grpc}{'' if token else ' WITHOUT a token'}; SIGTERM or Ctrl-C to stop", err=True)
+            return
         for app in apps:
             served = ", ".join(str(p.index) for p in app.manifest.partitions[app.first:])
             click.echo(f"  {app.name}: partitions {served} at {url}/v2/models/{app.name}", err=True)
-        click.echo(f"serving {len(apps)} variant model(s) (model sha256 {apps[0].sha256[:12]}…) at {url}"
+        click.echo(f"serving {len(apps)} variant model(s) (model sha256 {apps[0].sha256[:12]}…) at {url}{grpc}"
                    f"{'' if token else ' WITHOUT a token'}; SIGTERM or Ctrl-C to stop", err=True)
 
-    finished = serve_until_signalled(httpd, drain_timeout=drain_timeout, on_ready=ready)
+    finished = serve_until_signalled(stack, drain_timeout=drain_timeout, on_ready=ready)
     infer = sum(a.stats["infer"] for a in apps)
     refused = sum(a.stats["errors_4xx"] for a in apps)
     failed = sum(a.stats["errors_5xx"] for a in apps)

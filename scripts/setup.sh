@@ -17,6 +17,6 @@ fi
 PY=${PYTHON:-python3}
 # torch first and pinned: an unpinned torch pulls the CUDA build and several GB (../shared/TOOLCHAIN.md).
 $PY -m pip install -q torch==2.13.0
-$PY -m pip install -q -e ".[compiler,test]"
+$PY -m pip install -q -e ".[compiler,serve,test]"
 # The aarch64 Python + TVM runtime that `splitc verify` uses to run the Raspberry Pi artifact.
 splitc toolchain aarch64

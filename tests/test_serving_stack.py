@@ -1,0 +1,223 @@
+"""The serving stack around PartitionServer: v2 gRPC (through Triton's own gRPC client), Prometheus
+metrics, admission control (503 + Retry-After from a bounded queue), the worker pool and the
+dynamic batcher's scheduling, and the per-request fallback for a partition without a batch axis."""
+
+from __future__ import annotations
+
+import http.client
+import threading
+import time
+
+import numpy as np
+import pytest
+from splitc.runtime import Bundle, SplitSession
+from splitc.runtime.scheduler import Overloaded, Scheduler
+from splitc.runtime.server import PartitionServer, ServedModels, make_http_server
+from splitc.runtime.v2protocol import HEADER_LENGTH, decode_response, encode_request
+
+from tests.serving import TOKEN, auth, build_bundle, error_of, request
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Bundle:
+    return Bundle.open(build_bundle(tmp_path_factory.mktemp("stack")))
+
+
+@pytest.fixture(scope="module")
+def boundary(bundle):
+    session = SplitSession(bundle)
+    x = np.load(bundle.path.parent / "x.npy")
+    return session.run_partition(0, session.bind_inputs([x])), session.run([x])
+
+
+@pytest.fixture(scope="module")
+def stack(bundle):
+    app = PartitionServer(bundle, 1, token=TOKEN, workers=2)
+    stack = make_http_server(app, "127.0.0.1", 0, grpc_port=0, inline_below_ms=0)  # always through the workers
+    stack.start()
+    yield stack
+    stack.drain(5)
+
+
+def _close(got, expected):
+    for name, want in expected.items():
+        np.testing.assert_allclose(got[name], want, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------ gRPC
+
+
+def test_grpc_infer_through_the_triton_client(stack, bundle, boundary):
+    grpcclient = pytest.importorskip("tritonclient.grpc")
+    from tritonclient.utils import InferenceServerException
+
+    env, expected = boundary
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{stack.grpc_port}")
+    headers = {"authorization": f"Bearer {TOKEN}"}
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(stack.app.name)
+    config = client.get_model_config(stack.app.name, headers=headers, as_json=True)["config"]
+    assert config["parameters"]["model_sha256"]["string_value"] == bundle.manifest.model["sha256"]
+    meta = client.get_model_metadata(stack.app.name, headers=headers, as_json=True)
+    assert [i["name"] for i in meta["inputs"]] == list(env)
+
+    inputs = []
+    for name, array in env.items():
+        tensor = grpcclient.InferInput(name, list(array.shape), "FP32")
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    result = client.infer(stack.app.name, inputs, headers=headers, request_id="g1")
+    _close({name: result.as_numpy(name) for name in expected}, expected)
+    assert result.get_response().id == "g1"
+    assert result.get_response().parameters["compute_ms"].double_param >= 0
+
+    with pytest.raises(InferenceServerException, match="token"):
+        client.infer(stack.app.name, inputs)
+    with pytest.raises(InferenceServerException, match="not served"):
+        client.infer("other", inputs, headers=headers)
+    name, array = next(iter(env.items()))
+    bad = grpcclient.InferInput(name, [1, 2, 3], "FP32")
+    bad.set_data_from_numpy(np.zeros((1, 2, 3), np.float32))
+    with pytest.raises(InferenceServerException, match="shape"):
+        client.infer(stack.app.name, [bad, *inputs[1:]], headers=headers)
+    client.close()
+    assert stack.app.stats["errors_5xx"] == 0
+
+
+# --------------------------------------------------------------------------------- metrics
+
+
+def test_prometheus_metrics(stack, boundary):
+    env, _ = boundary
+    body, headers = encode_request(env)
+    path = f"/v2/models/{stack.app.name}/infer"
+    for _ in range(3):
+        assert request(stack.port, "POST", path, body, auth(headers))[0] == 200
+    assert request(stack.port, "POST", path, b"{", auth())[0] == 400
+    assert request(stack.port, "GET", "/metrics")[0] == 401
+    status, got, data = request(stack.port, "GET", "/metrics", headers=auth())
+    assert status == 200 and got["content-type"].startswith("text/plain")
+    text = data.decode()
+
+    def value(line_start: str) -> float:
+        lines = [line for line in text.splitlines() if line.startswith(line_start)]
+        assert lines, line_start
+        return float(lines[0].rsplit(" ", 1)[1])
+
+    model = stack.app.name
+    assert value(f'splitc_requests_total{{code="200",model="{model}",protocol="http"}}') >= 3
+    assert value(f'splitc_errors_total{{kind="4xx",model="{model}",protocol="http"}}') >= 1
+    assert value(f'splitc_request_seconds_count{{model="{model}",protocol="http"}}') >= 3
+    assert value(f'splitc_batch_size_count{{model="{model}"}}') >= 3
+
+
+# ------------------------------------------------------------------------ admission control
+
+
+def test_a_full_queue_refuses_at_once_and_runs_what_it_admitted():
+    release = threading.Event()
+
+    def slow(x):
+        release.wait(10)
+        return x * 2
+
+    scheduler = Scheduler(slow, workers=1, max_queue=2)
+    first = scheduler.submit(1)
+    deadline = time.monotonic() + 5
+    while scheduler.queued and time.monotonic() < deadline:  # the worker has taken the first job
+        time.sleep(0.01)
+    queued = [scheduler.submit(n) for n in (2, 3)]
+    with pytest.raises(Overloaded, match="2 requests"):
+        scheduler.submit(4)
+    release.set()
+    assert [f.result(5) for f in (first, *queued)] == [2, 4, 6]
+    scheduler.close(5)
+    with pytest.raises(Overloaded, match="shutting down"):
+        scheduler.submit(5)
+
+
+def test_the_batcher_runs_queued_requests_together_and_answers_each():
+    release = threading.Event()
+    batches = []
+
+    def one(x):
+        release.wait(10)
+        return x + 100
+
+    def many(xs):
+        batches.append(list(xs))
+        return [x + 100 for x in xs]
+
+    scheduler = Scheduler(one, run_batch=many, workers=1, max_batch=4, max_delay_ms=50, max_queue=16)
+    futures = [scheduler.submit(0)]  # blocks the worker, alone (nothing else was queued within the delay)
+    time.sleep(0.2)
+    futures += [scheduler.submit(n) for n in range(1, 7)]
+    release.set()
+    assert [f.result(5) for f in futures] == [100 + n for n in range(7)]
+    assert sorted(x for b in batches for x in b) == list(range(1, 7)) and max(len(b) for b in batches) == 4
+    scheduler.close(5)
+
+
+def test_a_failing_batch_is_retried_one_by_one():
+    scheduler = Scheduler(lambda x: 1 / x, run_batch=lambda xs: [1 / 0], workers=1, max_batch=4, max_delay_ms=100)
+    futures = [scheduler.submit(x) for x in (1, 0, 2)]
+    assert futures[0].result(5) == 1 and futures[2].result(5) == 0.5
+    with pytest.raises(ZeroDivisionError):
+        futures[1].result(5)
+    scheduler.close(5)
+
+
+def test_http_sheds_load_with_503_and_retry_after(bundle, boundary):
+    env, expected = boundary
+    app = PartitionServer(bundle, 1, token=TOKEN, workers=1)
+    stack = make_http_server(app, "127.0.0.1", 0, max_queue=1, inline_below_ms=0)
+    stack.start()
+    body, headers = encode_request(env)
+    path = f"/v2/models/{app.name}/infer"
+    statuses, lock = [], threading.Lock()
+
+    def client():
+        conn = http.client.HTTPConnection("127.0.0.1", stack.port, timeout=30)
+        for _ in range(10):
+            status, got, data = request(stack.port, "POST", path, body, auth(headers), conn=conn)
+            if status == 200:
+                outputs, _ = decode_response(data, got.get(HEADER_LENGTH.lower()))
+                _close(outputs, expected)
+            else:
+                assert status == 503 and got["retry-after"] == "1" and "capacity" in error_of(data)
+            with lock:
+                statuses.append(status)
+        conn.close()
+
+    try:
+        threads = [threading.Thread(target=client) for _ in range(24)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        stack.drain(5)
+    assert len(statuses) == 240 and set(statuses) <= {200, 503} and 200 in statuses
+    print(f"\nadmission: {statuses.count(200)} answered, {statuses.count(503)} shed of {len(statuses)}")
+    assert app.stats["errors_5xx"] == 0
+
+
+def test_a_partition_without_a_batch_axis_runs_per_request(bundle, boundary):
+    env, expected = boundary
+    app = PartitionServer(bundle, 1, token=TOKEN)
+    assert not app.batchable()  # compiled for batch 1: a batch of two is refused by ONNX Runtime
+    served = ServedModels(app, max_batch=8)
+    try:
+        assert served.batching == {app.name: False}
+        _close(served.submit(app, env).result(10).outputs, expected)
+    finally:
+        served.close(5)
+
+
+def test_cli_options_reach_the_stack(bundle, tmp_path):
+    from click.testing import CliRunner
+
+    from splitc.cli.serve import serve
+
+    (tmp_path / "secret").write_text(TOKEN)
+    result = CliRunner().invoke(serve, [str(bundle.path), "--token-file", str(tmp_path / "secret"), "--max-queue", "0"])
+    assert result.exit_code != 0 and "--max-queue" in result.output
