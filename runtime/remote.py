@@ -13,7 +13,11 @@ exponential backoff within `timeout` seconds; after that, if every partition can
 the rest of the model runs here and the result says `source == "local-fallback"` (and why). A 4xx
 answer (wrong token, a request the server refuses) is a RemoteError, never silently hidden.
 
-Numpy and the stdlib only (plus the backend runtime of the local partitions, loaded lazily).
+Numpy, urllib3 and the stdlib (plus the backend runtime of the local partitions, loaded lazily).
+Why urllib3 for HTTP: it is pure Python with no dependencies of its own (a device's runtime stays
+small; httpx would bring httpcore, anyio, h11 and more), it keeps a thread-safe pool of kept-alive
+connections with TCP_NODELAY set, and detects a connection the server closed while it sat idle
+before reusing it.
 """
 
 from __future__ import annotations
@@ -21,7 +25,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import socket
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -30,6 +33,7 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 import numpy as np
+import urllib3
 from splitc.runtime.executors import Executor, load_executor
 from splitc.core.manifest import TensorSpec
 from splitc.runtime.session import Answer, Bundle, SplitSession, confident_exit, exit_answer, host_artifact, softmax_max
@@ -67,151 +71,19 @@ class RemoteResult:
 
 
 class _Transient(Exception):
-    """A failure worth retrying (network, timeout, 5xx)."""
+    """A failure worth retrying (network, timeout, 5xx). `retry_after`: seconds the server asked
+    the client to wait (a 503 from admission control), if it said."""
+
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
-class _BadResponse(Exception):
-    """The server's answer is not HTTP/1.x."""
-
-
-class _Connection:
-    """One kept-alive HTTP/1.1 connection, the little of HTTP this client needs.
-
-    Why not http.client: it writes the request head and the body separately (with Nagle on, the
-    body's last segment can then wait for the server's delayed ACK) and parses response headers
-    with the email package, ~60 us a response, a fifth of this runtime's whole per-request budget.
-    Here the head and body leave in one write with TCP_NODELAY set, and the response head is split
-    by hand: status line, `Name: value` lines, a Content-Length or chunked body."""
-
-    MAX_LINE = 65536
-    MAX_HEADERS = 100
-
-    def __init__(self, scheme: str, host: str, port: int, host_header: str, timeout: float):
-        self.scheme, self.host, self.port, self.host_header = scheme, host, port, host_header
-        self.timeout = timeout
-        self.sock: socket.socket | None = None
-        self._reader = None
-
-    def connect(self) -> None:
-        sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if self.scheme == "https":
-                import ssl
-
-                sock = ssl.create_default_context().wrap_socket(sock, server_hostname=self.host)
-        except BaseException:
-            sock.close()
-            raise
-        self.sock, self._reader = sock, sock.makefile("rb")
-
-    def set_timeout(self, timeout: float) -> None:
-        self.timeout = timeout
-        if self.sock is not None:
-            self.sock.settimeout(timeout)
-
-    def close(self) -> None:
-        for closable in (self._reader, self.sock):
-            if closable is not None:
-                try:
-                    closable.close()
-                except OSError:
-                    pass
-        self.sock = self._reader = None
-
-    def exchange(self, method: str, target: str, body: bytes | None, headers: Mapping[str, str]) -> tuple[int, dict[str, str], bytes]:
-        """Send one request, read its response: (status, headers with lower-case names, body)."""
-        lines = [f"{method} {target} HTTP/1.1", f"Host: {self.host_header}"]
-        lines.extend(f"{k}: {v}" for k, v in headers.items())
-        if body is not None:
-            lines.append(f"Content-Length: {len(body)}")
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        message = head + body if body else head
-        reused = self.sock is not None
-        if not reused:
-            self.connect()
-        try:
-            self.sock.sendall(message)
-            status, version, response_headers = self._read_head()
-        except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError):
-            if not reused:
-                raise
-            # The server closed the kept-alive connection while it sat idle (splitc serve does
-            # after 30 s): nothing of this request was answered, so it is sent again at once on a
-            # new connection rather than counted as a failed attempt and backed off.
-            self.close()
-            self.connect()
-            self.sock.sendall(message)
-            status, version, response_headers = self._read_head()
-        while 100 <= status < 200:  # interim answers (100 Continue) precede the real one
-            status, version, response_headers = self._read_head()
-        if method == "HEAD" or status in (204, 304):
-            data = b""
-        elif response_headers.get("transfer-encoding", "").lower() == "chunked":
-            data = self._read_chunked()
-        elif "content-length" in response_headers:
-            try:
-                length = int(response_headers["content-length"])
-            except ValueError:
-                raise _BadResponse(f"Content-Length {response_headers['content-length'][:40]!r}") from None
-            data = self._read_exact(length)
-        else:  # no framing: the body runs to the end of the connection
-            data = self._reader.read()
-            response_headers["connection"] = "close"
-        if version == "HTTP/1.0" and response_headers.get("connection", "").lower() != "keep-alive":
-            response_headers["connection"] = "close"
-        return status, response_headers, data
-
-    def _readline(self) -> bytes:
-        line = self._reader.readline(self.MAX_LINE + 1)
-        if len(line) > self.MAX_LINE:
-            raise _BadResponse("a header line is too long")
-        return line
-
-    def _read_head(self) -> tuple[int, str, dict[str, str]]:
-        line = self._readline()
-        if not line:
-            raise ConnectionResetError("the server closed the connection without answering")
-        parts = line.decode("latin-1").split(None, 2)
-        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
-            raise _BadResponse(f"status line {line[:60]!r}")
-        headers: dict[str, str] = {}
-        last = None
-        for _ in range(self.MAX_HEADERS + 1):
-            line = self._readline()
-            if line in (b"\r\n", b"\n", b""):
-                return int(parts[1]), parts[0], headers
-            text = line.decode("latin-1").rstrip("\r\n")
-            if text[:1] in (" ", "\t") and last is not None:  # a folded continuation line
-                headers[last] += " " + text.strip()
-                continue
-            name, sep, value = text.partition(":")
-            if not sep:
-                raise _BadResponse(f"header line {text[:60]!r}")
-            last = name.strip().lower()
-            headers.setdefault(last, value.strip())  # the first of repeated headers, as http.client reads them
-        raise _BadResponse(f"more than {self.MAX_HEADERS} headers")
-
-    def _read_exact(self, length: int) -> bytes:
-        data = self._reader.read(length)
-        if len(data) != length:
-            raise ConnectionResetError(f"the connection closed after {len(data)} of {length} body bytes")
-        return data
-
-    def _read_chunked(self) -> bytes:
-        chunks = []
-        while True:
-            size_line = self._readline().split(b";", 1)[0].strip()
-            try:
-                size = int(size_line, 16)
-            except ValueError:
-                raise _BadResponse(f"chunk size {size_line[:20]!r}") from None
-            if size == 0:
-                while self._readline() not in (b"\r\n", b"\n", b""):  # trailers
-                    pass
-                return b"".join(chunks)
-            chunks.append(self._read_exact(size))
-            self._readline()
+# The pool retries a request once, at once, when its connection fails before an answer (the
+# server closed a kept-alive connection as the request left): infer is idempotent. Other
+# failures, and 5xx answers, are the session's to retry with backoff within its timeout.
+_RESEND_ONCE = urllib3.Retry(total=1, connect=0, read=1, status=0, other=0, redirect=0, allowed_methods=None,
+                             raise_on_status=False)
 
 
 def _served_inputs(bundle: Bundle, first: int) -> tuple[TensorSpec, ...]:
@@ -236,9 +108,10 @@ class RemoteSession:
         self.bundle = bundle
         self.manifest = bundle.manifest
         self.url = url
-        self._scheme, self._host = parts.scheme, parts.hostname
-        self._port = parts.port or (443 if parts.scheme == "https" else 80)
-        self._host_header = parts.netloc.rpartition("@")[2]
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        pool = urllib3.HTTPSConnectionPool if parts.scheme == "https" else urllib3.HTTPConnectionPool
+        # Non-blocking: a thread finding every kept connection busy opens one more (kept up to 8).
+        self._pool = pool(parts.hostname, port, maxsize=8, block=False, retries=_RESEND_ONCE)
         self._prefix = parts.path.rstrip("/")
         self.token = token.strip() if token else None
         self.model_name = model_name or model_name_for(str(self.manifest.model.get("name") or "model"))
@@ -252,7 +125,6 @@ class RemoteSession:
         self._unloadable: dict[int, str] = {}
         self._local_lock = threading.Lock()
         self._meta_lock = threading.Lock()
-        self._tls = threading.local()
         self._session: SplitSession | None = None
         self._session_loaded: frozenset[int] = frozenset()
         # Request ids: unique per session without a uuid4 (an os.urandom call) per request.
@@ -321,44 +193,25 @@ class RemoteSession:
 
     # ---------------------------------------------------------------------------- HTTP plumbing
 
-    def _connection(self, timeout: float) -> _Connection:
-        """This thread's connection to the server (kept alive between calls)."""
-        conn = getattr(self._tls, "conn", None)
-        if conn is None:
-            conn = _Connection(self._scheme, self._host, self._port, self._host_header, timeout)
-            self._tls.conn = conn
-        conn.set_timeout(timeout)
-        return conn
-
-    def _drop_connection(self) -> None:
-        conn = getattr(self._tls, "conn", None)
-        if conn is not None:
-            conn.close()
-            self._tls.conn = None
-
     def close(self) -> None:
-        self._drop_connection()
+        self._pool.close()
 
     def _request(self, method: str, path: str, body: bytes | None, headers: Mapping[str, str], timeout: float):
         """One HTTP exchange -> (status, headers, body). Network trouble raises _Transient."""
         all_headers = dict(headers)
         if self.token:
             all_headers["Authorization"] = f"Bearer {self.token}"
-        conn = self._connection(max(timeout, 0.001))
+        timeout = max(timeout, 0.001)
         try:
-            status, response_headers, data = conn.exchange(method, self._prefix + path, body, all_headers)
-        except (OSError, _BadResponse) as exc:
-            self._drop_connection()
-            if isinstance(exc, (socket.timeout, TimeoutError)):
-                kind = "timed out"
-            elif isinstance(exc, _BadResponse):
-                kind = f"the answer is not HTTP: {exc}"
-            else:
-                kind = f"{type(exc).__name__}: {exc}"
+            response = self._pool.urlopen(method, self._prefix + path, body=body, headers=all_headers,
+                                          timeout=urllib3.Timeout(connect=timeout, read=timeout))
+        except urllib3.exceptions.HTTPError as exc:
+            reason = exc.reason if isinstance(exc, urllib3.exceptions.MaxRetryError) and exc.reason else exc
+            # urllib3's NewConnectionError (refused, unreachable) derives from its TimeoutError.
+            timed_out = isinstance(reason, (urllib3.exceptions.TimeoutError, TimeoutError))
+            kind = "timed out" if timed_out and not isinstance(reason, urllib3.exceptions.NewConnectionError) else f"{type(reason).__name__}: {reason}"
             raise _Transient(f"{method} {self.url}{path} failed ({kind})") from exc
-        if response_headers.get("connection", "").lower() == "close":
-            self._drop_connection()
-        return status, response_headers, data
+        return response.status, response.headers, response.data
 
     def _model_path(self, suffix: str = "") -> str:
         return f"/v2/models/{quote(self.model_name, safe='')}{suffix}"
@@ -484,14 +337,12 @@ class RemoteSession:
         """Milliseconds of one GET /v2/health/ready on a kept-alive connection: a few hundred bytes
         each way, so close to one round trip. Raises RemoteError when the server cannot be reached."""
         timeout = self.timeout if timeout is None else timeout
-        conn = self._connection(timeout)
         try:
-            if conn.sock is None:
-                conn.connect()  # the TCP (and TLS) handshake is not part of the round trip measured
+            if self._pool.num_connections == 0:  # the TCP (and TLS) handshake is not part of the round trip
+                self._request("GET", "/v2/health/live", None, {}, timeout)
             tick = time.perf_counter()
             status, _, data = self._request("GET", "/v2/health/ready", None, {}, timeout)
-        except (_Transient, OSError) as exc:
-            self._drop_connection()
+        except _Transient as exc:
             raise RemoteError(f"probe of {self.url} failed ({first_line(exc)})") from None
         elapsed = (time.perf_counter() - tick) * 1e3
         if status >= 500:
@@ -550,7 +401,8 @@ class RemoteSession:
                 return action()
             except _Transient as exc:
                 last = str(exc)
-            pause = min(self.backoff * (2 ** attempt), deadline - time.monotonic())
+                asked = exc.retry_after or 0.0
+            pause = min(max(self.backoff * (2 ** attempt), asked), deadline - time.monotonic())
             if attempt < self.retries and pause > 0:
                 time.sleep(pause)
         raise _Transient(last)
@@ -563,14 +415,14 @@ class RemoteSession:
         if status == 200:
             return self._decode(response_headers, data, result)
         if status >= 500 or status == 429:
-            raise _Transient(f"server answered {status}: {self._error_text(data)}")
+            raise _Transient(f"server answered {status}: {self._error_text(data)}", _retry_after(response_headers))
         if status == 401:
             raise RemoteError(f"server {self.url} refused the token ({self._error_text(data)}); pass the server's --token-file")
         raise RemoteError(f"server {self.url} refused the request ({status}): {self._error_text(data)}")
 
     def _decode(self, headers: Mapping[str, str], data: bytes, result: RemoteResult) -> dict[str, np.ndarray]:
         try:
-            arrays, header = decode_response(data, headers.get(HEADER_LENGTH.lower()))
+            arrays, header = decode_response(data, headers.get(HEADER_LENGTH))
         except ProtocolError as exc:
             raise RemoteError(f"server {self.url} answered a malformed response ({exc})") from exc
         params = header.get("parameters")
@@ -588,6 +440,14 @@ class RemoteSession:
                 raise RemoteError(f"server {self.url} answered {got} for output {spec.name!r}, expected {spec.dtype}{list(spec.shape)}")
             outputs[spec.name] = array
         return outputs
+
+
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    """Retry-After in seconds (the delay form; an HTTP date is not worth parsing here)."""
+    try:
+        return max(0.0, float(headers.get("Retry-After")))
+    except (TypeError, ValueError):
+        return None
 
 
 def _missing(index: int) -> Executor:

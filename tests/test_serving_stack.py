@@ -221,3 +221,45 @@ def test_cli_options_reach_the_stack(bundle, tmp_path):
     (tmp_path / "secret").write_text(TOKEN)
     result = CliRunner().invoke(serve, [str(bundle.path), "--token-file", str(tmp_path / "secret"), "--max-queue", "0"])
     assert result.exit_code != 0 and "--max-queue" in result.output
+
+
+def test_the_edge_client_retries_a_shed_request_after_retry_after(bundle, boundary):
+    """A 503 from admission control is retried by RemoteSession (infer is idempotent) after the
+    server's Retry-After: every one of many concurrent clients gets the server's answer."""
+    from splitc.runtime.remote import RemoteSession
+
+    _, expected = boundary
+    x = np.load(bundle.path.parent / "x.npy")
+    app = PartitionServer(bundle, 1, token=TOKEN, workers=1)
+    stack = make_http_server(app, "127.0.0.1", 0, max_queue=1, inline_below_ms=0)
+    stack.start()
+    url = f"http://127.0.0.1:{stack.port}"
+    results, errors, lock = [], [], threading.Lock()
+
+    def client():
+        # Up to 20 retries: with 12 clients for one queue slot, a client can be shed several times running.
+        session = RemoteSession(bundle, url, token=TOKEN, timeout=60, retries=20, fallback=False)
+        try:
+            for _ in range(3):
+                result = session.infer({bundle.manifest.inputs[0].name: x})
+                with lock:
+                    results.append(result)
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+        finally:
+            session.close()
+
+    try:
+        threads = [threading.Thread(target=client) for _ in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        stack.drain(5)
+    assert errors == [] and len(results) == 36 and all(r.source == "remote" for r in results)
+    for r in results:
+        _close(r.outputs, expected)
+    shed = sum(r.attempts - 1 for r in results)
+    print(f"\nclient retries: {shed} retried attempts over {len(results)} requests; {app.stats['infer']} inferences")
+    assert shed == app.stats["requests"] - app.stats["infer"] - 12  # every 503 was retried (12 metadata GETs)
