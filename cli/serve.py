@@ -125,10 +125,12 @@ def _serve_apps(apps, host, port, token, drain_timeout, scheduling) -> None:
 @click.command("export-triton")
 @click.argument("bundle", type=click.Path())
 @click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="Triton model repository directory.")
-@click.option("--partition", "-p", type=int, default=None, help="Partition to export (default: the last, the cloud tier).")
+@click.option("--partition", "-p", type=int, default=None,
+              help="Partition to export (default: the last, the cloud tier; --format python: the first served, default 1).")
 @click.option("--name", help="Model name (default: the bundle's model name).")
-@click.option("--format", "fmt", type=click.Choice(["auto", "onnx", "plan"]), default="auto", show_default=True,
-              help="auto: the TensorRT engine when built, else ONNX.")
+@click.option("--format", "fmt", type=click.Choice(["auto", "onnx", "plan", "python"]), default="auto", show_default=True,
+              help="auto: the TensorRT engine when built, else ONNX. python: Triton's Python backend runs the splitc runtime "
+                   "(any partition range; for a Triton without the ONNX Runtime backend, such as PyTriton's).")
 @click.option("--instances", default=1, show_default=True, type=click.IntRange(1, 64), help="Triton instance_group count.")
 def export_triton_command(bundle, output, partition, name, fmt, instances):
     """Write the cloud partition of BUNDLE as a Triton model repository (config.pbtxt + model)."""

@@ -4,6 +4,12 @@
       <name>/config.pbtxt       inputs = the boundary tensors, outputs = the model outputs, fixed dims
       <name>/1/model.onnx       platform onnxruntime_onnx   (or model.plan, platform tensorrt_plan,
                                                               when the bundle holds a built engine)
+      <name>/1/model.py         --format python: Triton's Python backend runs the partitions with
+      <name>/1/bundle/          the splitc runtime (a copy of the bundle);
+                                for a Triton without the ONNX Runtime backend (PyTriton's bundled
+                                tritonserver), and for any partition range, as `splitc serve` does.
+                                The Python environment Triton's stub runs in needs splitc (the base
+                                install) and the partitions' backend runtime (onnxruntime).
 
 The config carries the bundle's model sha256 as a model parameter, so `splitc run --remote` (which
 reads it from Triton's /v2/models/<name>/config) refuses a Triton serving another model. Triton
@@ -47,13 +53,15 @@ def _tensor_block(spec: TensorSpec) -> str:
 
 
 def config_pbtxt(name: str, platform: str, partition: PartitionSpec, outputs: tuple[TensorSpec, ...], sha256: str,
-                 kind: str, instances: int = 1) -> str:
-    inputs = ",\n".join(_tensor_block(t) for t in partition.inputs)
+                 kind: str, instances: int = 1, inputs: tuple[TensorSpec, ...] | None = None) -> str:
+    """`platform` "python" writes `backend: "python"` (the Python backend has no platform)."""
+    inputs = ",\n".join(_tensor_block(t) for t in (partition.inputs if inputs is None else inputs))
     outs = ",\n".join(_tensor_block(t) for t in outputs)
+    engine = 'backend: "python"' if platform == "python" else f"platform: {_quote(platform)}"
     return (
         f"# Written by `splitc export-triton`: partition {partition.index} ({partition.target}) of the bundle.\n"
         f"name: {_quote(name)}\n"
-        f"platform: {_quote(platform)}\n"
+        f"{engine}\n"
         "max_batch_size: 0\n"
         f"input [\n{inputs}\n]\n"
         f"output [\n{outs}\n]\n"
@@ -62,6 +70,43 @@ def config_pbtxt(name: str, platform: str, partition: PartitionSpec, outputs: tu
         f"parameters {{\n  key: {_quote(SHA_PARAMETER)}\n  value: {{ string_value: {_quote(sha256)} }}\n}}\n"
         f"parameters {{\n  key: \"splitc_partition\"\n  value: {{ string_value: \"{partition.index}\" }}\n}}\n"
     )
+
+
+PYTHON_MODEL = '''"""Triton Python-backend model written by `splitc export-triton --format python`: runs partitions
+{first}.. of the bundle in ./bundle with the splitc runtime (splitc.runtime.server.PartitionServer,
+the logic `splitc serve` runs), one request at a time per model instance."""
+
+from pathlib import Path
+
+import triton_python_backend_utils as pb_utils
+
+FIRST_PARTITION = {first}
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        from splitc.runtime import Bundle
+        from splitc.runtime.server import PartitionServer
+
+        bundle = Bundle.open(Path(args["model_repository"]) / args["model_version"] / "bundle")
+        self.server = PartitionServer(bundle, FIRST_PARTITION)
+
+    def execute(self, requests):
+        from splitc.core.errors import SplitcError
+        from splitc.runtime.session import check_inputs
+
+        responses = []
+        for request in requests:
+            try:
+                arrays = {{name: pb_utils.get_input_tensor_by_name(request, name).as_numpy() for name in self.server.input_specs}}
+                check_inputs(self.server.inputs, arrays, "the request")
+                computed = self.server.compute(arrays)
+                tensors = [pb_utils.Tensor(t.name, computed.outputs[t.name]) for t in self.server.outputs]
+                responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
+            except SplitcError as exc:
+                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(exc))))
+        return responses
+'''
 
 
 def _check_servable(bundle: Bundle, index: int) -> PartitionSpec:
@@ -103,19 +148,42 @@ def _check_onnx_names(path: Path, partition: PartitionSpec, outputs: tuple[Tenso
         raise BundleError(f"{path.name} has inputs {have_in} and outputs {have_out}, the manifest says {want_in} -> {want_out}; recompile the bundle")
 
 
+def _python_model(bundle: Bundle, index: int | None) -> tuple[int, PartitionSpec, tuple[TensorSpec, ...]]:
+    """The first partition a Python-backend model serves (default: the cloud side, 1), its spec,
+    and the tensors it receives."""
+    manifest = bundle.manifest
+    count = len(manifest.partitions)
+    first = (1 if count > 1 else 0) if index is None else index
+    if not 0 <= first < count:
+        raise InputError(f"--partition {first} is out of range: the bundle has partitions 0..{count - 1}")
+    received = manifest.inputs if first == 0 else manifest.boundaries[first - 1]
+    return first, manifest.partitions[first], received
+
+
 def export_triton(bundle_path: str | Path, out: str | Path, *, partition: int | None = None, name: str | None = None,
                   fmt: str = "auto", instances: int = 1) -> Path:
     """Write (or replace) `<out>/<name>/` and return that model directory."""
     bundle = Bundle.open(bundle_path)
     manifest = bundle.manifest
+    model = model_name_for(name or str(manifest.model.get("name") or "model"))
+    if fmt == "python":
+        first, spec, received = _python_model(bundle, partition)
+        text = config_pbtxt(model, "python", spec, manifest.outputs, str(manifest.model.get("sha256", "")), "KIND_CPU",
+                            instances, inputs=received)
+
+        def fill(staging: Path) -> None:
+            (staging / "1" / "model.py").write_text(PYTHON_MODEL.format(first=first))
+            # The whole bundle: opening one checks that every artifact is there and intact.
+            shutil.copytree(bundle.path, staging / "1" / "bundle")
+
+        return _write_model(Path(out), model, text, fill)
     index = len(manifest.partitions) - 1 if partition is None else partition
     spec = _check_servable(bundle, index)
-    model = model_name_for(name or str(manifest.model.get("name") or "model"))
     engine = next((a for a in spec.artifacts if a.runtime == RUNTIME_TENSORRT and a.role == ROLE_DEPLOY), None)
     onnx_artifact = next((a for role in (ROLE_DEPLOY, ROLE_PORTABLE) for a in spec.artifacts
                           if a.role == role and a.runtime == RUNTIME_ONNXRUNTIME), None)
     if fmt not in ("auto", "onnx", "plan"):
-        raise InputError(f"--format {fmt!r}: use auto, onnx or plan")
+        raise InputError(f"--format {fmt!r}: use auto, onnx, plan or python")
     if fmt == "plan" and engine is None:
         raise BundleError(f"partition {index} has no built TensorRT engine ({spec.engine.get('status', 'none')}); run `splitc build-engine` on the GPU host first")
     use_engine = engine is not None and fmt != "onnx"
@@ -133,7 +201,12 @@ def export_triton(bundle_path: str | Path, out: str | Path, *, partition: int | 
     kind = "KIND_GPU" if use_engine or backend_record(spec.backend).runtime_record.gpu else "KIND_CPU"
     text = config_pbtxt(model, platform, spec, manifest.outputs, str(manifest.model.get("sha256", "")), kind, instances)
 
-    root = Path(out)
+    return _write_model(Path(out), model, text, lambda staging: shutil.copyfile(source, staging / "1" / filename))
+
+
+def _write_model(root: Path, model: str, config: str, fill) -> Path:
+    """Write `<root>/<model>/` through a staging directory: config.pbtxt, version 1 filled by
+    `fill(staging)`. A failure leaves the previous model directory (or nothing) in place."""
     if root.exists() and not root.is_dir():
         raise InputError(f"{root} exists and is not a directory; choose another -o")
     root.mkdir(parents=True, exist_ok=True)
@@ -143,8 +216,8 @@ def export_triton(bundle_path: str | Path, out: str | Path, *, partition: int | 
     staging = Path(tempfile.mkdtemp(prefix=f".{model}.", suffix=".staging", dir=root))
     try:
         (staging / "1").mkdir()
-        shutil.copyfile(source, staging / "1" / filename)
-        (staging / CONFIG_NAME).write_text(text)
+        fill(staging)
+        (staging / CONFIG_NAME).write_text(config)
         if target.exists():
             shutil.rmtree(target)
         os.rename(staging, target)

@@ -20,3 +20,5 @@ $PY -m pip install -q torch==2.13.0
 $PY -m pip install -q -e ".[compiler,serve,test]"
 # The aarch64 Python + TVM runtime that `splitc verify` uses to run the Raspberry Pi artifact.
 splitc toolchain aarch64
+# The Python environment a real tritonserver's Python backend runs in (tests/test_triton_server.py).
+bash scripts/setup_triton.sh || echo "warning: scripts/setup_triton.sh failed; the real-Triton tests will skip" >&2

@@ -211,3 +211,20 @@ def test_cli_command(bundle, tmp_path):
     assert "tritonserver --model-repository" in result.output
     config = _config(tmp_path / "repo" / bundle.manifest.model["name"])
     assert config["instance_group"][0]["count"] == [2]
+
+
+def test_python_backend_export_carries_the_bundle_and_any_partition_range(bundle, tmp_path):
+    model_dir = export_triton(bundle.path, tmp_path / "repo", fmt="python")
+    config = _config(model_dir)
+    assert config["backend"] == ["python"] and "platform" not in config
+    assert [i["name"][0] for i in config["input"]] == [t.name for t in bundle.manifest.boundaries[0]]
+    params = {p["key"][0]: p["value"][0]["string_value"][0] for p in config["parameters"]}
+    assert params["model_sha256"] == bundle.manifest.model["sha256"]
+    assert "FIRST_PARTITION = 1" in (model_dir / "1" / "model.py").read_text()
+    copied = Bundle.open(model_dir / "1" / "bundle")  # every artifact there, hashes intact
+    assert copied.manifest.model["sha256"] == bundle.manifest.model["sha256"]
+    # The Python backend runs any range, as `splitc serve` does: the whole model from partition 0.
+    whole = export_triton(bundle.path, tmp_path / "repo0", fmt="python", partition=0, name="whole")
+    assert [i["name"][0] for i in _config(whole)["input"]] == [t.name for t in bundle.manifest.inputs]
+    with pytest.raises(InputError, match="out of range"):
+        export_triton(bundle.path, tmp_path / "bad", fmt="python", partition=5)
