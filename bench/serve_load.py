@@ -109,6 +109,13 @@ def start_server(engine: str, bundle: Path, port: int, work: Path, args) -> subp
         old.write_bytes(subprocess.run(["git", "-C", str(ROOT), "show", f"{args.old_rev}:runtime/server.py"],
                                        check=True, capture_output=True).stdout)
         command = [sys.executable, "-c", OLD_SERVER, str(old), str(bundle), str(port), TOKEN]
+    elif engine == "triton":  # the real tritonserver of nvidia-pytriton on `splitc export-triton --format python`
+        from splitc.drivers.triton import export_triton
+        from splitc.drivers.triton_server import find_tritonserver, start_tritonserver
+
+        repo = work / f"triton-{bundle.stem}"
+        export_triton(bundle, repo, fmt="python", instances=args.instances)
+        return start_tritonserver(repo, find_tritonserver(), http_port=port, grpc_port=args.grpc_port, workdir=work / "triton-run")
     elif engine == "new":
         command = [sys.executable, "-c", "from splitc.cli import main; main()", "serve", str(bundle), "--port", str(port),
                    "--grpc-port", str(args.grpc_port), "--token-file", str(token_file), *args.server_args.split()]
@@ -123,7 +130,7 @@ def wait_ready(port: int, proc: subprocess.Popen, seconds: float = 120.0) -> Non
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"the server exited ({proc.returncode}): {proc.stderr.read()[-2000:]}")
+            raise SystemExit(f"the server exited ({proc.returncode}): {proc.stderr.read()[-2000:] if proc.stderr else 'see its log'}")
         try:
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
             conn.request("GET", "/v2/health/ready")
@@ -295,7 +302,8 @@ def summary(point: Point, elapsed: float, clients: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cut", choices=sorted(CUTS), default="stage2")
-    parser.add_argument("--engine", choices=["old", "new", "external"], default="new",
+    parser.add_argument("--instances", type=int, default=2, help="--engine triton: model instances (instance_group count)")
+    parser.add_argument("--engine", choices=["old", "new", "triton", "external"], default="new",
                         help="external: a server already listening on --port serving --model")
     parser.add_argument("--protocol", choices=["http", "grpc"], default="http")
     parser.add_argument("--clients", default="1,16,64")

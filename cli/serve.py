@@ -53,9 +53,13 @@ def read_token(token_file: str | None) -> str | None:
 @click.option("--max-delay-ms", default=2.0, show_default=True, type=click.FloatRange(0, 1000), help="Longest a request waits for a batch to fill.")
 @click.option("--inline-below-ms", default=0.5, show_default=True, type=click.FloatRange(0, 1000),
               help="A partition computing faster than this runs on the protocol thread instead of a worker (0: always a worker).")
+@click.option("--engine", type=click.Choice(["splitc", "triton"]), default="splitc", show_default=True,
+              help="triton: export the partitions for Triton's Python backend and run the tritonserver nvidia-pytriton bundles.")
+@click.option("--triton-python", type=click.Path(dir_okay=False), default=None,
+              help="--engine triton: the python of the environment made by scripts/setup_triton.sh (or $SPLITC_TRITON_PYTHON).")
 @click.option("--verbose", "-v", is_flag=True, help="Log every request to stderr.")
 def serve(bundle, partition, host, port, token_file, no_auth, name, max_body_mb, drain_timeout, grpc_port, workers, threads,
-          max_queue, max_batch, max_delay_ms, inline_below_ms, verbose):
+          max_queue, max_batch, max_delay_ms, inline_below_ms, engine, triton_python, verbose):
     """Serve BUNDLE's partitions from --partition to the end over KServe v2 (Triton-compatible) HTTP
     and, with --grpc-port, gRPC. Prometheus metrics at /metrics.
 
@@ -74,6 +78,12 @@ def serve(bundle, partition, host, port, token_file, no_auth, name, max_body_mb,
     if token is not None and no_auth:
         raise InputError("--no-auth and a token contradict each other; drop one")
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    if engine == "triton":
+        if token is not None:
+            raise InputError("--engine triton serves without splitc's bearer token (Triton has no such check); "
+                             "pass --no-auth and put an authenticating proxy in front of it")
+        _serve_triton(bundle, partition, name, host, port, grpc_port, triton_python, instances=workers or 1)
+        return
     if is_variant_dir(bundle):
         if partition is not None or name:
             raise InputError("a variant directory serves each variant from its first cloud partition, named <model>-v<k> "
@@ -120,6 +130,45 @@ def _serve_apps(apps, host, port, token, drain_timeout, scheduling) -> None:
     failed = sum(a.stats["errors_5xx"] for a in apps)
     click.echo(f"stopped: {infer} inferences, {refused} refused (4xx), {failed} failed (5xx)"
                f"{'' if finished else '; some requests were still running at the drain timeout'}", err=True)
+
+
+def _serve_triton(bundle, partition, name, host, port, grpc_port, triton_python, instances) -> None:
+    """Export the served partitions for Triton's Python backend into a temporary repository and run
+    tritonserver on it until SIGTERM or SIGINT."""
+    import signal
+    import tempfile
+    import threading
+
+    from splitc.drivers.triton import export_triton
+    from splitc.drivers.triton_server import find_tritonserver, start_tritonserver, stop_tritonserver, wait_until_ready
+
+    if host not in ("127.0.0.1", "0.0.0.0", "localhost"):
+        raise InputError("--engine triton listens on every interface (tritonserver has no bind address); use --host 0.0.0.0 or 127.0.0.1")
+    if port == 0:
+        raise InputError("--engine triton needs a fixed --port")
+    install = find_tritonserver(triton_python)
+    with tempfile.TemporaryDirectory(prefix="splitc-triton-") as work:
+        model_dir = export_triton(bundle, Path(work) / "repo", partition=partition, name=name, fmt="python", instances=instances)
+        grpc = grpc_port if grpc_port else port + 1
+        proc = start_tritonserver(Path(work) / "repo", install, http_port=port, grpc_port=grpc, workdir=Path(work) / "run",
+                                  log_path=Path(work) / "tritonserver.log")
+        stop = threading.Event()
+        previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            try:
+                wait_until_ready(proc, f"http://127.0.0.1:{port}", timeout=300)
+            except Exception:
+                click.echo((Path(work) / "tritonserver.log").read_text()[-3000:], err=True)
+                raise
+            click.echo(f"serving {model_dir.name} on tritonserver at http://{host}:{port}/v2/models/{model_dir.name}, gRPC on port {grpc} "
+                       "WITHOUT a token; SIGTERM or Ctrl-C to stop", err=True)
+            while not stop.wait(0.5) and proc.poll() is None:
+                pass
+        finally:
+            code = stop_tritonserver(proc)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        click.echo(f"stopped: tritonserver exited with {code}", err=True)
 
 
 @click.command("export-triton")
