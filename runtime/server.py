@@ -217,7 +217,7 @@ class PartitionServer:
         env: dict[str, np.ndarray] = {name: np.concatenate([r[name] for r in requests]) for name in self.input_specs}
         for p in self.manifest.partitions[self.first:]:
             produced = self._raw[p.index]([env[t.name] for t in p.inputs])
-            env.update({spec.name: array for spec, array in zip(p.outputs, produced)})
+            env.update({spec.name: array for spec, array in zip(p.outputs, produced, strict=True)})
         sizes = np.cumsum([len(next(iter(r.values()))) for r in requests])[:-1]
         split = {t.name: np.split(env[t.name], sizes) for t in self.outputs}
         return [Computed({name: parts[i] for name, parts in split.items()}, None) for i in range(len(requests))]

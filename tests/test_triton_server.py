@@ -45,7 +45,7 @@ def triton(install, bundle, tmp_path_factory):
         wait_until_ready(proc, url, timeout=180)
     except ToolchainError:
         stop_tritonserver(proc)
-        raise AssertionError("tritonserver did not load the exported model:\n" + (work / "run" / "tritonserver.log").read_text()[-3000:])
+        raise AssertionError("tritonserver did not load the exported model:\n" + (work / "run" / "tritonserver.log").read_text()[-3000:]) from None
     yield url
     assert stop_tritonserver(proc) == 0
 
