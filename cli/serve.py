@@ -54,7 +54,8 @@ def read_token(token_file: str | None) -> str | None:
 @click.option("--inline-below-ms", default=0.5, show_default=True, type=click.FloatRange(0, 1000),
               help="A partition computing faster than this runs on the protocol thread instead of a worker (0: always a worker).")
 @click.option("--engine", type=click.Choice(["splitc", "triton"]), default="splitc", show_default=True,
-              help="triton: export the partitions for Triton's Python backend and run the tritonserver nvidia-pytriton bundles.")
+              help="triton: export the partitions for Triton's Python backend and run the tritonserver nvidia-pytriton bundles "
+                   "(the token is then on tritonserver's command line, visible to other users of the host).")
 @click.option("--triton-python", type=click.Path(dir_okay=False), default=None,
               help="--engine triton: the python of the environment made by scripts/setup_triton.sh (or $SPLITC_TRITON_PYTHON).")
 @click.option("--verbose", "-v", is_flag=True, help="Log every request to stderr.")
@@ -79,10 +80,7 @@ def serve(bundle, partition, host, port, token_file, no_auth, name, max_body_mb,
         raise InputError("--no-auth and a token contradict each other; drop one")
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     if engine == "triton":
-        if token is not None:
-            raise InputError("--engine triton serves without splitc's bearer token (Triton has no such check); "
-                             "pass --no-auth and put an authenticating proxy in front of it")
-        _serve_triton(bundle, partition, name, host, port, grpc_port, triton_python, instances=workers or 1)
+        _serve_triton(bundle, partition, name, host, port, grpc_port, triton_python, token, instances=workers or 1)
         return
     if is_variant_dir(bundle):
         if partition is not None or name:
@@ -132,7 +130,7 @@ def _serve_apps(apps, host, port, token, drain_timeout, scheduling) -> None:
                f"{'' if finished else '; some requests were still running at the drain timeout'}", err=True)
 
 
-def _serve_triton(bundle, partition, name, host, port, grpc_port, triton_python, instances) -> None:
+def _serve_triton(bundle, partition, name, host, port, grpc_port, triton_python, token, instances) -> None:
     """Export the served partitions for Triton's Python backend into a temporary repository and run
     tritonserver on it until SIGTERM or SIGINT."""
     import signal
@@ -151,7 +149,7 @@ def _serve_triton(bundle, partition, name, host, port, grpc_port, triton_python,
         model_dir = export_triton(bundle, Path(work) / "repo", partition=partition, name=name, fmt="python", instances=instances)
         grpc = grpc_port if grpc_port else port + 1
         proc = start_tritonserver(Path(work) / "repo", install, http_port=port, grpc_port=grpc, workdir=Path(work) / "run",
-                                  log_path=Path(work) / "tritonserver.log")
+                                  log_path=Path(work) / "tritonserver.log", token=token)
         stop = threading.Event()
         previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
@@ -160,8 +158,8 @@ def _serve_triton(bundle, partition, name, host, port, grpc_port, triton_python,
             except Exception:
                 click.echo((Path(work) / "tritonserver.log").read_text()[-3000:], err=True)
                 raise
-            click.echo(f"serving {model_dir.name} on tritonserver at http://{host}:{port}/v2/models/{model_dir.name}, gRPC on port {grpc} "
-                       "WITHOUT a token; SIGTERM or Ctrl-C to stop", err=True)
+            click.echo(f"serving {model_dir.name} on tritonserver at http://{host}:{port}/v2/models/{model_dir.name}, gRPC on port {grpc}"
+                       f"{'' if token else ' WITHOUT a token'}; SIGTERM or Ctrl-C to stop", err=True)
             while not stop.wait(0.5) and proc.poll() is None:
                 pass
         finally:

@@ -78,9 +78,14 @@ def _backends(install: TritonInstall, workdir: Path) -> Path:
 
 
 def start_tritonserver(repository: str | Path, install: TritonInstall, *, http_port: int, grpc_port: int,
-                       workdir: str | Path, log_path: str | Path | None = None) -> subprocess.Popen:
-    """Start tritonserver on `repository` (HTTP and gRPC on 127.0.0.1-reachable ports, no metrics
-    port); its log goes to `log_path` (default workdir/tritonserver.log)."""
+                       workdir: str | Path, log_path: str | Path | None = None, token: str | None = None) -> subprocess.Popen:
+    """Start tritonserver on `repository` (HTTP and gRPC, no metrics port); its log goes to
+    `log_path` (default workdir/tritonserver.log).
+
+    With `token`, inference, model metadata and config need `authorization: Bearer <token>`, as
+    with `splitc serve` (Triton's restricted APIs; it answers 403 where splitc answers 401), health
+    stays open. Triton takes the value on its command line, where other users of the host can
+    read it (ps): use it on a host of your own."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
@@ -89,6 +94,9 @@ def start_tritonserver(repository: str | Path, install: TritonInstall, *, http_p
     command = [str(install.dist / "bin" / "tritonserver"), "--model-repository", str(Path(repository).resolve()),
                "--backend-directory", str(_backends(install, workdir)), "--http-port", str(http_port),
                "--grpc-port", str(grpc_port), "--allow-metrics", "false", "--log-verbose", "0"]
+    if token:
+        restricted = f"inference,model-config,metadata:authorization=Bearer {token.strip()}"
+        command += [f"--http-restricted-api={restricted}", f"--grpc-restricted-protocol={restricted}"]
     log = open(log_path or workdir / "tritonserver.log", "wb")  # noqa: SIM115 - the child writes it; closed by the caller's process exit
     return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=workdir)
 

@@ -15,7 +15,7 @@ from splitc.drivers.triton import export_triton
 from splitc.drivers.triton_server import find_tritonserver, start_tritonserver, stop_tritonserver, wait_until_ready
 from splitc.runtime import Bundle, SplitSession
 
-from tests.serving import build_bundle, free_port
+from tests.serving import TOKEN, build_bundle, free_port
 from tests.test_cli import run_cli
 
 pytestmark = pytest.mark.slow
@@ -39,7 +39,7 @@ def triton(install, bundle, tmp_path_factory):
     work = tmp_path_factory.mktemp("tritonserver")
     export_triton(bundle.path, work / "repo", fmt="python")
     http_port, grpc_port = free_port(), free_port()
-    proc = start_tritonserver(work / "repo", install, http_port=http_port, grpc_port=grpc_port, workdir=work / "run")
+    proc = start_tritonserver(work / "repo", install, http_port=http_port, grpc_port=grpc_port, workdir=work / "run", token=TOKEN)
     url = f"http://127.0.0.1:{http_port}"
     try:
         wait_until_ready(proc, url, timeout=180)
@@ -50,22 +50,30 @@ def triton(install, bundle, tmp_path_factory):
     assert stop_tritonserver(proc) == 0
 
 
-def test_triton_serves_the_exported_partition_with_its_sha256(triton, bundle):
+def _get(url: str, token: str | None = TOKEN):
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    with urllib.request.urlopen(request) as response:
+        return json.load(response)
+
+
+def test_triton_serves_the_exported_partition_with_its_sha256_behind_the_token(triton, bundle):
     name = bundle.manifest.model["name"]
-    with urllib.request.urlopen(f"{triton}/v2/models/{name}/config") as response:
-        config = json.load(response)
+    config = _get(f"{triton}/v2/models/{name}/config")
     assert config["backend"] == "python"
     assert config["parameters"]["model_sha256"]["string_value"] == bundle.manifest.model["sha256"]
-    with urllib.request.urlopen(f"{triton}/v2/models/{name}") as response:
-        meta = json.load(response)
+    meta = _get(f"{triton}/v2/models/{name}")
     assert [i["name"] for i in meta["inputs"]] == [t.name for t in bundle.manifest.boundaries[0]]
+    for token in (None, "x" * 32):
+        with pytest.raises(urllib.request.HTTPError, match="403"):
+            _get(f"{triton}/v2/models/{name}", token)
 
 
 def test_splitc_run_remote_gets_the_local_chains_answer_from_triton(triton, bundle, tmp_path, capsys):
     x = np.load(bundle.path.parent / "x.npy")
     np.save(tmp_path / "x.npy", x)
+    (tmp_path / "secret").write_text(TOKEN)
     code, out, err = run_cli("run", bundle.path, "--input", tmp_path / "x.npy", "--remote", triton, "--no-fallback",
-                             "-o", tmp_path / "y.npz", capsys=capsys)
+                             "--token-file", tmp_path / "secret", "-o", tmp_path / "y.npz", capsys=capsys)
     assert code == 0, err
     assert "answer from remote" in out
     expected = SplitSession(bundle).run([x])
