@@ -58,6 +58,7 @@ def build(work: Path, cut: str) -> Path:
 
     from hf_models import resnet18
     from splitc.drivers.compiler import compile_model
+    from splitc.passes.contract import CompileOptions
     from splitc.frontend import import_model
     from splitc.targets import load_link, load_targets
 
@@ -67,8 +68,8 @@ def build(work: Path, cut: str) -> Path:
         torch.export.save(torch.export.export(resnet18(), (x,)), pt2)
         np.save(work / "x.npy", x.numpy())
     _, graph = import_model(pt2)
-    compile_model(graph, load_targets("cloud-cpu,cloud-cpu"), out, cut=CUTS[cut], link=load_link("4g"), samples=1,
-                  log=lambda m: print(m, file=sys.stderr))
+    options = CompileOptions(load_targets("cloud-cpu,cloud-cpu"), cut=CUTS[cut], link=load_link("4g"), samples=1)
+    compile_model(graph, options, out, log=lambda m: print(m, file=sys.stderr))
     return out
 
 
