@@ -263,3 +263,54 @@ def test_the_edge_client_retries_a_shed_request_after_retry_after(bundle, bounda
     shed = sum(r.attempts - 1 for r in results)
     print(f"\nclient retries: {shed} retried attempts over {len(results)} requests; {app.stats['infer']} inferences")
     assert shed == app.stats["requests"] - app.stats["infer"] - 12  # every 503 was retried (12 metadata GETs)
+
+
+# ------------------------------------------------------------------- batching, for real
+
+
+def _batchable_bundle(directory) -> Bundle:
+    """A one-partition bundle whose ONNX model takes any batch size (a MatMul over [N, 16]),
+    written by hand: what a partition compiled with a symbolic batch dimension looks like to the
+    server. The manifest records the example's batch of 1, as for any bundle."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+    from splitc.core.bundle import record_artifact, write_manifest
+    from splitc.core.manifest import RUNTIME_ONNXRUNTIME, Manifest, PartitionSpec, TensorSpec
+
+    weights = np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "batchable",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])],
+                              initializer=[numpy_helper.from_array(weights, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    (directory / "p0").mkdir(parents=True)
+    onnx.save(model, directory / "p0" / "model.onnx")
+    artifact = record_artifact(directory, directory / "p0" / "model.onnx", runtime=RUNTIME_ONNXRUNTIME, role="deploy")
+    x, y = TensorSpec("x", (1, 16), "float32"), TensorSpec("y", (1, 8), "float32")
+    write_manifest(directory, Manifest(model={"name": "mm", "sha256": "0" * 64}, inputs=(x,), outputs=(y,),
+                                       targets=({"name": "cloud-cpu", "backend": "onnxruntime"},),
+                                       partitions=(PartitionSpec(0, "cloud-cpu", "onnxruntime", (x,), (y,), (artifact,)),),
+                                       boundaries=(), plan={}, reference={}))
+    return Bundle.open(directory), weights
+
+
+def test_a_partition_with_a_batch_axis_is_batched_and_each_request_gets_its_own_row(tmp_path):
+    bundle, weights = _batchable_bundle(tmp_path / "mm.splitc")
+    app = PartitionServer(bundle, 0, token=TOKEN, workers=1)
+    assert app.batchable()
+    served = ServedModels(app, max_batch=8, max_delay_ms=20, inline_below_ms=0)
+    try:
+        assert served.batching == {"mm": True} and not served.inline["mm"]
+        rows = np.random.default_rng(1).standard_normal((32, 1, 16)).astype(np.float32)
+        futures = [served.submit(app, {"x": row}) for row in rows]
+        for row, future in zip(rows, futures, strict=True):
+            got = future.result(10).outputs["y"]
+            assert got.shape == (1, 8)
+            np.testing.assert_allclose(got, row @ weights, rtol=1e-5, atol=1e-5)
+        text = served.metrics.exposition().decode()
+        count = next(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith('splitc_batch_size_count{model="mm"}'))
+        total = next(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith('splitc_batch_size_sum{model="mm"}'))
+        assert total == 32 and count < 32  # 32 requests in fewer backend calls
+    finally:
+        served.close(5)
