@@ -53,14 +53,20 @@ def read_token(token_file: str | None) -> str | None:
 @click.option("--max-delay-ms", default=2.0, show_default=True, type=click.FloatRange(0, 1000), help="Longest a request waits for a batch to fill.")
 @click.option("--inline-below-ms", default=0.5, show_default=True, type=click.FloatRange(0, 1000),
               help="A partition computing faster than this runs on the protocol thread instead of a worker (0: always a worker).")
-@click.option("--engine", type=click.Choice(["splitc", "triton"]), default="splitc", show_default=True,
+@click.option("--engine", type=click.Choice(["splitc", "triton", "ray"]), default="splitc", show_default=True,
               help="triton: export the partitions for Triton's Python backend and run the tritonserver nvidia-pytriton bundles "
-                   "(the token is then on tritonserver's command line, visible to other users of the host).")
+                   "(the token is then on tritonserver's command line, visible to other users of the host). "
+                   "ray: a Ray Serve deployment of --replicas replicas (needs ray[serve] in this environment).")
+@click.option("--replicas", default=1, show_default=True, type=click.IntRange(1, 1024), help="--engine ray: replicas of the deployment.")
+@click.option("--address", default=None, help="--engine ray: join this Ray cluster (e.g. ray://head:10001 or auto) instead of starting one.")
+@click.option("--autoscaling", default=None, help="--engine ray: Ray Serve autoscaling_config as JSON (replaces --replicas).")
+@click.option("--max-ongoing-requests", default=None, type=click.IntRange(1, 100000), help="--engine ray: per replica.")
 @click.option("--triton-python", type=click.Path(dir_okay=False), default=None,
               help="--engine triton: the python of the environment made by scripts/setup_triton.sh (or $SPLITC_TRITON_PYTHON).")
 @click.option("--verbose", "-v", is_flag=True, help="Log every request to stderr.")
 def serve(bundle, partition, host, port, token_file, no_auth, name, max_body_mb, drain_timeout, grpc_port, workers, threads,
-          max_queue, max_batch, max_delay_ms, inline_below_ms, engine, triton_python, verbose):
+          max_queue, max_batch, max_delay_ms, inline_below_ms, engine, triton_python, replicas, address, autoscaling,
+          max_ongoing_requests, verbose):
     """Serve BUNDLE's partitions from --partition to the end over KServe v2 (Triton-compatible) HTTP
     and, with --grpc-port, gRPC. Prometheus metrics at /metrics.
 
@@ -81,6 +87,10 @@ def serve(bundle, partition, host, port, token_file, no_auth, name, max_body_mb,
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     if engine == "triton":
         _serve_triton(bundle, partition, name, host, port, grpc_port, triton_python, token, instances=workers or 1)
+        return
+    if engine == "ray":
+        _serve_ray(bundle, partition, host, port, token, replicas, address, autoscaling, max_ongoing_requests,
+                   threads=threads or 1, max_queue=max_queue, inline_below_ms=inline_below_ms, max_body=int(max_body_mb * (1 << 20)))
         return
     if is_variant_dir(bundle):
         if partition is not None or name:
@@ -128,6 +138,38 @@ def _serve_apps(apps, host, port, token, drain_timeout, scheduling) -> None:
     failed = sum(a.stats["errors_5xx"] for a in apps)
     click.echo(f"stopped: {infer} inferences, {refused} refused (4xx), {failed} failed (5xx)"
                f"{'' if finished else '; some requests were still running at the drain timeout'}", err=True)
+
+
+def _serve_ray(bundle, partition, host, port, token, replicas, address, autoscaling, max_ongoing_requests, **replica) -> None:
+    import json
+    import signal
+    import threading
+
+    from splitc.drivers.ray_serve import run_ray_serve, stop_ray_serve
+    from splitc.runtime import Bundle
+
+    try:
+        scaling = json.loads(autoscaling) if autoscaling else None
+    except ValueError as exc:
+        raise InputError(f"--autoscaling is not JSON ({exc}); e.g. '{{\"min_replicas\": 1, \"max_replicas\": 4}}'") from None
+    opened = Bundle.open(bundle)
+    first = partition if partition is not None else (1 if len(opened.manifest.partitions) > 1 else 0)
+    stop = threading.Event()
+    previous = {}
+    try:
+        seconds = run_ray_serve(opened.path, first, replicas=replicas, address=address, host=host, port=port, token=token,
+                                autoscaling=scaling, max_ongoing_requests=max_ongoing_requests, **replica)
+        # After ray.init, which installs handlers of its own: SIGTERM must shut Serve down, not kill this process.
+        previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+        click.echo(f"serving on Ray Serve ({scaling or f'{replicas} replica(s)'}, up in {seconds:.1f} s) at http://{host}:{port}"
+                   f"{'' if token else ' WITHOUT a token'}; SIGTERM or Ctrl-C to stop", err=True)
+        while not stop.wait(0.5):
+            pass
+    finally:
+        stop_ray_serve()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    click.echo("stopped: Ray Serve shut down", err=True)
 
 
 def _serve_triton(bundle, partition, name, host, port, grpc_port, triton_python, token, instances) -> None:
