@@ -20,7 +20,8 @@ from tests.serving import TOKEN, auth, build_bundle, error_of, request
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory) -> Bundle:
-    return Bundle.open(build_bundle(tmp_path_factory.mktemp("stack")))
+    # ONNX Runtime on both sides: these tests are about the server, and this compiles fastest.
+    return Bundle.open(build_bundle(tmp_path_factory.mktemp("stack"), targets="cloud-cpu,cloud-cpu"))
 
 
 @pytest.fixture(scope="module")
