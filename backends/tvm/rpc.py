@@ -27,10 +27,17 @@ class RPCEndpoint:
         return f"{self.host}:{self.port}" + (f" (tracker key {self.key})" if self.key else "")
 
 
-def parse_rpc(rpc: str, key: str | None = None) -> RPCEndpoint:
-    from splitc.drivers.profile import _parse_rpc  # one HOST:PORT parser for profile and tune
+def parse_rpc_address(rpc: str) -> tuple[str, int]:
+    """HOST:PORT of a TVM RPC server (or tracker), as `--rpc` gives it to tune and profile; an IPv6
+    host may be bracketed."""
+    host, sep, port = rpc.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise TargetError(f"--rpc {rpc!r} is not HOST:PORT; give the address of `python -m tvm.exec.rpc_server`, e.g. 192.168.1.20:9090")
+    return host.strip("[]"), int(port)
 
-    host, port = _parse_rpc(rpc)
+
+def parse_rpc(rpc: str, key: str | None = None) -> RPCEndpoint:
+    host, port = parse_rpc_address(rpc)
     return RPCEndpoint(host, port, key or None)
 
 
