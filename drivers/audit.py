@@ -410,7 +410,7 @@ def _whitebox(split: DeviceSplit, spec_shape, image_shape, start: torch.Tensor, 
     return x.detach().float()
 
 
-def _dfil(split: DeviceSplit, xs: torch.Tensor, sigma_of: Callable[[torch.Tensor], float], probes: int, seed: int) -> float:
+def mean_dfil(split: DeviceSplit, xs: torch.Tensor, sigma_of: Callable[[torch.Tensor], float], probes: int, seed: int) -> float:
     """mean over samples of sum_k ||J_k||_F² / σ_k² / d_in; exact for d_in <= 256, Hutchinson above."""
     d_in = int(np.prod(xs.shape[1:]))
     generator = torch.Generator().manual_seed(seed)
@@ -547,7 +547,7 @@ def _audit_cut(graph, cut_name, calibration, transform, setting, seed, epochs, w
         sigma_source, dfil_sigma = "assumed", DEFAULT_DFIL_SIGMA
         notes.append(f"dFIL assumes Gaussian noise of {DEFAULT_DFIL_SIGMA:g} x each sent tensor's std (no noise transform given)")
     dfil_idx = held_idx[sample_indices(len(held_idx), dfil_samples)]
-    dfil = _dfil(split, x_all[dfil_idx], sigma_of, dfil_probes, seed)
+    dfil = mean_dfil(split, x_all[dfil_idx], sigma_of, dfil_probes, seed)
 
     # dCor (bias-corrected) between inputs and what is sent.
     dcor_idx = sample_indices(n, dcor_samples)
