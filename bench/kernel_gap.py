@@ -117,7 +117,7 @@ def main() -> None:
     from tvm import relax
 
     from splitc.backends.onnx import export_onnx
-    from splitc.drivers.bench import _ort_runner, _rebuild_partition, default_threads
+    from splitc.drivers.bench import ort_runner, rebuild_partition, default_threads
     from splitc.runtime import Bundle
     from splitc.runtime.executors import use_tvm_threads
     from splitc.core.manifest import ROLE_DEPLOY, RUNTIME_TVM
@@ -131,12 +131,12 @@ def main() -> None:
     use_tvm_threads(threads)
     calls = args.bursts * args.per_burst
     with tempfile.TemporaryDirectory(prefix="splitc-kernel-gap-") as tmp:
-        onnx_path = export_onnx(_rebuild_partition(args.model, bundle.manifest, args.partition), Path(tmp) / "partition.onnx")
+        onnx_path = export_onnx(rebuild_partition(args.model, bundle.manifest, args.partition), Path(tmp) / "partition.onnx")
         tvm_timer = TvmKernelTimer(bundle.file(artifact), inputs)
         ort_timer = OrtKernelTimer(onnx_path, inputs, threads, Path(tmp))
         vm = relax.VirtualMachine(tvm.runtime.load_module(str(bundle.file(artifact))), tvm.cpu())
         tvm_args = [tvm.runtime.tensor(x) for x in inputs]
-        run_ort = _ort_runner(onnx_path, threads)  # configured as `splitc bench` runs ONNX Runtime
+        run_ort = ort_runner(onnx_path, threads)  # configured as `splitc bench` runs ONNX Runtime
         whole = interleaved({"tvm": lambda: vm["main"](*tvm_args), "onnxruntime": lambda: run_ort(inputs),
                              "tvm-instrumented": tvm_timer, "onnxruntime-profiled": ort_timer},
                             args.bursts, args.per_burst)

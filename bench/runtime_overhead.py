@@ -283,7 +283,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from splitc.runtime import Bundle
-    from splitc.runtime.adaptive import AdaptiveSession, read_variants
+    from splitc.runtime.adaptive import AdaptiveSession
+    from splitc.runtime.variant_index import read_variants
     from splitc.runtime.remote import RemoteSession
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -103,7 +103,8 @@ def main() -> None:
     parser.add_argument("--json", dest="json_path")
     args = parser.parse_args()
 
-    from splitc.backends.tvm import build_cache, tuning
+    from splitc.backends.tvm import build_cache
+    from splitc.backends.tvm.driver import tune_module
     from splitc.targets import load_targets
     from tvm.relax.frontend.torch import from_exported_program
 
@@ -133,8 +134,8 @@ def main() -> None:
             if seconds:
                 tick = time.perf_counter()
                 mod = from_exported_program(program, keep_params_as_input=False)
-                report = tuning.tune_module(mod, dict(target[0].backend_options["target"]), seconds=seconds,
-                                            log=lambda m: print(m, file=sys.stderr))
+                report = tune_module(mod, dict(target[0].backend_options["target"]), seconds=seconds,
+                                     log=lambda m: print(m, file=sys.stderr))
                 record.write_text(json.dumps({
                     "budget_s": seconds, "wall_s": round(time.perf_counter() - tick, 1), "tasks": report.tasks,
                     "tasks_with_record": report.coverage.with_record, "tasks_untuned_best": report.coverage.untuned_best,

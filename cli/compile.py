@@ -135,7 +135,7 @@ def compile(source, targets, plan_path, plan_link, cut, link, output, samples, q
 @click.option("--no-emulation", is_flag=True, help="Check the host twin of aarch64 artifacts instead of emulating them.")
 def verify(bundle, json_path, junit_path, no_emulation):
     """Run every artifact of BUNDLE and compare with the torch reference; exit 10 on any mismatch."""
-    from splitc.runtime.adaptive import is_variant_dir
+    from splitc.runtime.variant_index import is_variant_dir
     from splitc.drivers.variants import verify_variants
     from splitc.drivers.verify import verify_bundle
 
@@ -172,7 +172,7 @@ def verify(bundle, json_path, junit_path, no_emulation):
 def run(bundle, inputs, output, remote, token_file, model_name, remote_timeout, retries, no_fallback):
     """Run BUNDLE's partitions chained on this host, or the device part here and the rest on --remote."""
     from splitc.runtime import Bundle, SplitSession
-    from splitc.runtime.adaptive import local_bundle_path, read_any_manifest
+    from splitc.runtime.variant_index import local_bundle_path, read_any_manifest
 
     if remote:  # a variant directory runs adaptively (splitc.runtime.adaptive), a bundle as it is split
         feed = read_inputs(inputs, [t.name for t in read_any_manifest(bundle).inputs])

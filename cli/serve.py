@@ -75,9 +75,9 @@ def serve(bundle, partition, host, port, token_file, no_auth, name, max_body_mb,
     import logging
 
     from splitc.runtime import Bundle
-    from splitc.runtime.adaptive import is_variant_dir
     from splitc.runtime.executors import available_cpus
     from splitc.runtime.server import PartitionServer, variant_servers
+    from splitc.runtime.variant_index import is_variant_dir
 
     token = read_token(token_file)
     if token is None and not no_auth:
@@ -245,7 +245,7 @@ def run_remote(bundle_path, feed, remote, *, token_file=None, model_name=None, r
     """What `splitc run --remote` does: returns the RemoteResult (an AdaptiveResult for a variant
     directory); prints where the answer came from."""
     from splitc.runtime import Bundle
-    from splitc.runtime.adaptive import is_variant_dir
+    from splitc.runtime.variant_index import is_variant_dir
     from splitc.runtime.remote import RemoteSession
 
     if is_variant_dir(bundle_path):

@@ -57,8 +57,12 @@ def tune(source, targets, cut, link, budget, trials, trials_per_task, no_prepack
          input_shapes, example_input, trust_pickle):
     """Tune SOURCE's TVM partitions for TARGET with MetaSchedule, on this host or on the device
     (--rpc); records go to a tuning database that every later compile reuses."""
-    from splitc.backends.tvm import tuning
     from splitc.backends.registry import get_backend, target_backend
+    from splitc.backends.tvm.database import database_dir
+    from splitc.backends.tvm.driver import tune_module
+    from splitc.backends.tvm.host_records import transfer_host_records
+    from splitc.backends.tvm.rpc import parse_rpc
+    from splitc.backends.tvm.target_keys import host_target_json
     from splitc.drivers.compiler import plan_partitions
     from splitc.runtime.executors import host_arch
     from splitc.targets import load_link, load_targets
@@ -70,7 +74,7 @@ def tune(source, targets, cut, link, budget, trials, trials_per_task, no_prepack
     if not budget and not trials and not from_host:
         raise InputError("give a tuning budget: --budget 10m (wall clock) and/or --trials N")
     seconds = parse_budget(budget) if budget else None
-    endpoint = tuning.parse_rpc(rpc, rpc_key) if rpc else None
+    endpoint = parse_rpc(rpc, rpc_key) if rpc else None
     chain = load_targets(targets)
     _, graph = import_source(source, input_shapes, example_input, trust_pickle)
     partitions = plan_partitions(graph, chain, cut, load_link(link))
@@ -113,12 +117,12 @@ def tune(source, targets, cut, link, budget, trials, trials_per_task, no_prepack
         target_json = dict(p.target.backend_options.get("target") or {"kind": "llvm", "mtriple": f"{host_arch()}-linux-gnu"})
         report = None
         if budget or trials:
-            tune_json = tuning.host_target_json() if how == "from-host" else target_json
+            tune_json = host_target_json() if how == "from-host" else target_json
             if how == "from-host":
                 console.print(f"partition {p.index} ({p.target.name}): tuning on this {host_arch()} host for its own target first; "
                               f"the schedules then go to {p.target.name} labelled host-tuned")
             with _progress_bar(f"partition {p.index} ({p.target.name})") as progress:
-                report = tuning.tune_module(
+                report = tune_module(
                     mod, tune_json, seconds=None if seconds is None else seconds * share,
                     trials=None if trials is None else max(1, int(trials * share)), trials_per_task=trials_per_task,
                     prepack=not no_prepack, rpc=endpoint if how == "rpc" else None,
@@ -133,7 +137,7 @@ def tune(source, targets, cut, link, budget, trials, trials_per_task, no_prepack
             if report.dropped_lines:
                 console.print(f"[yellow]dropped {report.dropped_lines} incomplete database line(s) left by a stopped run[/yellow]")
         if how == "from-host" and not (report and report.stopped == "interrupted"):
-            moved = tuning.transfer_host_records(mod, target_json, prepack=not no_prepack, cache_dir=cache)
+            moved = transfer_host_records(mod, target_json, prepack=not no_prepack, cache_dir=cache)
             console.print(
                 f"partition {p.index} ({p.target.name}): {moved.label}: {moved.applied + moved.already}/{moved.tasks} task(s) have a "
                 f"host-tuned schedule ({moved.applied} new); {moved.failed} did not apply or build for {p.target.arch} (skipped), "
@@ -148,7 +152,7 @@ def tune(source, targets, cut, link, budget, trials, trials_per_task, no_prepack
             interrupted = True
             break
         if how == "here" and report is not None and not no_build:
-            if tuning.database_dir(target_json, cache) == tuning.database_dir(target_json):
+            if database_dir(target_json, cache) == database_dir(target_json):
                 build_tuned(p)
             else:
                 console.print(f"[dim]partition {p.index} ({p.target.name}): not built: --cache-dir is not the cache "
@@ -249,17 +253,18 @@ def tuning_group():
 @json_flag_option("Print the list as JSON.")
 def tuning_list(cache_dir, as_json):
     """The tuning databases in the cache: target key, where measured, workloads, records."""
-    from splitc.backends.tvm import tuning
+    from splitc.backends.tvm.database import tuning_root
+    from splitc.backends.tvm.records_io import list_databases
 
     cache = Path(cache_dir) if cache_dir else None
-    found = tuning.list_databases(cache)
+    found = list_databases(cache)
     if as_json:
         click.echo(json.dumps([info.to_json() for info in found], indent=2))
         return
     if not found:
-        console.print(f"no tuning database in {tuning.tuning_root(cache)}")
+        console.print(f"no tuning database in {tuning_root(cache)}")
         return
-    table = Table(title=f"tuning databases in {tuning.tuning_root(cache)}")
+    table = Table(title=f"tuning databases in {tuning_root(cache)}")
     for column in ("key", "measured", "workloads", "records"):
         table.add_column(column)
     for info in found:
@@ -280,10 +285,10 @@ def _origin_words(origin: dict) -> str:
 @_CACHE_DIR
 def tuning_export(output, keys, all_records, cache_dir):
     """Write the cache's tuning databases to an archive another machine can import."""
-    from splitc.backends.tvm import tuning
+    from splitc.backends.tvm.records_io import export_databases
 
-    exported = tuning.export_databases(Path(output), list(keys) or None, Path(cache_dir) if cache_dir else None,
-                                       best=None if all_records else 1)
+    exported = export_databases(Path(output), list(keys) or None, Path(cache_dir) if cache_dir else None,
+                                best=None if all_records else 1)
     for info in exported:
         console.print(f"{info.key}: {info.workloads} workload(s), {info.records} record(s) ({escape(_origin_words(info.origin))})")
     console.print(f"wrote {output}; on another machine: `splitc tuning import {output}`")
@@ -294,9 +299,9 @@ def tuning_export(output, keys, all_records, cache_dir):
 @_CACHE_DIR
 def tuning_import(archive, cache_dir):
     """Merge the databases of ARCHIVE (from `splitc tuning export`) into this cache."""
-    from splitc.backends.tvm import tuning
+    from splitc.backends.tvm.records_io import import_databases
 
-    for result in tuning.import_databases(Path(archive), Path(cache_dir) if cache_dir else None):
+    for result in import_databases(Path(archive), Path(cache_dir) if cache_dir else None):
         console.print(f"{result.key}: {result.new_records} new record(s), {result.known_records} already here, "
                       f"{result.new_workloads} new workload(s) (measured: {escape(_origin_words(result.origin))})")
     console.print("next: `splitc compile` applies them where the target key matches (it prints how many tasks had a record)")

@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Iterator
 
 from splitc.core.errors import BundleError
-from splitc.runtime.adaptive import VARIANTS_NAME
-from splitc.core.manifest import MANIFEST_NAME, Artifact, Manifest, sha256_file
+from splitc.core.manifest import MANIFEST_NAME, VARIANTS_NAME, Artifact, Manifest, sha256_file
 
 
 def check_output_path(out: Path) -> None:

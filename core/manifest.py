@@ -28,6 +28,10 @@ FORMAT = "splitc-bundle"
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 REFERENCE_NAME = "reference.npz"
+# The index of a variant directory (K bundles of one model, `--variants K`); its format is read in
+# runtime/variant_index.py. Named here so the bundle writer can tell a variant directory without
+# importing the runtime.
+VARIANTS_NAME = "variants.json"
 
 # Artifact roles: what a file is for.
 ROLE_DEPLOY = "deploy"        # what the target itself runs

@@ -52,9 +52,9 @@ from splitc.passes.cuts import Cut, CutAnalysis
 from splitc.passes.partition import assign_tiers, extract_partitions
 from splitc.passes.privacy import (
     Calibration,
-    _check_calibration,
-    _sample_indices,
+    check_calibration,
     distance_correlation,
+    sample_indices,
 )
 from splitc.core.manifest import TensorSpec
 from splitc.core.training import fit_minibatches
@@ -119,9 +119,9 @@ class AttackReport:
 
     def to_json(self) -> dict:
         return {
-            "mse": _num(self.mse), "psnr": _num(self.psnr), "ssim": _num(self.ssim),
-            "reid_top1": _num(self.reid_top1), "reid_chance": _num(self.reid_chance),
-            "floors": {k: {m: _num(v) for m, v in f.items()} for k, f in self.floors.items()},
+            "mse": json_number(self.mse), "psnr": json_number(self.psnr), "ssim": json_number(self.ssim),
+            "reid_top1": json_number(self.reid_top1), "reid_chance": json_number(self.reid_chance),
+            "floors": {k: {m: json_number(v) for m, v in f.items()} for k, f in self.floors.items()},
             "samples": self.samples, "seconds": round(self.seconds, 3),
         }
 
@@ -410,7 +410,7 @@ def _whitebox(split: DeviceSplit, spec_shape, image_shape, start: torch.Tensor, 
     return x.detach().float()
 
 
-def _dfil(split: DeviceSplit, xs: torch.Tensor, sigma_of: Callable[[torch.Tensor], float], probes: int, seed: int) -> float:
+def mean_dfil(split: DeviceSplit, xs: torch.Tensor, sigma_of: Callable[[torch.Tensor], float], probes: int, seed: int) -> float:
     """mean over samples of sum_k ||J_k||_F² / σ_k² / d_in; exact for d_in <= 256, Hutchinson above."""
     d_in = int(np.prod(xs.shape[1:]))
     generator = torch.Generator().manual_seed(seed)
@@ -477,7 +477,7 @@ def audit_cut(graph: ModelGraph, cut_name: str, calibration: Calibration, *, tra
 def _audit_cut(graph, cut_name, calibration, transform, setting, seed, epochs, whitebox, whitebox_samples, whitebox_steps,
                tv_weight, dfil_samples, dfil_probes, dcor_samples, n_examples, split) -> CutAudit:
     started = time.perf_counter()
-    _check_calibration(graph, calibration)
+    check_calibration(graph, calibration)
     floating = [s for s in graph.inputs if s.dtype.startswith("float") or s.dtype == "bfloat16"]
     if len(graph.inputs) != 1 or not floating:
         kinds = ", ".join(f"{s.name} {s.dtype}" for s in graph.inputs)
@@ -523,7 +523,7 @@ def _audit_cut(graph, cut_name, calibration, transform, setting, seed, epochs, w
     if whitebox:
         tick = time.perf_counter()
         k = min(whitebox_samples, len(held_idx))
-        pick = held_idx[_sample_indices(len(held_idx), k)]
+        pick = held_idx[sample_indices(len(held_idx), k)]
         start = torch.from_numpy(images[aux_idx].mean(0))
         try:
             wb = _whitebox(split, spec.shape, image_shape, start, [t[pick] for t in sent], lo, hi, whitebox_steps, tv_weight)
@@ -546,11 +546,11 @@ def _audit_cut(graph, cut_name, calibration, transform, setting, seed, epochs, w
             return DEFAULT_DFIL_SIGMA * float(t.std())
         sigma_source, dfil_sigma = "assumed", DEFAULT_DFIL_SIGMA
         notes.append(f"dFIL assumes Gaussian noise of {DEFAULT_DFIL_SIGMA:g} x each sent tensor's std (no noise transform given)")
-    dfil_idx = held_idx[_sample_indices(len(held_idx), dfil_samples)]
-    dfil = _dfil(split, x_all[dfil_idx], sigma_of, dfil_probes, seed)
+    dfil_idx = held_idx[sample_indices(len(held_idx), dfil_samples)]
+    dfil = mean_dfil(split, x_all[dfil_idx], sigma_of, dfil_probes, seed)
 
     # dCor (bias-corrected) between inputs and what is sent.
-    dcor_idx = _sample_indices(n, dcor_samples)
+    dcor_idx = sample_indices(n, dcor_samples)
     dcor = distance_correlation(images[dcor_idx].reshape(len(dcor_idx), -1), _features([t[dcor_idx] for t in sent]).double().numpy(),
                                 bias_corrected=True)
 
@@ -571,7 +571,7 @@ def _audit_cut(graph, cut_name, calibration, transform, setting, seed, epochs, w
         where = {int(j): i for i, j in enumerate(pick)}
         shown = [where[int(j)] for j in held_idx[:k] if int(j) in where]
         if len(shown) < k:  # examples from the white-box subset, both rows aligned on it
-            sel = _sample_indices(len(pick), k)
+            sel = sample_indices(len(pick), k)
             rows = [images[pick[sel]], reconstruct([t[pick[sel]] for t in sent]).double().clamp(lo, hi).numpy()]
             shown = list(sel)
         rows.append(wb_recon[shown])
@@ -586,7 +586,8 @@ def _audit_cut(graph, cut_name, calibration, transform, setting, seed, epochs, w
 # --------------------------------------------------------------------------------------- outputs
 
 
-def _num(value):
+def json_number(value):
+    """A figure as the audit's JSON writes it: rounded to 6 places; None when missing or not finite."""
     if value is None:
         return None
     value = float(value)
@@ -601,10 +602,10 @@ def audit_report_json(audits: Sequence[CutAudit]) -> dict:
         worst = max(a.attacks, key=lambda kv: kv[1].reid_top1)[0]
         entries.append({
             "cut": a.cut, "after": a.after, "setting": a.setting, "bytes_sent": a.bytes_sent,
-            "reid_top1": _num(a.reid_top1), "reid_chance": _num(a.inverse.reid_chance), "ssim": _num(a.ssim),
-            "dcor": _num(a.dcor), "dfil": _num(a.dfil),
-            "dfil_sigma": _num(a.dfil_sigma), "dfil_sigma_source": a.dfil_sigma_source, "worst_attack": worst,
-            "accuracy": _num(a.accuracy), "accuracy_plain": _num(a.accuracy_plain),
+            "reid_top1": json_number(a.reid_top1), "reid_chance": json_number(a.inverse.reid_chance), "ssim": json_number(a.ssim),
+            "dcor": json_number(a.dcor), "dfil": json_number(a.dfil),
+            "dfil_sigma": json_number(a.dfil_sigma), "dfil_sigma_source": a.dfil_sigma_source, "worst_attack": worst,
+            "accuracy": json_number(a.accuracy), "accuracy_plain": json_number(a.accuracy_plain),
             "inverse": a.inverse.to_json(), "whitebox": a.whitebox.to_json() if a.whitebox else None,
             "n_aux": a.n_aux, "n_held": a.n_held, "seconds": round(a.seconds, 3), "notes": list(a.notes),
         })

@@ -45,14 +45,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from splitc.drivers.audit import MIN_AUDIT_SAMPLES, DeviceSplit, Transform, _num, audit_threads
+from splitc.drivers.audit import MIN_AUDIT_SAMPLES, DeviceSplit, Transform, audit_threads, json_number
 from splitc.core.errors import CutError, InputError
 from splitc.core.graph import ModelGraph
 from splitc.passes.privacy import (
     Calibration,
-    _check_calibration,
-    _sample_indices,
+    check_calibration,
     distance_correlation,
+    sample_indices,
 )
 from splitc.core.training import fit_minibatches
 
@@ -98,12 +98,12 @@ class TokenAudit:
     def to_json(self) -> dict:
         return {
             "cut": self.cut, "after": self.after, "setting": self.setting, "bytes_sent": self.bytes_sent,
-            "attacked": list(self.attacked), "token_recovery": _num(self.recovery), "ceiling": _num(self.ceiling),
-            "special_recovery": _num(self.special_recovery), "sentence_recovery": _num(self.sentence_recovery),
-            "floors": {k: {m: _num(v) for m, v in f.items()} for k, f in self.floors.items()},
+            "attacked": list(self.attacked), "token_recovery": json_number(self.recovery), "ceiling": json_number(self.ceiling),
+            "special_recovery": json_number(self.special_recovery), "sentence_recovery": json_number(self.sentence_recovery),
+            "floors": {k: {m: json_number(v) for m, v in f.items()} for k, f in self.floors.items()},
             "candidate_vocab": self.candidate_vocab, "special_ids": list(self.special_ids), "decoder": DECODER,
-            "dcor": _num(self.dcor), "dcor_input": DCOR_INPUT,
-            "accuracy": _num(self.accuracy), "accuracy_plain": _num(self.accuracy_plain),
+            "dcor": json_number(self.dcor), "dcor_input": DCOR_INPUT,
+            "accuracy": json_number(self.accuracy), "accuracy_plain": json_number(self.accuracy_plain),
             "tokens": self.tokens, "n_aux": self.n_aux, "n_held": self.n_held, "seconds": round(self.seconds, 3),
             "examples": [dict(e) for e in self.examples], "notes": list(self.notes),
         }
@@ -266,7 +266,7 @@ def token_recovery(graph: ModelGraph, cut_name: str, calibration: Calibration, *
 def _token_recovery(graph, cut_name, calibration, transform, setting, seed, epochs, dcor_samples, special_ids, n_examples,
                     split, clean) -> TokenAudit:
     started = time.perf_counter()
-    _check_calibration(graph, calibration)
+    check_calibration(graph, calibration)
     ids_index = token_ids_input(graph)
     seq_len = int(graph.inputs[ids_index].shape[-1])
     n = len(calibration)
@@ -318,7 +318,7 @@ def _token_recovery(graph, cut_name, calibration, transform, setting, seed, epoc
     ceiling = float(np.isin(truth[held_content], ids[aux][real[aux]]).mean())
 
     floors = _floors(ids, real, content, special, aux, held, len(vocab))
-    pick = _sample_indices(n, dcor_samples)
+    pick = sample_indices(n, dcor_samples)
     dcor = _dcor_one_hot(ids[pick], vocab, features[pick])
 
     accuracy = accuracy_plain = None

@@ -150,7 +150,7 @@ def bench_partition(
                                 _rel_err(got, expected), note))
 
     # The torch partition, rebuilt from the model (needed by torch eager, and by ORT without a bundled ONNX).
-    partition = _rebuild_partition(model, manifest, index) if model else None
+    partition = rebuild_partition(model, manifest, index) if model else None
 
     # 2. ONNX Runtime.
     onnx_artifact = next((a for a in spec.artifacts if a.runtime == RUNTIME_ONNXRUNTIME and a.role in (ROLE_DEPLOY, ROLE_PORTABLE)), None)
@@ -168,7 +168,7 @@ def bench_partition(
             onnx_path, source = None, ""
             report.rows.append(BenchRow("onnxruntime", "-", None, None, "skipped: pass --model model.pt2 to export this partition"))
         if onnx_path is not None:
-            run_ort = _ort_runner(onnx_path, threads)
+            run_ort = ort_runner(onnx_path, threads)
             got = run_ort(inputs)
             report.rows.append(BenchRow("onnxruntime", source, timed(lambda: run_ort(inputs)), _rel_err(got, expected)))
             del run_ort  # its thread pool goes with the session
@@ -192,7 +192,7 @@ def bench_partition(
     return report
 
 
-def _ort_runner(path: Path, threads: int):
+def ort_runner(path: Path, threads: int):
     try:
         import onnxruntime as ort
     except ImportError as exc:
@@ -206,7 +206,7 @@ def _ort_runner(path: Path, threads: int):
     return lambda inputs: session.run(None, dict(zip(names, inputs)))
 
 
-def _rebuild_partition(model: str | Path, manifest, index: int):
+def rebuild_partition(model: str | Path, manifest, index: int):
     """Partition `index` re-extracted from the model with the bundle's own cuts and targets."""
     from splitc.core.errors import SplitcError
     from splitc.frontend import import_model

@@ -33,6 +33,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from splitc.backends.tvm.rpc import parse_rpc_address
 from splitc.core.errors import BackendError, InputError, SplitcError, TargetError, ToolchainError, first_line
 from splitc.core.graph import TIER, ModelGraph
 from splitc.passes.cost_model import compute_ms
@@ -274,7 +275,7 @@ def check_profilable(target: Target, rpc: str | None) -> None:
             + ("profile it on the GPU host" if backend.runtime_record.gpu else "profile it on a host that has that runtime")
         )
     if rpc:
-        _parse_rpc(rpc)
+        parse_rpc_address(rpc)
         return
     if target.arch != host_arch():
         if backend.rpc:
@@ -283,13 +284,6 @@ def check_profilable(target: Target, rpc: str | None) -> None:
                 f"about a {target.description or target.name}; pass --rpc HOST:PORT of a device running `python -m tvm.exec.rpc_server`"
             )
         raise TargetError(f"target {target.name} is {target.arch} and this host is {host_arch()}; run `splitc profile` on a {target.arch} host of that target")
-
-
-def _parse_rpc(rpc: str) -> tuple[str, int]:
-    host, sep, port = rpc.strip().rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise TargetError(f"--rpc {rpc!r} is not HOST:PORT; give the address of `python -m tvm.exec.rpc_server`, e.g. 192.168.1.20:9090")
-    return host.strip("[]"), int(port)
 
 
 def profile_target(
@@ -430,7 +424,7 @@ class _RemoteTVM:
     """One RPC session to `python -m tvm.exec.rpc_server`; times TVM modules on its CPU."""
 
     def __init__(self, rpc: str):
-        host, port = _parse_rpc(rpc)
+        host, port = parse_rpc_address(rpc)
         self.address = f"{host}:{port}"
         try:
             from tvm import rpc as tvm_rpc

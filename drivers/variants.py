@@ -33,15 +33,14 @@ from splitc.passes.contract import CompileData, CompileOptions
 from splitc.passes.cuts import CutAnalysis
 from splitc.passes.money import Workload
 from splitc.passes.planner import Plan, active_tiers, plan_placements
-from splitc.runtime.adaptive import (
+from splitc.runtime.variant_index import (
     FORMAT,
     SCHEMA_VERSION,
     VARIANTS_NAME,
-    _sha256,
     served_bytes,
     variant_model_name,
 )
-from splitc.core.manifest import MANIFEST_NAME
+from splitc.core.manifest import MANIFEST_NAME, sha256_file
 from splitc.targets import Link, Target, load_links
 
 SWEEP_MBIT = (0.1, 200.0)       # uplink range swept: below cellular Cat-1 to fast Wi-Fi
@@ -208,7 +207,7 @@ def compile_variants(graph: ModelGraph, options: CompileOptions, out: Path, k: i
                 "predicted_ms": {"device": round(device_tier.compute_ms, 6),
                                  "remote": round(sum(t.compute_ms + t.cold_start_ms for t in plan.tiers[1:]), 6)},
                 "wins": choice.wins[i],
-                "manifest_sha256": _sha256(staging / f"v{i}" / MANIFEST_NAME),
+                "manifest_sha256": sha256_file(staging / f"v{i}" / MANIFEST_NAME),
             })
         document = {
             "format": FORMAT,
@@ -242,7 +241,7 @@ def _first_remote(plan: Plan, manifest) -> int | None:
 
 def verify_variants(path: str | Path, **options):
     """verify_bundle on every variant; one report whose checks are named `v<i>: <check>`."""
-    from splitc.runtime.adaptive import read_variants
+    from splitc.runtime.variant_index import read_variants
     from splitc.drivers.verify import VerifyReport, verify_bundle
 
     index = read_variants(path)

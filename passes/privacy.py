@@ -297,7 +297,8 @@ def calibration_from_arrays(arrays: dict[str, np.ndarray], graph: ModelGraph, wh
 # --------------------------------------------------------------------------------------- leakage
 
 
-def _check_calibration(graph: ModelGraph, calibration: Calibration) -> None:
+def check_calibration(graph: ModelGraph, calibration: Calibration) -> None:
+    """Refuse calibration samples whose inputs do not match the graph's in number, shape or dtype."""
     if len(calibration.inputs) != len(graph.inputs):
         raise InputError(f"calibration has {len(calibration.inputs)} input(s), {graph.name} takes {len(graph.inputs)}")
     for spec, array in zip(graph.inputs, calibration.inputs):
@@ -308,7 +309,7 @@ def _check_calibration(graph: ModelGraph, calibration: Calibration) -> None:
             )
 
 
-def _sample_indices(n: int, max_samples: int) -> np.ndarray:
+def sample_indices(n: int, max_samples: int) -> np.ndarray:
     """Evenly spaced, deterministic subset (a file sorted by class still gives every class)."""
     if n <= max_samples:
         return np.arange(n)
@@ -349,11 +350,11 @@ def leakage_profile(graph: ModelGraph, analysis: CutAnalysis, calibration: Calib
         raise ValueError("leakage_profile: `analysis` was built for a different ModelGraph than `graph`")
     if max_samples < MIN_SAMPLES:
         raise ValueError(f"leakage_profile: max_samples={max_samples}; dCor needs at least {MIN_SAMPLES} samples")
-    _check_calibration(graph, calibration)
+    check_calibration(graph, calibration)
     if len(calibration) < MIN_SAMPLES:
         raise InputError(f"calibration holds {len(calibration)} sample(s); dCor needs at least {MIN_SAMPLES} samples")
 
-    keep = _sample_indices(len(calibration), max_samples)
+    keep = sample_indices(len(calibration), max_samples)
     n = len(keep)
     order, index, last_use = analysis.order, analysis.index, analysis.last_use
     positions = len(order)

@@ -9,14 +9,14 @@
 
 A variant directory (`splitc compile --variants K`) holds K ordinary bundles v0/ … v{K-1}/, each
 the same model split at another place (device-only and cloud-only included), and `variants.json`
-indexing them. `splitc serve` on the directory serves each variant's cloud part as model
-`<model>-v<k>` on one server.
+indexing them (runtime/variant_index.py). `splitc serve` on the directory serves each variant's
+cloud part as model `<model>-v<k>` on one server.
 
-The session keeps a LinkEstimator (bandwidth and round-trip time, from the timing of its own
-requests, light GET probes and, while the running variant sends nothing, a small timed upload),
-measures each variant's device compute (a short start-up profile, then the running variant's
-times), takes the server's compute time from its responses, and predicts every variant's latency =
-device compute + bytes / bandwidth + RTT + server compute. It switches to another variant only
+The session keeps a LinkEstimator (runtime/link_estimate.py: bandwidth and round-trip time, from
+the timing of its own requests, light GET probes and, while the running variant sends nothing, a
+small timed upload), measures each variant's device compute (a short start-up profile, then the
+running variant's times), takes the server's compute time from its responses, and predicts every
+variant's latency = device compute + bytes / bandwidth + RTT + server compute. It switches to another variant only
 when that one is predicted at least `margin` faster for `patience` evaluations in a row
 (`fast_patience` when it is predicted `fast_gain` x faster or more: hysteresis, so noise does not
 make it flap), at once when the server cannot be reached. Every switch is logged (logger
@@ -27,10 +27,6 @@ Numpy and the stdlib only (plus the backend runtime of the partitions run here).
 
 from __future__ import annotations
 
-import collections
-import hashlib
-import http.client
-import json
 import logging
 import math
 import statistics
@@ -40,10 +36,19 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
-from urllib.parse import urlsplit
 
 import numpy as np
-from splitc.core.manifest import MANIFEST_NAME, Manifest, TensorSpec, read_manifest
+from splitc.core.errors import BundleError, InputError, RemoteError, SplitcError
+from splitc.core.manifest import Manifest
+from splitc.runtime.link_estimate import (
+    CHANGED,
+    HTTP_OVERHEAD_BYTES,
+    SURPRISE,
+    Ewma,
+    LinkEstimator,
+    ProbeRefused,
+    UploadProbe,
+)
 from splitc.runtime.remote import (
     SOURCE_FALLBACK,
     SOURCE_REMOTE,
@@ -51,310 +56,11 @@ from splitc.runtime.remote import (
     RemoteSession,
 )
 from splitc.runtime.session import Bundle, SplitSession
-from splitc.runtime.v2protocol import model_name_for
-
-from splitc.core.errors import BundleError, InputError, RemoteError, SplitcError
+from splitc.runtime.variant_index import read_variants
 
 log = logging.getLogger("splitc.adaptive")
 
-FORMAT = "splitc-variants"
-SCHEMA_VERSION = 1
-VARIANTS_NAME = "variants.json"
 SOURCE_LOCAL = "local"   # a device-only variant answered: nothing was sent
-
-# What a link sample told (LinkEstimator.observe_*): it confirmed a change, or it is a surprise
-# not yet confirmed.
-CHANGED = "changed"
-SURPRISE = "surprise"
-
-# Bytes an exchange puts on the link beyond the tensors: HTTP request and response heads, the JSON
-# tensor headers. Counted the same way when timing a transfer and when predicting one.
-HTTP_OVERHEAD_BYTES = 400
-
-
-# ----------------------------------------------------------------------------- the index file
-
-
-@dataclass(frozen=True)
-class Variant:
-    index: int
-    directory: str                      # relative to the variant directory
-    model_name: str                     # the name its cloud part is served under
-    cuts: tuple[str, ...]               # node names between consecutive active tiers
-    placement: tuple[str | None, ...]   # per tier of the chain: the target running something, or None
-    first_remote: int | None            # first partition the server runs; None: device-only
-    bytes_up: int                       # tensors sent per request (0 when device-only)
-    bytes_down: int                     # tensors received per request
-    device_ms: float                    # the planner's prediction (analytic or profiled)
-    remote_ms: float
-    wins: dict[str, Any]                # where in the compile-time sweep it is the best variant
-    manifest_sha256: str
-
-    @property
-    def device_only(self) -> bool:
-        return self.first_remote is None
-
-
-@dataclass(frozen=True)
-class VariantIndex:
-    path: Path
-    model: dict[str, Any]
-    link: dict[str, Any]                # the link the compile assumed: the estimator's prior
-    default: int                        # the best variant on that link
-    variants: tuple[Variant, ...]
-    document: dict[str, Any] = field(repr=False, default_factory=dict)
-
-    def bundle_path(self, index: int) -> Path:
-        return self.path / self.variants[index].directory
-
-
-def is_variant_dir(path: str | Path) -> bool:
-    return (Path(path) / VARIANTS_NAME).is_file()
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def read_variants(path: str | Path) -> VariantIndex:
-    """Read and check `variants.json`: format, schema version, and every variant's manifest against
-    its recorded sha256 (each bundle's own artifacts are checked when it is opened)."""
-    root = Path(path)
-    index_path = root / VARIANTS_NAME
-    if not index_path.is_file():
-        what = "a single bundle" if (root / MANIFEST_NAME).is_file() else "not a splitc output"
-        raise BundleError(f"{root} has no {VARIANTS_NAME} ({what}); compile one with `splitc compile ... --variants K -o {root}`")
-    try:
-        document = json.loads(index_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{index_path} cannot be read as JSON ({type(exc).__name__}); recompile with --variants") from None
-    if not isinstance(document, dict) or document.get("format") != FORMAT:
-        raise BundleError(f"{index_path} is not a splitc variant index; recompile with `splitc compile --variants K`")
-    if document.get("schema_version") != SCHEMA_VERSION:
-        raise BundleError(f"variant index schema version {document.get('schema_version')!r} is not supported "
-                          f"(this runtime reads {SCHEMA_VERSION}); recompile with a matching splitc")
-    try:
-        variants = tuple(_variant(i, entry) for i, entry in enumerate(document["variants"]))
-        model, link, default = dict(document["model"]), dict(document.get("link") or {}), int(document.get("default", 0))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise BundleError(f"{index_path} is malformed ({type(exc).__name__}: {exc}); recompile with --variants") from None
-    if not variants or not 0 <= default < len(variants):
-        raise BundleError(f"{index_path} lists no variants or a default outside them; recompile with --variants")
-    for variant in variants:
-        manifest = root / variant.directory / MANIFEST_NAME
-        if not manifest.is_file():
-            raise BundleError(f"variant {variant.index} ({variant.directory}/{MANIFEST_NAME}) is missing; recompile with --variants")
-        if _sha256(manifest) != variant.manifest_sha256:
-            raise BundleError(f"{variant.directory}/{MANIFEST_NAME} differs from the sha256 in {VARIANTS_NAME}; "
-                              "it was modified after compilation, refusing to use it")
-    return VariantIndex(root, model, link, default, variants, document)
-
-
-def _variant(position: int, entry: Mapping[str, Any]) -> Variant:
-    index = int(entry["index"])
-    if index != position:
-        raise ValueError(f"variant {position} is numbered {index}")
-    directory = str(entry["directory"])
-    if "/" in directory or "\\" in directory or directory in ("", ".", ".."):
-        raise ValueError(f"variant directory {directory!r} is not a plain name")
-    first = entry.get("first_remote")
-    predicted = entry.get("predicted_ms") or {}
-    return Variant(
-        index=index, directory=directory, model_name=str(entry["model_name"]),
-        cuts=tuple(entry.get("cuts") or ()), placement=tuple(entry.get("placement") or ()),
-        first_remote=None if first is None else int(first),
-        bytes_up=int(entry.get("bytes_up") or 0), bytes_down=int(entry.get("bytes_down") or 0),
-        device_ms=float(predicted.get("device", 0.0)), remote_ms=float(predicted.get("remote", 0.0)),
-        wins=dict(entry.get("wins") or {}), manifest_sha256=str(entry["manifest_sha256"]),
-    )
-
-
-def variant_model_name(model: str, index: int) -> str:
-    return f"{model_name_for(model)}-v{index}"
-
-
-def served_bytes(manifest: Manifest, first_remote: int | None) -> tuple[int, int]:
-    """Tensor bytes sent and received per request by a variant whose server starts at `first_remote`."""
-    if first_remote is None:
-        return 0, 0
-    sent: Sequence[TensorSpec] = manifest.inputs if first_remote == 0 else manifest.boundaries[first_remote - 1]
-    return sum(t.nbytes for t in sent), sum(t.nbytes for t in manifest.outputs)
-
-
-# ----------------------------------------------------------------------------- link estimation
-
-
-class LinkEstimator:
-    """Uplink bandwidth (Mbit/s) and round-trip time (ms) from timed exchanges.
-
-    The model is the planner's: an exchange carrying `b` bytes takes rtt + 8 b / bandwidth. Probes
-    and exchanges of at most `small_bytes` measure the RTT; larger exchanges measure the bandwidth,
-    given the RTT (so the RTT must come from probes: the session times one every second). Each
-    estimate is an exponentially weighted moving average of the median of the last three samples:
-    the median ignores a single outlier (one slow request is not a slower link), and a median more
-    than `surprise`x away from the estimate is weighted `fast_alpha` instead of `alpha`. Such a
-    median takes two samples of the last three agreeing on a link `surprise`x off: a changed link,
-    not noise, so by default (fast_alpha 1) it replaces the estimate outright; the estimate then
-    follows a new link after two samples instead of a few dozen.
-
-    `observe_rtt` and `observe_transfer` say what a sample told: CHANGED when it confirmed a change
-    (the median moved the estimate by more than `surprise`x), SURPRISE when it is `surprise`x away
-    from the estimate even after it was taken in (a change not yet confirmed: a caller may measure
-    again soon rather than wait), None otherwise.
-    """
-
-    def __init__(self, bandwidth_mbit: float = 10.0, rtt_ms: float = 50.0, *, alpha: float = 0.3,
-                 fast_alpha: float = 1.0, surprise: float = 2.0, small_bytes: int = 4096, clock=time.monotonic):
-        if bandwidth_mbit <= 0 or rtt_ms < 0 or not 0 < alpha <= 1 or not 0 < fast_alpha <= 1 or surprise <= 1:
-            raise InputError("LinkEstimator needs bandwidth > 0, rtt >= 0, 0 < alpha, fast_alpha <= 1 and surprise > 1")
-        self.bandwidth_mbit = float(bandwidth_mbit)
-        self.rtt_ms = float(rtt_ms)
-        self.alpha, self.fast_alpha, self.surprise, self.small_bytes = alpha, fast_alpha, surprise, int(small_bytes)
-        self.clock = clock
-        self.rtt_at = -math.inf          # clock time of the last RTT sample
-        self.bandwidth_at = -math.inf    # clock time of the last bandwidth sample
-        self.rtt_samples = 0
-        self.bandwidth_samples = 0
-        self._rtt_window: collections.deque[float] = collections.deque(maxlen=3)
-        self._per_byte_window: collections.deque[float] = collections.deque(maxlen=3)
-
-    def predict_ms(self, nbytes: float) -> float:
-        return self.rtt_ms + self.transfer_ms(nbytes)
-
-    def transfer_ms(self, nbytes: float) -> float:
-        return float(nbytes) * 8.0 / (self.bandwidth_mbit * 1e3)
-
-    def _far(self, sample: float, current: float) -> bool:
-        ratio = max(sample, 1e-9) / max(current, 1e-9)
-        return ratio > self.surprise or ratio < 1.0 / self.surprise
-
-    def _weight(self, sample: float, current: float, samples: int) -> float:
-        if samples == 0:
-            return 1.0  # the first sample replaces the prior outright
-        return self.fast_alpha if self._far(sample, current) else self.alpha
-
-    def _verdict(self, raw: float, sample: float, before: float, after: float, slack: float = 0.0) -> str | None:
-        # `slack`: an absolute difference below it is never a surprise (round trips of a millisecond
-        # or two differ by 2x on scheduling noise alone).
-        if abs(sample - before) > slack and self._far(sample, before):
-            return CHANGED
-        if abs(raw - after) > slack and self._far(raw, after):
-            return SURPRISE
-        return None
-
-    def observe_rtt(self, ms: float) -> str | None:
-        """A round trip carrying (next to) no payload: a probe. Returns CHANGED, SURPRISE or None."""
-        ms = max(float(ms), 0.0)
-        self._rtt_window.append(ms)
-        sample = statistics.median(self._rtt_window)
-        before, first = self.rtt_ms, self.rtt_samples == 0
-        self.rtt_ms += self._weight(sample, self.rtt_ms, self.rtt_samples) * (sample - self.rtt_ms)
-        self.rtt_samples += 1
-        self.rtt_at = self.clock()
-        return None if first else self._verdict(ms, sample, before, self.rtt_ms, slack=2.0)
-
-    def observe_transfer(self, nbytes: float, ms: float) -> str | None:
-        """An exchange that put `nbytes` on the link in `ms` (the server's compute excluded).
-        Returns CHANGED, SURPRISE or None (see the class doc)."""
-        ms = max(float(ms), 0.0)
-        if nbytes <= self.small_bytes:
-            # As small as a probe: a round-trip sample. Larger exchanges are always bandwidth samples,
-            # never round-trip ones: deciding by the predicted share of bytes would let a stale,
-            # too-high bandwidth estimate send every slow transfer into the RTT, where it stays.
-            return self.observe_rtt(max(ms - self.transfer_ms(nbytes), 0.0))
-        # What the bytes took, given the RTT; floored so a sample faster than the RTT estimate (the
-        # RTT fell) raises the bandwidth a bounded amount instead of to infinity.
-        transfer = max(ms - self.rtt_ms, 0.25 * ms, 1e-3)
-        # Averaged as milliseconds per byte: latency is linear in it, so one slow sample cannot
-        # drive the bandwidth to zero the way averaging Mbit/s would.
-        raw = transfer / max(float(nbytes), 1.0)
-        self._per_byte_window.append(raw)
-        sample = statistics.median(self._per_byte_window)
-        current, first = 8.0 / (self.bandwidth_mbit * 1e3), self.bandwidth_samples == 0
-        per_byte = current + self._weight(sample, current, self.bandwidth_samples) * (sample - current)
-        self.bandwidth_mbit = 8.0 / (per_byte * 1e3)
-        self.bandwidth_samples += 1
-        self.bandwidth_at = self.clock()
-        return None if first else self._verdict(raw, sample, current, per_byte)
-
-    def to_json(self) -> dict[str, float]:
-        return {"bandwidth_mbit": round(self.bandwidth_mbit, 4), "rtt_ms": round(self.rtt_ms, 4)}
-
-
-class _ProbeRefused(SplitcError):
-    """The server answered the probe upload in a way that does not time it (413, 5xx)."""
-
-
-class _UploadProbe:
-    """Times the link with a payload of a fixed size, on a kept-alive connection of its own: a GET
-    of /v2/health/ready (one round trip), then a POST of `nbytes` zeros to the same path. splitc
-    serve reads the body of a POST to any path before it answers (405: only infer takes a POST),
-    so the POST takes one round trip plus the upload of `nbytes`; no model runs and no token is
-    sent. The TCP (and TLS) handshake is never part of a timing."""
-
-    PATH = "/v2/health/ready"
-
-    def __init__(self, url: str, timeout: float):
-        parts = urlsplit(url if "://" in url else f"http://{url}")
-        self.url = url
-        self._https = parts.scheme == "https"
-        self._host = parts.hostname or ""
-        self._port = parts.port or (443 if self._https else 80)
-        self._path = parts.path.rstrip("/") + self.PATH
-        self._timeout = min(float(timeout), 10.0)
-        self._conn: http.client.HTTPConnection | None = None
-        self._lock = threading.Lock()
-
-    def _timed(self, method: str, body: bytes | None) -> tuple[float, int, int]:
-        """(ms, status, response body bytes) of one exchange; a kept-alive connection the server
-        closed while idle is replaced once, outside the timing."""
-        for attempt in (0, 1):
-            if self._conn is None:
-                cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
-                self._conn = cls(self._host, self._port, timeout=self._timeout)
-            reused = self._conn.sock is not None
-            if not reused:
-                self._conn.connect()  # sets TCP_NODELAY
-            tick = time.perf_counter()
-            try:
-                headers = {"Content-Type": "application/octet-stream"} if body is not None else {}
-                self._conn.request(method, self._path, body=body, headers=headers)
-                response = self._conn.getresponse()
-                data = response.read()
-            except (ConnectionError, http.client.RemoteDisconnected, http.client.BadStatusLine):
-                self.close()
-                if reused and attempt == 0:
-                    continue
-                raise
-            ms = (time.perf_counter() - tick) * 1e3
-            if response.will_close:
-                self.close()
-            return ms, response.status, len(data)
-        raise AssertionError("unreachable")
-
-    def measure(self, nbytes: int) -> tuple[float, float, int]:
-        """(round-trip ms, upload ms, bytes the upload put on the link both ways, heads included)."""
-        with self._lock:
-            try:
-                rtt, status, _ = self._timed("GET", None)
-                if status >= 500:
-                    raise RemoteError(f"server {self.url} is not ready ({status})")
-                upload, status, received = self._timed("POST", bytes(nbytes))
-            except (OSError, http.client.HTTPException) as exc:
-                self.close()
-                raise RemoteError(f"link probe of {self.url} failed ({type(exc).__name__}: {exc})") from None
-            if status == 413 or status >= 500:
-                self.close()
-                raise _ProbeRefused(f"server {self.url} answered {status} to a {nbytes}-byte probe upload")
-            return rtt, upload, nbytes + received + HTTP_OVERHEAD_BYTES
-
-    def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-
-
-# ----------------------------------------------------------------------------- the session
 
 
 @dataclass
@@ -367,15 +73,6 @@ class AdaptiveResult:
     bytes_received: int = 0
     error: str | None = None                       # why a networked variant answered locally
     predicted_ms: float | None = None              # what the session predicted for this variant
-
-
-class _Ewma:
-    def __init__(self, alpha: float):
-        self.alpha, self.value = alpha, None
-
-    def update(self, sample: float) -> float:
-        self.value = sample if self.value is None else self.value + self.alpha * (sample - self.value)
-        return self.value
 
 
 class AdaptiveSession:
@@ -445,16 +142,16 @@ class AdaptiveSession:
         self._networked_in_flight = 0
         self._candidate: int | None = None
         self._streak = 0
-        self._cloud_measured = [_Ewma(alpha) for _ in self.variants]   # server compute per variant, when seen
-        self._cloud_scale = _Ewma(alpha)      # measured / planned server compute, for variants not yet seen
-        self._device_scale = _Ewma(alpha)     # measured / profiled device compute (load on the device)
+        self._cloud_measured = [Ewma(alpha) for _ in self.variants]   # server compute per variant, when seen
+        self._cloud_scale = Ewma(alpha)      # measured / planned server compute, for variants not yet seen
+        self._device_scale = Ewma(alpha)     # measured / profiled device compute (load on the device)
         self._wake = threading.Event()        # the background thread has something to do sooner
         self._reprobe = False                 # a surprising round trip: probe again soon
         self._recheck = False                 # a change seen while nothing is sent: explore again soon
         self._rechecks = 0                    # quick re-explores in a row
         self._explore_end = -math.inf         # clock time the last explore ended
         self._explore_took = 0.0              # and the seconds it took
-        self._upload_probe = _UploadProbe(url, timeout) if any(s is not None for s in self.sessions) else None
+        self._upload_probe = UploadProbe(url, timeout) if any(s is not None for s in self.sessions) else None
         self.device_profile_ms = [self._profile(v.index, profile_runs) for v in self.variants]
         self._start_up(timeout)
         self.current = initial if initial is not None else self._best(self.predict())
@@ -694,7 +391,7 @@ class AdaptiveSession:
         if self.probe_bytes > 0:
             try:
                 rtt_ms, upload_ms, nbytes = self._upload_probe.measure(self.probe_bytes)
-            except _ProbeRefused as exc:
+            except ProbeRefused as exc:
                 log.warning("%s; exploring with a variant's boundary instead", exc)
                 self.probe_bytes = 0
             except RemoteError as exc:
@@ -833,30 +530,8 @@ def _synthetic_inputs(manifest: Manifest) -> dict[str, np.ndarray]:
     return feed
 
 
-def local_bundle_path(path: str | Path) -> Path:
-    """What runs on one host for `path`: the bundle itself, or a variant directory's variant 0
-    (every variant computes the same model; v0 sends the least, so it is the local one)."""
-    return read_variants(path).bundle_path(0) if is_variant_dir(path) else Path(path)
-
-
-def read_any_manifest(path: str | Path) -> Manifest:
-    """The manifest of a bundle, or of a variant directory's variant 0 (all take the same inputs)."""
-    return read_manifest(local_bundle_path(path))
-
-
 __all__ = [
-    "CHANGED",
-    "SURPRISE",
-    "VARIANTS_NAME",
+    "SOURCE_LOCAL",
     "AdaptiveResult",
     "AdaptiveSession",
-    "LinkEstimator",
-    "Variant",
-    "VariantIndex",
-    "is_variant_dir",
-    "local_bundle_path",
-    "read_any_manifest",
-    "read_variants",
-    "served_bytes",
-    "variant_model_name",
 ]

@@ -430,7 +430,7 @@ def variant_servers(variant_dir: str | Path, *, token: str | None = None, max_bo
     """One PartitionServer per variant of an adaptive bundle that sends something (device-only
     variants need no server), each serving its partitions from the first one off the device,
     named `<model>-v<k>` (what AdaptiveSession asks for)."""
-    from splitc.runtime.adaptive import read_variants
+    from splitc.runtime.variant_index import read_variants
 
     index = read_variants(variant_dir)
     apps = []

@@ -65,7 +65,7 @@ def verify(bundle, *, emulate: bool = True, log=lambda _: None):
     """Run every artifact of a bundle (or variant directory) against the torch reference."""
     from splitc.drivers.variants import verify_variants
     from splitc.drivers.verify import verify_bundle
-    from splitc.runtime.adaptive import is_variant_dir
+    from splitc.runtime.variant_index import is_variant_dir
 
     check = verify_variants if is_variant_dir(bundle) else verify_bundle
     return check(bundle, emulate=emulate, log=log)

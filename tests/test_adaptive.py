@@ -22,14 +22,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from splitc.runtime import Bundle
-from splitc.runtime.adaptive import (
-    CHANGED,
-    SURPRISE,
-    VARIANTS_NAME,
-    AdaptiveSession,
-    LinkEstimator,
-    read_variants,
-)
+from splitc.runtime.adaptive import AdaptiveSession
+from splitc.runtime.link_estimate import CHANGED, SURPRISE, LinkEstimator
+from splitc.runtime.variant_index import VARIANTS_NAME, read_variants
 from splitc.runtime.server import make_http_server, serve_in_thread, variant_servers
 from splitc.targets import Link, load_link, load_target
 

@@ -215,7 +215,7 @@ def test_dfil_of_a_linear_device_part(tmp_path, d_in):
     """f(x) = W x: dFIL = ||W||_F² / (σ² d_in), σ = relative sigma x std(W x) per sample."""
     from splitc.frontend import import_model
 
-    from splitc.drivers.audit import _dfil
+    from splitc.drivers.audit import mean_dfil
 
     model = _Linear2(d_in, seed=d_in)
     _, graph = import_model(save_pt2(model, (torch.randn(1, d_in),), tmp_path / "lin.pt2"))
@@ -226,7 +226,7 @@ def test_dfil_of_a_linear_device_part(tmp_path, d_in):
     w2 = float(model.a.weight.detach().double().pow(2).sum())
     with torch.no_grad():
         expected = np.mean([w2 / (0.5 * float((x @ model.a.weight.T).double().std())) ** 2 / d_in for x in xs])
-    got = _dfil(split, xs, noise.noise_std, probes=64, seed=0)
+    got = mean_dfil(split, xs, noise.noise_std, probes=64, seed=0)
     assert got == pytest.approx(expected, rel=1e-4 if d_in <= 256 else 0.15)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from splitc.backends.tvm import tuning
+from splitc.backends.tvm import prepare, target_keys
 from torch import nn
 
 X86 = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "host"}
@@ -40,12 +40,12 @@ def test_depthwise_functions_are_scheduled_and_match_torch():
     with torch.no_grad():
         expected = model(x).numpy()
         program = torch.export.export(model, (x,))
-    target = tuning.resolve_target(X86)
-    prepared = tuning.prepare(from_exported_program(program, keep_params_as_input=False), target, True)
+    target = target_keys.resolve_target(X86)
+    prepared = prepare.prepare(from_exported_program(program, keep_params_as_input=False), target, True)
     scheduled = sorted(gv.name_hint for gv, f in prepared.functions.items()
                        if isinstance(f, tvm.tirx.PrimFunc) and f.attrs.get("tirx.is_scheduled"))
     assert len(scheduled) == 3 and all("conv2d" in name for name in scheduled), scheduled
-    tasks = [t.task_name for t in tuning.extract_tasks(prepared, target)]
+    tasks = [t.task_name for t in prepare.extract_tasks(prepared, target)]
     assert not any(name in tasks for name in scheduled) and any("conv2d" in name for name in tasks), tasks
 
     vm = relax.VirtualMachine(tvm.compile(prepared, target=tvm.target.Target(target)), tvm.cpu())

@@ -181,7 +181,7 @@ def test_variants_forward_every_compile_option(zoo, tmp_path):
     """`compile --variants` once dropped --per-channel into **_ignored: every variant now compiles
     with the one CompileOptions the command built."""
     from splitc.drivers.variants import compile_variants
-    from splitc.runtime.adaptive import read_variants
+    from splitc.runtime.variant_index import read_variants
 
     graph = zoo.graph("resnet_like")
     options = CompileOptions(load_targets("x86,cloud-cpu"), load_link("4g"), quantize="int8", per_channel=True, samples=1)

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from splitc.backends.tvm import tuning
+from splitc.backends.tvm import apply_records, coverage, database, driver, prepare, target_keys
 from torch import nn
 
 X86 = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "host"}
@@ -39,7 +39,7 @@ def _prepared(model, x):
     from tvm.relax.frontend.torch import from_exported_program
 
     program = torch.export.export(model, (x,))
-    return tuning.prepare(from_exported_program(program, keep_params_as_input=False), tuning.resolve_target(X86), True)
+    return prepare.prepare(from_exported_program(program, keep_params_as_input=False), target_keys.resolve_target(X86), True)
 
 
 def test_tile_shapes_divide_rows_and_keep_enough_accumulators():
@@ -86,7 +86,7 @@ def test_pointwise_schedules_take_1x1_convolutions_and_match_the_untuned_code(bi
 
     torch.manual_seed(0)
     prepared = _prepared(Pointwise().eval(), torch.randn(1, 16, 15, 15))
-    target = tvm.target.Target(tuning.resolve_target(X86))     # 16-lane vectors build for AVX2 too (as two halves)
+    target = tvm.target.Target(target_keys.resolve_target(X86))     # 16-lane vectors build for AVX2 too (as two halves)
     taken, left, packed = {}, [], 0
     rng = np.random.default_rng(0)
     for gvar, func in prepared.functions.items():
@@ -131,18 +131,18 @@ def test_tuning_offers_the_pointwise_schedule_and_compile_applies_it(tmp_path, m
 
     mod = from_exported_program(torch.export.export(model, (x,)), keep_params_as_input=False)
     monkeypatch.setenv("SPLITC_CACHE", str(tmp_path / "cache"))
-    report = tuning.tune_module(mod, X86, trials=0)
+    report = driver.tune_module(mod, X86, trials=0)
     own = 0
-    for line in (report.directory / tuning.RECORD_FILE).read_text().splitlines():
+    for line in (report.directory / database.RECORD_FILE).read_text().splitlines():
         trace = json.loads(line)[1][0]
         own += any(inst[0] == "Vectorize" for inst in trace[0]) and not any(inst[0].startswith("Sample") for inst in trace[0])
     # splitc's schedules for the four 1x1 tasks (trials=0: nothing searched), as many as the test above takes
-    bits = tuning.vector_bits(tuning.resolve_target(X86))
+    bits = target_keys.vector_bits(target_keys.resolve_target(X86))
     assert own == sum(SCHEDULES_PER_TASK[bits]) if bits in SCHEDULES_PER_TASK else own >= 4, own
 
-    target = tuning.resolve_target(X86)
-    variant = tuning.best_variant(mod, target, report.directory)
-    applied = tuning.apply_database(variant.prepared, target, variant.coverage.prepack, variant.database)
+    target = target_keys.resolve_target(X86)
+    variant = coverage.best_variant(mod, target, report.directory)
+    applied = apply_records.apply_database(variant.prepared, target, variant.coverage.prepack, variant.database)
     assert variant.coverage.with_record == variant.coverage.tasks
     vm = relax.VirtualMachine(tvm.compile(applied, target=tvm.target.Target(target)), tvm.cpu())
     got = vm["main"](tvm.runtime.tensor(x.numpy()))
@@ -160,8 +160,8 @@ def test_the_search_starts_from_splitcs_packed_records(tmp_path, monkeypatch):
     model, x = Pointwise().eval(), torch.randn(1, 16, 15, 15)
     mod = from_exported_program(torch.export.export(model, (x,)), keep_params_as_input=False)
     monkeypatch.setenv("SPLITC_CACHE", str(tmp_path / "cache"))
-    report = tuning.tune_module(mod, X86, trials=32)
+    report = driver.tune_module(mod, X86, trials=32)
     searched = 0
-    for line in (report.directory / tuning.RECORD_FILE).read_text().splitlines():
+    for line in (report.directory / database.RECORD_FILE).read_text().splitlines():
         searched += any(inst[0].startswith("Sample") for inst in json.loads(line)[1][0][0])
     assert searched > 0, "the search measured nothing"

@@ -16,7 +16,9 @@ import splitc.runtime
 from splitc.runtime import Bundle, SplitSession, Manifest, TensorSpec
 import splitc.runtime.session, splitc.core.manifest, splitc.runtime.executors
 import splitc.runtime.adaptive  # the adaptive split runs on the device too
-from splitc.runtime.adaptive import AdaptiveSession, LinkEstimator
+from splitc.runtime.adaptive import AdaptiveSession
+from splitc.runtime.link_estimate import LinkEstimator
+from splitc.runtime.variant_index import read_variants
 import splitc.core.errors
 print(json.dumps(sorted(sys.modules)))
 """
@@ -35,6 +37,7 @@ def _offending(modules: list[str]) -> list[str]:
 def test_runtime_imports_no_compiler_or_torch():
     modules = _modules_after(_PROBE)
     assert "splitc.runtime" in modules and "splitc.runtime.session" in modules and "splitc.runtime.adaptive" in modules
+    assert "splitc.runtime.link_estimate" in modules and "splitc.runtime.variant_index" in modules
     assert _offending(modules) == []
 
 

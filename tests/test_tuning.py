@@ -1,4 +1,4 @@
-"""MetaSchedule tuning and the tuning database (backends/tvm/tuning.py).
+"""MetaSchedule tuning and the tuning database (backends/tvm/: driver.py, search.py, database.py, ...).
 
 The tuning test really tunes (no mocks): a 2-conv CNN at 1x3x16x16, 2 tasks, a small trial budget
 and a small search population, about 1-2 minutes on 2 cores. Then two compiles must both apply the
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from splitc.backends.tvm import build_cache, tuning
+from splitc.backends.tvm import build_cache, database, driver, host_records, prepare, records_io, rpc, target_keys
 from torch import nn
 
 from splitc.cli.tune import parse_budget
@@ -56,11 +56,11 @@ def test_parse_budget():
 
 
 def test_target_key_is_per_target_and_resolves_host():
-    resolved = tuning.resolve_target(X86)
+    resolved = target_keys.resolve_target(X86)
     assert resolved["mcpu"] != "host" and resolved["num-cores"] >= 1
     other = dict(resolved, **{"num-cores": resolved["num-cores"] + 1})
-    assert tuning.target_key(resolved) != tuning.target_key(other)
-    assert tuning.target_key(resolved) == tuning.target_key(dict(reversed(list(resolved.items()))))
+    assert target_keys.target_key(resolved) != target_keys.target_key(other)
+    assert target_keys.target_key(resolved) == target_keys.target_key(dict(reversed(list(resolved.items()))))
 
 
 def test_vector_width_comes_from_the_cpu_features():
@@ -69,21 +69,21 @@ def test_vector_width_comes_from_the_cpu_features():
     def x86(cpu):
         return {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": cpu}
 
-    assert tuning.vector_bits(x86("haswell")) == tuning.vector_bits(x86("znver3")) == 256
-    assert tuning.vector_bits(x86("znver4")) == 512
-    assert tuning.vector_bits(x86("skylake-avx512")) == 512  # LLVM prefers 256-bit there, but explicit 16-lane vectors are 512
-    assert tuning.vector_bits(x86("x86-64")) == 128 and tuning.vector_bits(RPI4) == 128
-    assert tuning.vector_bits({"kind": "cuda"}) is None
-    assert "256-bit vs 128-bit" in tuning.host_tuned_label(x86("haswell"), RPI4)
+    assert target_keys.vector_bits(x86("haswell")) == target_keys.vector_bits(x86("znver3")) == 256
+    assert target_keys.vector_bits(x86("znver4")) == 512
+    assert target_keys.vector_bits(x86("skylake-avx512")) == 512  # LLVM prefers 256-bit there, but explicit 16-lane vectors are 512
+    assert target_keys.vector_bits(x86("x86-64")) == 128 and target_keys.vector_bits(RPI4) == 128
+    assert target_keys.vector_bits({"kind": "cuda"}) is None
+    assert "256-bit vs 128-bit" in host_records.host_tuned_label(x86("haswell"), RPI4)
 
 
 def test_repair_drops_a_cut_line_and_keeps_whole_ones(tmp_path):
-    (tmp_path / tuning.WORKLOAD_FILE).write_text('["h1", "mod1"]\n["h2", "mod2"]\n["h3", "mo')
-    (tmp_path / tuning.RECORD_FILE).write_text('[0, ["trace"]]\n[1, ["trace"]]\n[2, ["trace"]]\n[1, ["tr')
-    assert tuning.repair_database(tmp_path) == 3  # the cut workload, the record pointing at it, the cut record
-    assert tuning.database_stats(tmp_path) == {"workloads": 2, "records": 2}
-    assert tuning.repair_database(tmp_path) == 0
-    for name in (tuning.WORKLOAD_FILE, tuning.RECORD_FILE):
+    (tmp_path / database.WORKLOAD_FILE).write_text('["h1", "mod1"]\n["h2", "mod2"]\n["h3", "mo')
+    (tmp_path / database.RECORD_FILE).write_text('[0, ["trace"]]\n[1, ["trace"]]\n[2, ["trace"]]\n[1, ["tr')
+    assert database.repair_database(tmp_path) == 3  # the cut workload, the record pointing at it, the cut record
+    assert database.database_stats(tmp_path) == {"workloads": 2, "records": 2}
+    assert database.repair_database(tmp_path) == 0
+    for name in (database.WORKLOAD_FILE, database.RECORD_FILE):
         for line in (tmp_path / name).read_text().splitlines():
             json.loads(line)
 
@@ -96,29 +96,29 @@ def test_best_records_are_ranked_once_per_database_content(tmp_path, monkeypatch
         return json.dumps([workload, ["trace", [seconds]]])
 
     def best() -> list[str]:
-        with tuning.readable_copy(tmp_path) as snapshot:
-            return (snapshot / tuning.RECORD_FILE).read_text().splitlines()
+        with database.readable_copy(tmp_path) as snapshot:
+            return (snapshot / database.RECORD_FILE).read_text().splitlines()
 
-    (tmp_path / tuning.WORKLOAD_FILE).write_text('["h0", "mod0"]\n["h1", "mod1"]\n')
+    (tmp_path / database.WORKLOAD_FILE).write_text('["h0", "mod0"]\n["h1", "mod1"]\n')
     lines = [line(0, 3.0), line(0, 1.0), line(1, 5.0), line(0, 2.0)]
-    (tmp_path / tuning.RECORD_FILE).write_text("".join(f"{x}\n" for x in lines))
+    (tmp_path / database.RECORD_FILE).write_text("".join(f"{x}\n" for x in lines))
     assert best() == [lines[1], lines[2]]
 
     parsed = []
-    parse = tuning._parse_database
-    monkeypatch.setattr(tuning, "_parse_database", lambda *texts: parsed.append(1) or parse(*texts))
+    parse = database._parse_database
+    monkeypatch.setattr(database, "_parse_database", lambda *texts: parsed.append(1) or parse(*texts))
     assert best() == [lines[1], lines[2]] and parsed == []  # unchanged: the index answered
 
     faster = line(1, 0.5)
-    with open(tmp_path / tuning.RECORD_FILE, "a") as records:
+    with open(tmp_path / database.RECORD_FILE, "a") as records:
         records.write(faster + "\n")
     assert best() == [lines[1], faster] and parsed == [1]
 
-    text = (tmp_path / tuning.RECORD_FILE).read_text()
-    (tmp_path / tuning.RECORD_FILE).write_text(text.replace("1.0", "9.0"))  # same size, same file
+    text = (tmp_path / database.RECORD_FILE).read_text()
+    (tmp_path / database.RECORD_FILE).write_text(text.replace("1.0", "9.0"))  # same size, same file
     assert best() == [lines[3], faster] and parsed == [1, 1]
 
-    tuning._best_index(tmp_path, 1).write_text("not an index\n")
+    database._best_index(tmp_path, 1).write_text("not an index\n")
     assert best() == [lines[3], faster] and parsed == [1, 1, 1]
 
 
@@ -158,8 +158,8 @@ def test_pre_tuning_rewrites_fold_and_keep_results():
         expected = model(x).numpy()
     mod = from_exported_program(program, keep_params_as_input=False)
     before = structural_hash(mod)
-    target = tuning.resolve_target(X86)
-    prepared = tuning.prepare(mod, target, prepack=False)
+    target = target_keys.resolve_target(X86)
+    prepared = prepare.prepare(mod, target, prepack=False)
     # The module handed in is left as it was: compile builds it as the untuned candidate, and
     # prepares it again for the other variants.
     assert structural_hash(mod) == before
@@ -225,10 +225,10 @@ def tuned_cache(cnn_pt2, tmp_path_factory):
     cache = tmp_path_factory.mktemp("tuned") / "cache"
     patch = pytest.MonkeyPatch()
     patch.setenv("SPLITC_CACHE", str(cache))
-    ticks: list[tuning.TuneProgress] = []
+    ticks: list[driver.TuneProgress] = []
     try:
         mod = from_exported_program(torch.export.load(str(cnn_pt2)), keep_params_as_input=False)
-        report = tuning.tune_module(mod, X86, trials=32, trials_per_task=16, population=64, progress=ticks.append)
+        report = driver.tune_module(mod, X86, trials=32, trials_per_task=16, population=64, progress=ticks.append)
     finally:
         patch.undo()
     return cache, report, ticks
@@ -254,12 +254,12 @@ def test_tune_then_compile_reuses_records(cnn_pt2, tuned_cache, tmp_path, monkey
     _, graph = import_model(cnn_pt2)
     assert report.new_records > 0 and report.coverage.with_record == n and report.coverage.complete
     # Every task's untuned code was measured once, as a record with a schedule that changes nothing.
-    database = tuning.open_database(report.directory)
-    baselines = [r for r in database.get_all_tuning_records() if tuning.is_untuned(r)]
+    db = database.open_database(report.directory)
+    baselines = [r for r in db.get_all_tuning_records() if database.is_untuned(r)]
     assert len(baselines) == n and all(float(r.run_secs[0]) > 0 for r in baselines)
-    assert any(not tuning.is_untuned(r) for r in database.get_all_tuning_records())
-    records = tuning.database_stats(report.directory)["records"]
-    record_file = report.directory / tuning.RECORD_FILE
+    assert any(not database.is_untuned(r) for r in db.get_all_tuning_records())
+    records = database.database_stats(report.directory)["records"]
+    record_file = report.directory / database.RECORD_FILE
     stamp = record_file.stat().st_mtime_ns
 
     first = _compile(cnn_pt2, tmp_path / "a.splitc")
@@ -273,7 +273,7 @@ def test_tune_then_compile_reuses_records(cnn_pt2, tuned_cache, tmp_path, monkey
         assert any(f"{n}/{n} TVM tasks had a tuning record" in note for note in result.notes)
         assert result.manifest.partitions[0].artifacts[0].options["llvm_options"] == ["-fast-isel"]
     # Compiling ran no tuning: the database is untouched.
-    assert tuning.database_stats(report.directory)["records"] == records and record_file.stat().st_mtime_ns == stamp
+    assert database.database_stats(report.directory)["records"] == records and record_file.stat().st_mtime_ns == stamp
 
     x = np.random.default_rng(0).standard_normal((1, 3, 16, 16)).astype(np.float32)
     a, b = _run(first.bundle, x), _run(second.bundle, x)
@@ -293,10 +293,10 @@ def test_a_compile_opens_only_its_own_tasks_records(cnn_pt2, tuned_cache):
     from tvm.relax.frontend.torch import from_exported_program
 
     _, report, _ = tuned_cache
-    target = tuning.resolve_target(X86)
+    target = target_keys.resolve_target(X86)
     mod = from_exported_program(torch.export.load(str(cnn_pt2)), keep_params_as_input=False)
-    tasks = tuning.extract_tasks(tuning.prepare(mod, target, prepack=True), target)
-    best = tuning.BestRecords(report.directory)
+    tasks = prepare.extract_tasks(prepare.prepare(mod, target, prepack=True), target)
+    best = database.BestRecords(report.directory)
     whole, one = best.open(tasks), best.open(tasks[1:2])
     assert len(tasks) == report.tasks and len(whole) == len(tasks) and len(one) == 1
 
@@ -422,7 +422,7 @@ def test_ctrl_c_keeps_finished_records(cnn_pt2, tmp_path):
     root = tmp_path / "cache" / "tuning"
     deadline = time.monotonic() + 400
     while time.monotonic() < deadline:
-        files = list(root.glob(f"*/{tuning.RECORD_FILE}"))
+        files = list(root.glob(f"*/{database.RECORD_FILE}"))
         if files and files[0].stat().st_size > 0:
             break
         time.sleep(2)
@@ -433,9 +433,9 @@ def test_ctrl_c_keeps_finished_records(cnn_pt2, tmp_path):
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, out
     directory = files[0].parent
-    assert tuning.repair_database(directory) == 0  # the run already left whole lines only
-    assert tuning.database_stats(directory)["records"] > 0
-    tuning.open_database(directory)  # MetaSchedule itself reads it
+    assert database.repair_database(directory) == 0  # the run already left whole lines only
+    assert database.database_stats(directory)["records"] > 0
+    database.open_database(directory)  # MetaSchedule itself reads it
 
 
 def _best_means(directory: Path) -> dict[int, float]:
@@ -453,26 +453,26 @@ def test_resumed_tuning_retimes_records_left_by_a_faster_run(cnn_pt2, tuned_cach
     source, tuned, _ = tuned_cache
     cache = tmp_path / "cache"
     shutil.copytree(source, cache)
-    database = cache / tuned.directory.relative_to(source)
-    measured = _best_means(database)
+    db = cache / tuned.directory.relative_to(source)
+    measured = _best_means(db)
     lines = []
-    for line in (database / tuning.RECORD_FILE).read_text().splitlines():
+    for line in (db / database.RECORD_FILE).read_text().splitlines():
         workload, record = json.loads(line)
-        if max(record[1]) < tuning._FAILED_RUN:
+        if max(record[1]) < database.FAILED_RUN:
             record[1] = [v / 100 for v in record[1]]
         lines.append(json.dumps([workload, record]))
-    (database / tuning.RECORD_FILE).write_text("".join(line + "\n" for line in lines))
-    failed = [line for line in lines if max(json.loads(line)[1][1]) >= tuning._FAILED_RUN]
+    (db / database.RECORD_FILE).write_text("".join(line + "\n" for line in lines))
+    failed = [line for line in lines if max(json.loads(line)[1][1]) >= database.FAILED_RUN]
 
     monkeypatch.setenv("SPLITC_CACHE", str(cache))
     said: list[str] = []
-    report = tuning.tune_module(_cnn_module(cnn_pt2), X86, trials=0, log=said.append)
+    report = driver.tune_module(_cnn_module(cnn_pt2), X86, trials=0, log=said.append)
     assert len(report.retimed) == 5 and all(factor > 10 for factor in report.retimed), report.retimed
     assert any("re-timed the best record of 5 task(s)" in line for line in said), said
-    now = _best_means(database)
+    now = _best_means(db)
     assert now.keys() == measured.keys()
     assert all(0.1 < now[w] / measured[w] < 10 for w in measured), {w: now[w] / measured[w] for w in measured}
-    assert all(line in (database / tuning.RECORD_FILE).read_text() for line in failed)  # failed runs keep their marker
+    assert all(line in (db / database.RECORD_FILE).read_text() for line in failed)  # failed runs keep their marker
 
 
 def test_final_retiming_unseats_a_record_whose_timing_was_lucky(cnn_pt2, tuned_cache, tmp_path, monkeypatch):
@@ -483,8 +483,8 @@ def test_final_retiming_unseats_a_record_whose_timing_was_lucky(cnn_pt2, tuned_c
     source, tuned, _ = tuned_cache
     cache = tmp_path / "cache"
     shutil.copytree(source, cache)
-    database = cache / tuned.directory.relative_to(source)
-    rows = _records(database)
+    db = cache / tuned.directory.relative_to(source)
+    rows = _records(db)
     means = {}
     for workload, _, line in rows:
         runs = json.loads(line)[1][1]
@@ -496,15 +496,15 @@ def test_final_retiming_unseats_a_record_whose_timing_was_lucky(cnn_pt2, tuned_c
     workload, record = json.loads(slow_line)
     lucky_trace = record[0]
     record[1] = [best_time / 10]
-    _write_records(database, [(w, u, json.dumps([workload, record]) if line == slow_line else line) for w, u, line in rows])
+    _write_records(db, [(w, u, json.dumps([workload, record]) if line == slow_line else line) for w, u, line in rows])
 
     monkeypatch.setenv("SPLITC_CACHE", str(cache))
     said: list[str] = []
-    report = tuning.tune_module(_cnn_module(cnn_pt2), X86, trials=0, log=said.append)
+    report = driver.tune_module(_cnn_module(cnn_pt2), X86, trials=0, log=said.append)
     assert report.final_tasks == 5 and report.final_best_changed >= 1, (report.final_tasks, report.final_best_changed)
     assert any("fastest records of 5 task(s) side by side" in line for line in said), said
     after = {}
-    for w, _, line in _records(database):
+    for w, _, line in _records(db):
         if w == task:
             trace, runs = json.loads(line)[1][:2]
             after[json.dumps(trace)] = sum(runs) / len(runs)
@@ -529,20 +529,20 @@ def test_export_import_shares_records_with_another_cache(cnn_pt2, tuned_cache, t
     assert done.returncode == 0 and archive.is_file(), done.stderr
     listed = json.loads(splitc("list", "--json", cache_root=cache).stdout)
     key = report.directory.name
-    assert [d["key"] for d in listed] == [key] and listed[0]["records"] == tuning.database_stats(report.directory)["records"]
+    assert [d["key"] for d in listed] == [key] and listed[0]["records"] == database.database_stats(report.directory)["records"]
 
     other = tmp_path / "other-cache"
     first = splitc("import", str(archive), cache_root=other)
     assert first.returncode == 0, first.stderr
     imported = other / "tuning" / key
-    workloads = tuning.database_stats(report.directory)["workloads"]
+    workloads = database.database_stats(report.directory)["workloads"]
     # Each workload's fastest record travels (the search's slower candidates stay home).
-    assert tuning.database_stats(imported) == {"workloads": workloads, "records": workloads}
+    assert database.database_stats(imported) == {"workloads": workloads, "records": workloads}
     assert f"{workloads} new record(s), 0 already here" in first.stdout
     assert f"measured: host {socket.gethostname()}" in first.stdout  # the origin travels with the records
     again = splitc("import", str(archive), cache_root=other)
     assert f"0 new record(s), {workloads} already here" in again.stdout
-    assert tuning.database_stats(imported)["records"] == workloads
+    assert database.database_stats(imported)["records"] == workloads
 
     monkeypatch.setenv("SPLITC_CACHE", str(other))
     result = _compile(cnn_pt2, tmp_path / "imported.splitc")
@@ -550,9 +550,9 @@ def test_export_import_shares_records_with_another_cache(cnn_pt2, tuned_cache, t
     assert info["tasks_with_record"] == info["tasks"] == report.tasks and info["chosen"] == "tuned", info
     assert info["schedules"] == "tuned on this host"
     # Records measured on another machine say which one.
-    origin = json.loads((imported / tuning.ORIGIN_FILE).read_text())
-    (imported / tuning.ORIGIN_FILE).write_text(json.dumps({**origin, "host": "build-box-7"}))
-    assert tuning.schedules_label(imported, "?") == "tuned on host build-box-7"
+    origin = json.loads((imported / database.ORIGIN_FILE).read_text())
+    (imported / database.ORIGIN_FILE).write_text(json.dumps({**origin, "host": "build-box-7"}))
+    assert database.schedules_label(imported, "?") == "tuned on host build-box-7"
 
 
 def test_import_refuses_what_is_not_a_tuning_archive(tmp_path):
@@ -561,23 +561,23 @@ def test_import_refuses_what_is_not_a_tuning_archive(tmp_path):
     not_tar = tmp_path / "notes.txt"
     not_tar.write_text("hello")
     with pytest.raises(InputError, match="is not a tuning archive"):
-        tuning.import_databases(not_tar, tmp_path / "cache")
+        records_io.import_databases(not_tar, tmp_path / "cache")
     truncated = tmp_path / "truncated.tar.gz"
     with tarfile.open(truncated, "w:gz") as archive:
         archive.add(not_tar, arcname="llvm-x/database_workload.json")
     truncated.write_bytes(truncated.read_bytes()[:40])
     with pytest.raises(InputError, match="is not a tuning archive"):
-        tuning.import_databases(truncated, tmp_path / "cache")
+        records_io.import_databases(truncated, tmp_path / "cache")
     hostile = tmp_path / "hostile.tar.gz"
     payload = tmp_path / "payload"
     payload.write_text("x")
     with tarfile.open(hostile, "w:gz") as archive:
         archive.add(payload, arcname="../../etc/evil")
     with pytest.raises(InputError, match="which no tuning archive has"):
-        tuning.import_databases(hostile, tmp_path / "cache")
+        records_io.import_databases(hostile, tmp_path / "cache")
     assert not (tmp_path / "cache").exists()
     with pytest.raises(InputError, match="no tuning database"):
-        tuning.export_databases(tmp_path / "out.tar.gz", cache_dir=tmp_path / "empty")
+        records_io.export_databases(tmp_path / "out.tar.gz", cache_dir=tmp_path / "empty")
     assert not (tmp_path / "out.tar.gz").exists()
 
 
@@ -596,15 +596,15 @@ def _cnn_module(cnn_pt2):
 def _records(directory: Path) -> list[tuple[int, bool, str]]:
     """A database's records that ran, as (workload index, is the untuned baseline, line)."""
     rows = []
-    for line in (directory / tuning.RECORD_FILE).read_text().splitlines():
+    for line in (directory / database.RECORD_FILE).read_text().splitlines():
         workload, (trace, run_secs, *_) = json.loads(line)
-        if run_secs and max(run_secs) < tuning._FAILED_RUN:
+        if run_secs and max(run_secs) < database.FAILED_RUN:
             rows.append((workload, all(inst[0] == "GetSBlock" for inst in trace[0]), line))
     return rows
 
 
 def _write_records(directory: Path, rows: list[tuple[int, bool, str]]) -> None:
-    (directory / tuning.RECORD_FILE).write_text("".join(line + "\n" for *_, line in rows))
+    (directory / database.RECORD_FILE).write_text("".join(line + "\n" for *_, line in rows))
 
 
 @pytest.mark.skipif(shutil.which("aarch64-linux-gnu-gcc") is None, reason="needs the aarch64 cross compiler")
@@ -651,12 +651,12 @@ def test_host_tuned_schedules_for_rpi4_are_applied_labelled_and_verified(cnn_pt2
     assert f"{k}/5 task(s) have a host-tuned schedule ({k} new); 0 did not apply" in said, said
     assert f"{5 - k} stay untuned (faster untuned on this host), 0 have no record" in said, said
 
-    report = tuning.transfer_host_records(mod, RPI4)  # again: everything is already there
+    report = host_records.transfer_host_records(mod, RPI4)  # again: everything is already there
     assert report.tasks == 5 and report.failed == 0 and report.missing == 0 and report.applied == 0
     assert report.already == k and report.untuned_best == 5 - k, report
     assert report.label.startswith("host-tuned (x86_64") and "vector width differs" in report.label
-    origin = tuning.read_origin(report.directory)
-    assert origin["schedules"] == report.label and report.directory.name.endswith(tuning.HOST_TUNED_SUFFIX)
+    origin = database.read_origin(report.directory)
+    assert origin["schedules"] == report.label and report.directory.name.endswith(database.HOST_TUNED_SUFFIX)
 
     result = compile_model(graph, CompileOptions(load_targets("rpi4"), link=load_link("4g"), samples=2), tmp_path / "rpi4.splitc")
     deploy = result.manifest.partitions[0].artifacts[0]
@@ -679,20 +679,20 @@ def test_host_tuned_schedules_for_rpi4_are_applied_labelled_and_verified(cnn_pt2
     # A schedule that does not replay on a task (here: a convolution's, on a transpose) is refused
     # with the reason, so the transfer skips and counts it instead of applying it.
     monkeypatch.setenv("SPLITC_CACHE", str(cache))
-    host = tuning.resolve_target(X86)
-    records = tuning.open_database(tuning.database_dir(host)).get_all_tuning_records()
-    conv = next(r for r in records if not tuning.is_untuned(r) and "conv2d" in r.workload.mod.script())
-    tasks = tuning.extract_tasks(tuning.prepare(mod, RPI4, True), RPI4)
+    host = target_keys.resolve_target(X86)
+    records = database.open_database(database.database_dir(host)).get_all_tuning_records()
+    conv = next(r for r in records if not database.is_untuned(r) and "conv2d" in r.workload.mod.script())
+    tasks = prepare.extract_tasks(prepare.prepare(mod, RPI4, True), RPI4)
     transpose = next(t for t in tasks if "transpose" in t.task_name)
-    device = tvm.target.Target(tuning.resolve_target(RPI4))
-    assert tuning.replay_error(conv.trace, transpose.dispatched[0], device)
-    assert tuning.replay_error(conv.trace, conv.workload.mod, device) is None
+    device = tvm.target.Target(target_keys.resolve_target(RPI4))
+    assert host_records.replay_error(conv.trace, transpose.dispatched[0], device)
+    assert host_records.replay_error(conv.trace, conv.workload.mod, device) is None
 
     # Where the untuned code is a task's fastest on this host, the task stays untuned on the device.
     baselines_only = tmp_path / "baselines-only"
     shutil.copytree(source, baselines_only)
     _write_records(baselines_only / host_db, [row for row in _records(baselines_only / host_db) if row[1]])
-    kept = tuning.transfer_host_records(mod, RPI4, cache_dir=baselines_only)
+    kept = host_records.transfer_host_records(mod, RPI4, cache_dir=baselines_only)
     assert kept.untuned_best == 5 and kept.applied == kept.already == kept.failed == kept.missing == 0, kept
 
 
@@ -702,16 +702,16 @@ def test_tuning_another_isa_needs_rpc_or_from_host(cnn_pt2, tmp_path, monkeypatc
     monkeypatch.setenv("SPLITC_CACHE", str(tmp_path / "cache"))
     mod = _cnn_module(cnn_pt2)
     with pytest.raises(InputError, match="--rpc HOST:PORT.*--from-host"):
-        tuning.tune_module(mod, RPI4, trials=4)
+        driver.tune_module(mod, RPI4, trials=4)
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     started = time.monotonic()
     with pytest.raises(TargetError, match=f"cannot reach the TVM RPC server at 127.0.0.1:{port}") as exc:
-        tuning.tune_module(mod, X86, trials=4, rpc=tuning.parse_rpc(f"127.0.0.1:{port}"))
+        driver.tune_module(mod, X86, trials=4, rpc=rpc.parse_rpc(f"127.0.0.1:{port}"))
     assert "\n" not in str(exc.value) and time.monotonic() - started < 30
     with pytest.raises(TargetError, match="HOST:PORT"):
-        tuning.parse_rpc("no-port")
+        rpc.parse_rpc("no-port")
 
 
 def test_tune_cli_refuses_what_it_cannot_do(cnn_pt2, tmp_path):
@@ -733,11 +733,11 @@ def test_tune_over_rpc_against_a_local_server(cnn_pt2, rpc_server, tmp_path, mon
     """MetaSchedule's RPCRunner wired to a server without a tracker: candidates are exported as
     shared libraries, uploaded and timed by the server. Loopback only: not run against a device."""
     monkeypatch.setenv("SPLITC_CACHE", str(tmp_path / "cache"))
-    report = tuning.tune_module(_cnn_module(cnn_pt2), X86, trials=16, trials_per_task=8, population=32,
-                                rpc=tuning.parse_rpc(rpc_server))
+    report = driver.tune_module(_cnn_module(cnn_pt2), X86, trials=16, trials_per_task=8, population=32,
+                                rpc=rpc.parse_rpc(rpc_server))
     assert report.stopped == "finished" and report.measured_on == f"rpc {rpc_server}"
     assert report.new_records > report.tasks and report.coverage.complete
-    assert tuning.read_origin(report.directory)["schedules"] == "tuned on the device over RPC"
+    assert database.read_origin(report.directory)["schedules"] == "tuned on the device over RPC"
     result = _compile(cnn_pt2, tmp_path / "rpc.splitc")
     info = result.manifest.partitions[0].artifacts[0].options["tuning"]
     assert info["tasks_with_record"] == report.tasks and info["schedules"] == "tuned on the device over RPC"
@@ -788,11 +788,11 @@ def test_tune_rpi4_over_rpc_against_an_emulated_aarch64_runtime(cnn_pt2, tmp_pat
                 pytest.fail(f"emulated RPC server did not start: {log.read_text()[-500:]}")
             time.sleep(0.5)
         monkeypatch.setenv("SPLITC_CACHE", str(tmp_path / "cache"))
-        report = tuning.tune_module(_cnn_module(cnn_pt2), RPI4, trials=8, trials_per_task=4, population=16,
-                                    rpc=tuning.parse_rpc(f"127.0.0.1:{port}"))
+        report = driver.tune_module(_cnn_module(cnn_pt2), RPI4, trials=8, trials_per_task=4, population=16,
+                                    rpc=rpc.parse_rpc(f"127.0.0.1:{port}"))
         assert report.stopped == "finished" and report.coverage.complete, report
         assert report.new_records > report.tasks  # the untuned baselines and some tuned candidates
-        assert report.directory == tuning.database_dir(tuning.resolve_target(RPI4))  # the device's own database
+        assert report.directory == database.database_dir(target_keys.resolve_target(RPI4))  # the device's own database
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:

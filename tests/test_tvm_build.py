@@ -112,14 +112,14 @@ def test_tuning_builds_candidates_with_the_unrolling_compile_builds():
     # The tuning builder caps unrolling and sets LLVM's options as compile does, so a record is timed
     # as it will be built (the IR names the target it was built for, options included).
     import tvm
-    from splitc.backends.tvm.tuning import _fast_build
+    from splitc.backends.tvm.search import fast_build
     from tvm.driver import build as tvm_driver_build
 
     big = _matmul(64, 32, 2048).with_attr("global_symbol", "main")
     assert unrolled_size(big) > UNROLLED_STATEMENTS
     target = tvm.target.Target(X86)
     uncapped = tvm_driver_build(tvm.IRModule({"main": big}), target=target).inspect_source("ll")
-    candidate = _fast_build(tvm.IRModule({"main": big}), target, None).inspect_source("ll")
+    candidate = fast_build(tvm.IRModule({"main": big}), target, None).inspect_source("ll")
     built_for = tvm.target.Target(codegen_target(X86))
     capped = tvm_driver_build(tvm.IRModule({"main": cap_unrolling(big)[0]}), target=built_for).inspect_source("ll")
     assert candidate == capped and len(candidate) < len(uncapped) / 2

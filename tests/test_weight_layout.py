@@ -115,10 +115,10 @@ def test_what_the_numpy_copy_does_not_cover_is_left_to_tir(func):
 
 
 def test_weight_prepack_folding_runs_copies_in_numpy_and_compiles_the_rest():
-    """The fold in tuning.apply_database: a digit copy (numpy) and a rewrite with arithmetic
+    """The fold in apply_records.apply_database: a digit copy (numpy) and a rewrite with arithmetic
     (compiled by TVM) of constant weights both become constants holding the rewritten weights."""
     import tvm
-    from splitc.backends.tvm import tuning
+    from splitc.backends.tvm import apply_records
     from tvm import relax
 
     rng = np.random.default_rng(0)
@@ -131,7 +131,7 @@ def test_weight_prepack_folding_runs_copies_in_numpy_and_compiles_the_rest():
         packed_out = builder.emit(relax.call_tir(pack, relax.Tuple([relax.const(bias), relax.const(dense)]),
                                                  [relax.TensorType((16, 64), "float32"), relax.TensorType((50, 2, 2, 32, 10), "float32")]))
         builder.emit_func_output(relax.Tuple([scaled_out, packed_out]))
-    folded = tuning._fold_weight_prepack()(builder.get())
+    folded = apply_records.fold_weight_prepack()(builder.get())
 
     values = [binding.value for binding in folded["main"].body.blocks[0].bindings]
     assert isinstance(values[0], tvm.ir.expr.Constant) and isinstance(values[1], tvm.ir.expr.Tuple)

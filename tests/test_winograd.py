@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from splitc.backends.tvm import tuning, winograd
+from splitc.backends.tvm import coverage, database, driver, prepare, target_keys, winograd
 from torch import nn
 
 X86 = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "host"}
@@ -37,7 +37,7 @@ def _prepared(model: nn.Module, x: torch.Tensor, **options):
     with torch.no_grad():
         program = torch.export.export(model, (x,))
         expected = model(x).numpy()
-    prepared = tuning.prepare(from_exported_program(program, keep_params_as_input=False), tuning.resolve_target(X86), **options)
+    prepared = prepare.prepare(from_exported_program(program, keep_params_as_input=False), target_keys.resolve_target(X86), **options)
     return prepared, expected
 
 
@@ -46,7 +46,7 @@ def _run(prepared, x: torch.Tensor) -> np.ndarray:
     import tvm
     from tvm import relax
 
-    vm = relax.VirtualMachine(tvm.compile(prepared, target=tvm.target.Target(tuning.resolve_target(X86))), tvm.cpu())
+    vm = relax.VirtualMachine(tvm.compile(prepared, target=tvm.target.Target(target_keys.resolve_target(X86))), tvm.cpu())
     got = vm["main"](tvm.runtime.tensor(x.numpy()))
     return (got[0] if not hasattr(got, "numpy") else got).numpy()
 
@@ -84,7 +84,7 @@ def test_rewrite_applies_where_it_pays_and_matches_torch():
     # The stem (3 input channels) and the 7x7 convolution stay direct, as does the strided one.
     assert sum("conv2d" in n for n in names) == 3, names
     # The input transforms are scheduled by splitc: not tuning tasks.
-    tasks = [t.task_name for t in tuning.extract_tasks(prepared, tuning.resolve_target(X86))]
+    tasks = [t.task_name for t in prepare.extract_tasks(prepared, target_keys.resolve_target(X86))]
     assert not any("winograd_input" in t for t in tasks) and any("matmul" in t for t in tasks), tasks
 
     got = _run(prepared, x)
@@ -119,7 +119,7 @@ def test_uneven_padding_and_partial_tiles_match_torch():
 
 def test_winograd_off_keeps_direct_convolutions(monkeypatch):
     monkeypatch.setenv("SPLITC_WINOGRAD", "0")
-    assert not tuning.winograd_enabled()
+    assert not prepare.winograd_enabled()
     torch.manual_seed(0)
     prepared, _ = _prepared(Stages().eval(), torch.randn(1, 3, 28, 28), prepack=True)
     names = [gv.name_hint for gv in prepared.functions]
@@ -135,19 +135,19 @@ def test_a_database_tuned_without_winograd_still_applies_in_full(tmp_path, monke
     x = torch.randn(1, 3, 28, 28)
     with torch.no_grad():
         mod = from_exported_program(torch.export.export(Stages().eval(), (x,)), keep_params_as_input=False)
-    target = tuning.resolve_target(X86)
+    target = target_keys.resolve_target(X86)
     monkeypatch.setenv("SPLITC_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("SPLITC_WINOGRAD", "0")
-    report = tuning.tune_module(mod, X86, trials=4, trials_per_task=1, population=16)
+    report = driver.tune_module(mod, X86, trials=4, trials_per_task=1, population=16)
     assert report.coverage.complete and not report.coverage.winograd
 
     monkeypatch.delenv("SPLITC_WINOGRAD")
-    directory = tuning.database_dir(target)
-    variant = tuning.best_variant(mod, target, directory)
+    directory = database.database_dir(target)
+    variant = coverage.best_variant(mod, target, directory)
     prepared, cov = variant.prepared, variant.coverage
     assert cov.complete and not cov.winograd and cov.tasks == report.tasks, cov
     assert not any("winograd" in gv.name_hint for gv in prepared.functions)
     # With no records at all, the preferred variant: Winograd, pre-packed.
     monkeypatch.setenv("SPLITC_CACHE", str(tmp_path / "empty"))
-    cov = tuning.best_variant(mod, target, tuning.database_dir(target)).coverage
+    cov = coverage.best_variant(mod, target, database.database_dir(target)).coverage
     assert cov.winograd and cov.prepack and cov.with_record == 0

@@ -4,8 +4,9 @@ A target whose ISA differs from the build host (rpi4: aarch64) is cross-compiled
 cross compiler, and the same partition is also built for the host ISA (the "host twin") so checks
 can run here when the artifact itself cannot be executed or emulated.
 
-Tuning (backends/tvm/tuning.py): when the tuning database of the deploy target holds records for some of
-the partition's TIR functions, the deploy build applies them (with weight pre-packing if the records
+Tuning (backends/tvm/driver.py; records in database.py, chosen by coverage.py, applied by
+apply_records.py): when the tuning database of the deploy target holds records for some of the
+partition's TIR functions, the deploy build applies them (with weight pre-packing if the records
 were tuned that way). Each task then runs its fastest measured code: a tuning run also records every
 task's untuned code, so a task whose schedules all lost keeps its untuned code. On a target this host
 can run, the tuned build is timed; when some task has no record at all, the untuned build is timed
@@ -29,7 +30,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from splitc.backends.tvm import build_cache, tuning
+from splitc.backends.tvm import apply_records, build_cache, coverage, database, target_keys
 from splitc.backends.base import CompiledArtifact, CompiledPartition, op_name
 from splitc.backends.tvm.build import UNROLLED_STATEMENTS, build_library, cap_unrolling_in, codegen_target
 from splitc.passes.partition import Partition
@@ -70,7 +71,7 @@ class TVMBackend:
             raise BackendError(f"TVM could not import partition {partition.index} for {target.name}: {first_line(exc)}") from exc
 
         workdir.mkdir(parents=True, exist_ok=True)
-        target_json = tuning.resolve_target(target_json)
+        target_json = target_keys.resolve_target(target_json)
         path = workdir / f"model.{target.arch}.so"
         candidates, info, notes = self._tuned(mod, target_json, target.arch, partition)
         if target.arch != host_arch() or len(candidates) == 1 and candidates[0][0] == "untuned":
@@ -110,7 +111,7 @@ class TVMBackend:
             return [("untuned", mod)], info, []
         where = f"partition {partition.index} ({partition.target.name})"
         try:
-            variant = tuning.best_variant(mod, target_json, directory)
+            variant = coverage.best_variant(mod, target_json, directory)
         except Exception as exc:  # noqa: BLE001 - the untuned build does not need these passes: build it and say why
             info["chosen"] = "untuned (tuning passes failed)"
             return [("untuned", mod)], info, [f"{where}: could not prepare it for tuning records ({first_line(exc)}); built untuned"]
@@ -125,7 +126,7 @@ class TVMBackend:
                         f"tuned on this host with `splitc tune --target {partition.target.name} --from-host`")
             return [("untuned", mod)], info, [f"{where}: 0/{cov.tasks} TVM tasks had a tuning record; built untuned ({hint})"]
         try:
-            tuned = tuning.apply_database(variant.prepared, target_json, cov.prepack, variant.database)
+            tuned = apply_records.apply_database(variant.prepared, target_json, cov.prepack, variant.database)
         except Exception as exc:
             raise BackendError(f"TVM could not apply the tuning records to partition {partition.index}: {first_line(exc)}") from exc
         # Kernels whose records unroll them past UNROLLED_STATEMENTS are built (and were timed, when
@@ -201,14 +202,14 @@ def _schedule_database(target_json: dict, arch: str) -> tuple[Path, str]:
     For this host's ISA: the target's own database (tuned here). For another ISA: the target's own
     database when it has records (tuned on the device over RPC), else the schedules tuned on this
     host and re-keyed for it by `splitc tune --from-host`, labelled as such."""
-    own = tuning.database_dir(target_json)
+    own = database.database_dir(target_json)
     if arch == host_arch():
-        return own, tuning.schedules_label(own, "tuned on this host")
-    if tuning.database_stats(own)["records"]:
-        return own, tuning.schedules_label(own, "tuned on the device over RPC")
-    host_tuned = tuning.host_tuned_dir(target_json)
-    if tuning.database_stats(host_tuned)["records"]:
-        return host_tuned, tuning.schedules_label(host_tuned, "host-tuned (vector width differs; not timed on the device)")
+        return own, database.schedules_label(own, "tuned on this host")
+    if database.database_stats(own)["records"]:
+        return own, database.schedules_label(own, "tuned on the device over RPC")
+    host_tuned = database.host_tuned_dir(target_json)
+    if database.database_stats(host_tuned)["records"]:
+        return host_tuned, database.schedules_label(host_tuned, "host-tuned (vector width differs; not timed on the device)")
     return own, "untuned"
 
 

@@ -20,7 +20,7 @@ beat them, and 14x14 96->576 and 28x28 32->192 still lose by ~15 %.
 Which tile is best depends on the shape and the CPU (how many vector registers; 24 channels are
 three 8-lane vectors: a tile of one re-reads the inputs three times, a tile of three holds fewer
 pixels), so `pointwise_schedules` gives a few tile shapes (`TILES`) and none is imposed like
-backends/tvm/depthwise.py: `_measure_baselines` in backends/tvm/tuning.py times them beside each task's
+backends/tvm/depthwise.py: `_measure_baselines` in backends/tvm/search.py times them beside each task's
 untuned code and stores them as records; the search and the final re-timing then keep whichever is
 fastest. Those timings flush the weights and output from the caches first, and that is what
 predicts the whole model here: forcing splitc's records where the search's had won made the
