@@ -67,6 +67,7 @@ HELD_OUT_SHARE = 0.3     # calibration samples that measure the accuracy budget 
 MIN_SAMPLES = 40
 EPOCHS = 60
 PATIENCE = 10
+RAMP_EPOCHS = 10
 BATCH = 64
 
 
@@ -119,6 +120,7 @@ class _Trainee:
     module: fx.GraphModule
     tap: _Tap
     sent: list[str]              # crossing tensors the defence acts on (data-carrying, floating)
+    device_params: set[str]      # parameters only the device part reads
     vmap_ok: bool | None = None
 
     def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -145,6 +147,8 @@ def _trainee(graph: ModelGraph, cut_after: str) -> _Trainee:
     if not crossing:
         raise CutError(f"nothing floating-point computed from the data crosses the cut after {cut_after}; there is nothing to defend")
     later = set(analysis.order[position + 1:]) | {n for n in module.graph.nodes if n.op == "output"}
+    device_params = {n.target for n in module.graph.nodes
+                     if n.op == "get_attr" and n.users and all(analysis.index.get(u, position + 1) <= position for u in n.users)}
     tap, tapped = _Tap(), []
     for node in crossing:
         with module.graph.inserting_after(node):
@@ -157,7 +161,7 @@ def _trainee(graph: ModelGraph, cut_after: str) -> _Trainee:
     module.recompile()
     module = returning(module, tapped)
     tap = next(n.target for n in module.graph.nodes if isinstance(n.target, _Tap))   # the copy's own tap
-    return _Trainee(module, tap, tapped)
+    return _Trainee(module, tap, tapped, device_params)
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -281,7 +285,12 @@ def _sent_flat(sent: Sequence[torch.Tensor], data: _Data, m: int) -> torch.Tenso
 def _finetune(trainee: _Trainee, data: _Data, method: str, strength: float, train: np.ndarray, *, epochs: int, lr: float,
               seed: int, progress: bool | None) -> FitResult:
     module = trainee.module
-    params = [p for p in module.parameters() if p.is_floating_point()]
+    # Noise-aware trains the cloud part only: it learns to read the noisy activations of a device part that
+    # stays put (with the device part training too, the noise moves under it and training diverged at conv2).
+    frozen = trainee.device_params if method == "noise-aware" else set()
+    params = [p for name, p in module.named_parameters() if p.is_floating_point() and name not in frozen]
+    for p in module.parameters():
+        p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
     optimizer = torch.optim.Adam(params, lr=lr)
@@ -312,8 +321,15 @@ def _finetune(trainee: _Trainee, data: _Data, method: str, strength: float, trai
             _, sent0 = forward(train_t[:2])
         adversary = _Adversary(data, sent0.shape[1] // (data.real.shape[1] if data.tokens else 1), train, seed)
 
+    steps = {"done": 0, "ramp": RAMP_EPOCHS * math.ceil(len(train) * 0.8 / BATCH)}
+
     def step(local):
         idx = train_t[local]
+        if method == "noise-aware":
+            # σ ramps up over the first epochs: at full noise from the start the task loss jumps and
+            # the first steps wreck what the model knew (the sweep's σ=2 at conv2 fell to 63 %).
+            steps["done"] += 1
+            trainee.tap.sigma = strength * min(1.0, steps["done"] / steps["ramp"])
         if adversary is not None:
             with torch.no_grad():
                 _, sent = forward(idx)
@@ -328,6 +344,7 @@ def _finetune(trainee: _Trainee, data: _Data, method: str, strength: float, trai
     torch.manual_seed(seed)
     modules = [module] + ([adversary.net] if adversary is not None else [])
     def held_loss(local):
+        trainee.tap.sigma = strength if method == "noise-aware" else 0.0
         with torch.random.fork_rng():   # the same noise draws every epoch: epochs compare on equal terms
             torch.manual_seed(seed + 1)
             return float(objective(local))
