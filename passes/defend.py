@@ -2,8 +2,8 @@
 
 Noise alone cannot make the first layers' activations private at an acceptable accuracy (the audit
 shows it: σ=3 at the digits CNN's first conv brings re-identification to 0.07 for -51 points).
-The published defences train instead; three are here, each fine-tuning the whole model (the device
-part learns what to send, the cloud part learns to read it) on calibration data:
+The published defences train instead; three are here, each fine-tuning the model on calibration
+data (the device part learns what to send, the cloud part learns to read it):
 
 * `nopeek` (Vepakomma et al., 2020): task loss + α · dCor(input, what crosses), the distance
   correlation taken on each minibatch (NoPeek's loss);
@@ -15,8 +15,9 @@ part learns what to send, the cloud part learns to read it) on calibration data:
   than maximising its loss keeps the model from learning a confidently wrong code that a fresh
   attacker would read as well as a right one;
 * `noise-aware`: task loss with Gaussian noise of σ x each sample's std added to what crosses (as
-  the runtime will, `--noise`), so the device part learns a redundant code the noise cannot hide
-  from the cloud part, and the cloud part to read it. The defended model is compiled with that σ.
+  the runtime will, `--noise`), σ ramped in over the first epochs; the cloud part learns to read
+  the noisy activations (the device part stays put: trained too, it diverged at the digits CNN's
+  conv2). The defended model is compiled with that σ.
 
 The strength (α, λ, or σ) is swept on a grid in increasing order, each from the original weights;
 the strongest whose accuracy drop on held-out calibration samples stays within
