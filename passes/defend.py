@@ -53,6 +53,7 @@ from torch import fx, nn
 from splitc.core.errors import CutError, InputError, PlanError, UnsupportedOperatorError
 from splitc.core.graph import ModelGraph, returning
 from splitc.core.training import FitResult, fit, holdout_split
+from splitc.passes.contract import CompileOptions, PassContext, PassOutput
 from splitc.passes.cuts import CutAnalysis
 from splitc.passes.noise import data_carrying
 from splitc.passes.privacy import distance_correlation
@@ -478,49 +479,31 @@ def defend(graph: ModelGraph, cut_after: str, method: str, calibration, labels=N
     return Defence(defended, record, trials, graphs)
 
 
-def defend_in_compile(graph: ModelGraph, cuts, method: str, calibration, labels, max_accuracy_drop: float, noise):
-    """Today's compile driver calls this before noise: (defended graph, the σ noise must use, record).
-    noise-aware with no --noise sets the noise to the σ it trained at (the runtime must add it)."""
-    options = _Options(method, calibration, labels, max_accuracy_drop, noise)
-    graph, _, record = DefendPass().run(graph, cuts, options)
-    if method == "noise-aware" and not noise:
-        noise = record["strength"]
-    return graph, noise, record
-
-
-@dataclass
-class _Options:
-    defend: str
-    calibration: Any
-    labels: Any
-    max_accuracy_drop: float
-    noise: Any = None
-
-
 class DefendPass:
-    """The defence as a compile pass: `--defend METHOD` fine-tunes the graph before noise and quantizers.
-    The cuts are unchanged (same nodes); the record goes into the manifest's plan under "defence"."""
+    """The defence as a compile pass (passes/pipeline.py, after exit heads, before noise): `--defend METHOD`
+    fine-tunes the graph on --calib; the cuts are unchanged (same nodes); the record goes to the manifest's
+    plan under "defence". noise-aware trains at a given --noise σ, or sweeps σ and leaves it to the noise pass."""
 
     name = "defend"
+    record_key = "defence"
 
-    def applies(self, options) -> bool:
-        return bool(getattr(options, "defend", None))
+    def applies(self, options: CompileOptions) -> bool:
+        return bool(options.defend)
 
-    def run(self, graph: ModelGraph, cuts, options, context=None):
+    def run(self, graph: ModelGraph, cuts, options: CompileOptions, context: PassContext) -> PassOutput:
         if not cuts:
             raise CutError("--defend protects what leaves the device, and this compile has no cut; add a target or drop --defend")
-        calibration = getattr(options, "calibration", None)
-        if not calibration:
+        data = context.data
+        if not data.calibration:
             raise InputError(f"--defend {options.defend} fine-tunes the model on data: pass --calib data.npz (inputs, labels as y)")
-        result = defend(graph, cuts[0].after, options.defend, calibration, getattr(options, "labels", None),
-                        getattr(options, "max_accuracy_drop", 1.0), max_leakage=getattr(options, "defend_max_leakage", None),
+        context.log(f"defending the cut after {cuts[0].after} ({options.defend}) on {len(data.calibration)} calibration samples")
+        result = defend(graph, cuts[0].after, options.defend, data.calibration, data.labels, options.max_accuracy_drop,
                         strengths=_given_sigma(options))
-        return result.graph, cuts, result.record
+        return PassOutput(result.graph, [c.after for c in cuts], result.record, result=result)
 
 
-def _given_sigma(options) -> list[float] | None:
+def _given_sigma(options: CompileOptions) -> list[float] | None:
     """noise-aware with a given --noise σ trains at that σ only (pairs with the noise the runtime adds)."""
-    noise = getattr(options, "noise", None)
-    if getattr(options, "defend", None) == "noise-aware" and noise not in (None, "auto"):
-        return [float(noise)]
+    if options.defend == "noise-aware" and options.noise not in (None, "auto"):
+        return [float(options.noise)]
     return None

@@ -10,6 +10,7 @@ loses accuracy.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -17,7 +18,10 @@ import torch
 
 from splitc.core.errors import InputError, PlanError
 from splitc.core.graph import returning
+from splitc.passes.contract import CompileData, CompileOptions, PassContext
 from splitc.passes.cuts import CutAnalysis
+from splitc.passes.pipeline import describe
+from splitc.targets import load_link, load_targets
 from splitc.passes.defend import DefendPass, defend
 from splitc.passes.privacy import distance_correlation
 from tests.test_cli import run_cli
@@ -90,9 +94,12 @@ def test_bad_requests_are_input_errors(digits_split):
         defend(graph, CUT, "nopeek", None)
     with pytest.raises(InputError, match="choose one of nopeek, adversarial, noise-aware"):
         defend(graph, CUT, "dropout", digits_split["samples"])
+    options = CompileOptions(load_targets("x86,x86"), load_link("4g"), cut=CUT, defend="nopeek")
+    analysis = CutAnalysis(graph)
     with pytest.raises(InputError, match="pass --calib"):
-        DefendPass().run(graph, [CutAnalysis(graph).cut(CutAnalysis(graph).resolve(CUT))], type("O", (), {"defend": "nopeek"})())
-    assert DefendPass().applies(type("O", (), {"defend": "nopeek"})()) and not DefendPass().applies(object())
+        DefendPass().run(graph, [analysis.cut(analysis.resolve(CUT))], options, PassContext(CompileData()))
+    assert DefendPass().applies(options) and not DefendPass().applies(replace(options, defend=None))
+    assert "defend" in describe(options) and "defend (off)" in describe(replace(options, defend=None))
 
 
 def test_cli_defend_without_calibration_is_one_line(digits_split, tmp_path, capsys):
