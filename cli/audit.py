@@ -8,7 +8,10 @@
 writes audit/report.json (splitc.drivers.audit.audit_report_json) and audit/reconstructions.png, and prints a
 table. A model whose input is token ids feeding an embedding gets the token-recovery audit instead
 (splitc.drivers.audit_text: report.json in its own schema, no PNG); its --calib holds the inputs by name
-(input_ids, attention_mask) and optional labels y. `python -m splitc.cli.audit ...` runs the command on
+(input_ids, attention_mask) and optional labels y. With --defend METHOD each cut is defended first
+(splitc.passes.defend) and attacked before and after by fresh attackers (splitc.drivers.defend_audit):
+report.json in that module's schema and defence.png (accuracy-leakage curves of noise alone and of the
+defence, reconstructions). `python -m splitc.cli.audit ...` runs the command on
 its own, with the same error handling.
 """
 
@@ -38,9 +41,14 @@ from splitc.core.errors import InputError
 @click.option("--whitebox-steps", default=300, show_default=True, type=click.IntRange(0, 100000),
               help="Optimisation steps of the white-box attack (0: skip it; image inputs only).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the attacker/held-out split, the attacks and the noise.")
+@click.option("--defend", type=click.Choice(["nopeek", "adversarial", "noise-aware"]),
+              help="Defend each cut (fine-tune on --calib, splitc.passes.defend), then attack the model before and after with "
+                   "fresh attackers; writes report.json and defence.png (accuracy-leakage curves of noise alone and the defence).")
+@click.option("--max-accuracy-drop", default=1.0, show_default=True, type=click.FloatRange(min=0),
+              help="With --defend: accuracy points the defence may cost on held-out --calib data.")
 @click.option("--trust-pickle", is_flag=True, help="Allow loading a pickled nn.Module (.pt/.pth). Unpickling runs code.")
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="SHAPE[:DTYPE]", help="Input shape for a factory or pickle, e.g. 1,1,8,8.")
-def audit(source, cuts, calib, noise, report_dir, epochs, whitebox_steps, seed, trust_pickle, input_shapes):
+def audit(source, cuts, calib, noise, report_dir, epochs, whitebox_steps, seed, defend, max_accuracy_drop, trust_pickle, input_shapes):
     """Measure what an attacker recovers from the tensors SOURCE's device part sends at each --cut.
 
     A model whose input is token ids feeding an embedding gets the token-recovery audit (exact tokens
@@ -72,6 +80,9 @@ def audit(source, cuts, calib, noise, report_dir, epochs, whitebox_steps, seed, 
         _, graph = import_model(source, input_shapes=input_shapes, trust_pickle=trust_pickle)
     calibration = load_calibration(calib, graph)
     splits = [DeviceSplit(graph, name) for name in names]  # every cut checked before any attack runs
+    if defend:
+        _audit_defended(graph, names, calibration, defend, max_accuracy_drop, noise, seed, epochs, whitebox_steps, report, console)
+        return
     if token_inputs(graph):
         settings = [("plain", None)] + ([(f"noise {noise:g}", lambda: GaussianNoise(noise, seed=seed))] if noise is not None else [])
         _audit_tokens(graph, names, splits, calibration, settings, seed, epochs or 10, report, console)
@@ -138,6 +149,23 @@ def _audit_tokens(graph, names, splits, calibration, settings, seed, epochs, rep
     print_token_table(audits, console)
     console.print(f"wrote {report / 'report.json'}; reconstructions.png not applicable to token inputs "
                   f"(report.json lists recovered token ids)")
+
+
+def _audit_defended(graph, names, calibration, method, max_accuracy_drop, noise, seed, epochs, whitebox_steps, report, console) -> None:
+    """--defend: defend each cut, attack before and after with fresh attackers; report.json, defence.png, a table."""
+    from splitc.drivers.defend_audit import audit_defence, defence_report_json, print_defence_table, write_defence_png
+
+    if noise is not None and method != "noise-aware":
+        raise InputError(f"--noise with --defend {method}: only --defend noise-aware trains under noise; drop --noise or use noise-aware")
+    strengths = [noise] if noise is not None else None
+    results = [audit_defence(graph, name, method, calibration, max_accuracy_drop=max_accuracy_drop, strengths=strengths, seed=seed,
+                             epochs=epochs, whitebox_steps=whitebox_steps, log=lambda m: console.print(f"[dim]{m}[/dim]"))
+               for name in names]
+    report.mkdir(parents=True, exist_ok=True)
+    (report / "report.json").write_text(json.dumps(defence_report_json(results), indent=2) + "\n")
+    write_defence_png(results, report / "defence.png")
+    print_defence_table(results, console)
+    console.print(f"wrote {report / 'report.json'} and {report / 'defence.png'}")
 
 
 def main(argv: list[str] | None = None) -> None:

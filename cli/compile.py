@@ -54,12 +54,14 @@ class NoiseLevel(click.ParamType):
 @click.option("--exits", help="Early-exit heads: 'auto' (one at each cut) or node names / module paths; trained on --calib.")
 @click.option("--max-accuracy-drop", type=click.FloatRange(min=0), default=1.0, show_default=True,
               help="Exit thresholds keep accuracy within this many points of the final classifier (on held-out --calib data).")
+@click.option("--defend", type=click.Choice(["nopeek", "adversarial", "noise-aware"]),
+              help="Fine-tune the model so what crosses the first cut resists inversion, within --max-accuracy-drop (needs --calib).")
 @click.option("--variants", "variant_count", type=int, metavar="K",
               help="Compile the K placements that win across link conditions (device-only and cloud-only included) "
                    "into one directory, for the adaptive runtime (`splitc run --remote` switches between them).")
 @model_options
 def compile(source, targets, plan_path, plan_link, cut, link, output, samples, quantize, per_channel, noise, max_leakage, calib, exits,
-            max_accuracy_drop, variant_count, input_shapes, example_input, trust_pickle):
+            max_accuracy_drop, defend, variant_count, input_shapes, example_input, trust_pickle):
     """Split SOURCE across TARGETS and compile every partition into a bundle."""
     from splitc.drivers.compiler import compile_model
     from splitc.drivers.plan_file import read_plan
@@ -70,6 +72,10 @@ def compile(source, targets, plan_path, plan_link, cut, link, output, samples, q
         check_variant_request(variant_count, targets=targets, plan_path=plan_path, cut=cut, exits=exits)  # before the export's seconds
     if not targets and not plan_path:
         raise InputError("compile needs --targets (e.g. rpi4,a100) or --plan plan.json")
+    if defend and not calib:
+        raise InputError(f"--defend {defend} fine-tunes the model on data: pass --calib data.npz (inputs, labels as y)")
+    if defend and variant_count is not None:
+        raise InputError("--variants does not take --defend yet; compile the defended model without --variants, or drop --defend")
     target_list = load_targets(targets) if targets else None
     link_obj = load_link(link)
     loaded, graph = import_source(source, input_shapes, example_input, trust_pickle)
@@ -82,7 +88,8 @@ def compile(source, targets, plan_path, plan_link, cut, link, output, samples, q
     calibration, labels = calibration_samples(calib, graph) if calib else (None, None)
     # The one place a compile's options are built: the variants path gets the very same object.
     options = CompileOptions(target_list, link_obj, cut=cut, samples=samples, quantize=quantize, per_channel=per_channel, noise=noise,
-                             max_leakage=max_leakage, exits=exits, max_accuracy_drop=max_accuracy_drop, plan_record=record)
+                             max_leakage=max_leakage, exits=exits, max_accuracy_drop=max_accuracy_drop, plan_record=record,
+                             defend=defend)
     data = CompileData(examples=loaded.example_inputs, calibration=calibration, labels=labels)
     log = lambda m: console.print(f"[dim]{escape(m)}[/dim]")  # noqa: E731
     if variant_count is not None:
@@ -113,6 +120,11 @@ def compile(source, targets, plan_path, plan_link, cut, link, output, samples, q
         console.print(f"accuracy on {exits_info['held_out']} held-out samples: {exits_info['final_accuracy']:.2%} without exits, "
                       f"{exits_info['accuracy_with_exits']:.2%} with them (allowed drop {exits_info['max_accuracy_drop_points']:g} points; "
                       f"labels: {exits_info['labels']})")
+    defence = manifest.plan.get("defence")
+    if defence:
+        console.print(f"defence {defence['method']} {defence['strength']:g} at {defence['cut']}: held-out accuracy "
+                      f"{defence['accuracy_before']:.2%} → {defence['accuracy_after']:.2%}, dCor {defence['dcor_before']:.3f} → "
+                      f"{defence['dcor_after']:.3f}, trained {defence['training_seconds']:.0f} s (`splitc audit --defend` attacks it)")
     noise_info = manifest.plan.get("noise")
     if noise_info and "auto" in noise_info:
         chosen = noise_info["auto"]["chosen"]

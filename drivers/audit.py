@@ -57,12 +57,15 @@ from splitc.passes.privacy import (
     sample_indices,
 )
 from splitc.core.manifest import TensorSpec
-from splitc.core.training import fit_minibatches
+from splitc.core.training import fit, holdout_split
 from splitc.targets import Target
 
 SCHEMA = "splitc.drivers.audit/1"
 MIN_AUDIT_SAMPLES = 20          # 10 auxiliary + 10 held-out at least; meaningful figures need hundreds
 DEFAULT_DFIL_SIGMA = 0.1        # assumed noise std, relative to the sent tensor's std, when none is known
+# The attacker early-stops on a tenth of its auxiliary set (core/training.py), as a careful one would.
+INVERSE_HELD_SHARE = 0.1
+INVERSE_PATIENCE = 15
 CLASS_MEAN_NOTE = "class-mean floor uses labels an attacker may not have"
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
@@ -362,9 +365,8 @@ def _train_inverse(sent_aux: Sequence[torch.Tensor], x_aux: torch.Tensor, image_
     target = (x - x_mean) / x_scale
     zn = (z - z_mean) / z_std
     optimiser = torch.optim.Adam(decoder.parameters(), lr=1e-3, weight_decay=1e-5)
-    fit_minibatches(optimiser, lambda idx: F.mse_loss(decoder(zn[idx]).reshape(len(idx), c, h, w), target[idx]), len(zn),
-                    epochs=epochs, batch=64, seed=seed)
-    decoder.eval()
+    fit(decoder, len(zn), optimizer=optimiser, loss_of=lambda idx: F.mse_loss(decoder(zn[idx]).reshape(len(idx), c, h, w), target[idx]),
+        epochs=epochs, batch=64, seed=seed, held_share=INVERSE_HELD_SHARE, patience=INVERSE_PATIENCE, description="inverse network")
 
     def reconstruct(sent: Sequence[torch.Tensor]) -> torch.Tensor:
         with torch.no_grad():
@@ -500,8 +502,7 @@ def _audit_cut(graph, cut_name, calibration, transform, setting, seed, epochs, w
             per = [tuple(transform(t[i]) for t in clean) for i in range(n)]
         sent = tuple(torch.stack([p[k] for p in per]) for k in range(len(clean)))
 
-    permutation = np.random.default_rng(seed).permutation(n)
-    aux_idx, held_idx = np.sort(permutation[: n // 2]), np.sort(permutation[n // 2:])
+    aux_idx, held_idx = holdout_split(n, 0.5, seed)
     images = calibration.inputs[0].reshape(n, *image_shape).astype(np.float64)
     lo, hi = float(images[aux_idx].min()), float(images[aux_idx].max())
     data_range = hi - lo if hi > lo else 1.0

@@ -44,6 +44,7 @@ class CompileOptions:
     max_leakage: float = DEFAULT_MAX_LEAKAGE
     exits: str | tuple[str, ...] | None = None  # "auto" or exit points
     max_accuracy_drop: float = 1.0              # points, for exits, noise and defences
+    defend: str | None = None                   # None | "nopeek" | "adversarial" | "noise-aware" (passes/defend.py)
     plan_record: dict[str, Any] | None = None   # the planner's choice this compile realises
     pipeline: tuple[CutPass, ...] | None = None  # None: passes/pipeline.py's DEFAULT_PIPELINE
 

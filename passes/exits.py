@@ -39,7 +39,7 @@ from torch import fx
 
 from splitc.core.errors import CutError, InputError, UnsupportedOperatorError
 from splitc.core.graph import EXIT, ModelGraph, returning
-from splitc.core.training import fit_minibatches
+from splitc.core.training import fit, holdout_split
 
 aten = torch.ops.aten
 
@@ -116,9 +116,7 @@ def plan_exits(graph: ModelGraph, points: Sequence[str], samples: Sequence[tuple
     elif labels.min() < 0 or labels.max() >= classes:
         raise InputError(f"calibration labels span {labels.min()}..{labels.max()} but {graph.name} has {classes} classes; labels must be 0..{classes - 1}")
 
-    order = np.random.default_rng(seed).permutation(n)
-    held = order[: max(int(round(n * HELD_OUT_SHARE)), 1)]
-    train = order[len(held):]
+    train, held = holdout_split(n, HELD_OUT_SHARE, seed)
     fitted = [_fit_head(features[node.name], labels, train, held, classes, seed) for node in nodes]
     probabilities = [_softmax(f.logits[held]) for f in fitted]
     thresholds, rates = calibrate_thresholds(probabilities, final_pred[held], labels[held], max_drop_points)
@@ -306,7 +304,8 @@ def _train(head: _Head, x: torch.Tensor, y: torch.Tensor, epochs: int = TRAIN_EP
         return torch.nn.functional.cross_entropy(logits, y[idx])
 
     optimizer = torch.optim.Adam(head.parameters(), lr=1e-2, weight_decay=1e-4)
-    fit_minibatches(optimizer, loss_of, len(x), epochs=epochs, batch=batch, seed=0)
+    fit(head, len(x), optimizer=optimizer, loss_of=loss_of, epochs=epochs, batch=batch, seed=0, held_share=0.1, patience=10,
+        description="exit head")
     with torch.no_grad():
         if head.norm is None:  # W((x - m) / s) + b == (W / s) x + (b - W (m / s))
             weight = head.linear.weight / std

@@ -11,7 +11,7 @@ Graph in, graph out.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -173,12 +173,15 @@ class NoisePass:
     record_key = "noise"
 
     def applies(self, options: CompileOptions) -> bool:
-        return bool(options.noise)
+        # A noise-aware defence trained the model for noise at the cut: the runtime must add it.
+        return bool(options.noise) or options.defend == "noise-aware"
 
     def run(self, graph: ModelGraph, cuts: list[Cut], options: CompileOptions, context: PassContext) -> PassOutput:
         if not cuts:
             raise CutError("--noise defends what leaves the device, and this compile has no cut; add a target or drop --noise")
         data = context.data
+        if not options.noise:   # σ is the one the noise-aware defence chose (passes/defend.py)
+            options = replace(options, noise=context.results["defend"].record["strength"])
         sigma, choice = resolve_sigma(graph, cuts[0].after, options, data.calibration, data.labels, context.log)
         samples = context.statistics(graph)
         noisy, first_cut, layers = add_noise(graph, cuts[0].after, sigma, samples)

@@ -1,7 +1,7 @@
 """The compile pipeline: the passes that change what crosses a cut, in the order they run.
 
-Order matters: exit heads first (a head sits at a cut, and the cut moves to its end), then noise on
-what leaves the device, then quantizers on every crossing tensor (noise is added before rounding,
+Order matters: exit heads first (a head sits at a cut, and the cut moves to its end), then the
+defence (it fine-tunes the weights the later passes measure on), then noise on what leaves the device, then quantizers on every crossing tensor (noise is added before rounding,
 so what is sent is the quantized noisy tensor). A new pass is one module with a `CutPass` object
 (passes/contract.py) and one entry here.
 """
@@ -14,11 +14,12 @@ from splitc.core.errors import SplitcError
 from splitc.core.graph import ModelGraph
 from splitc.passes.contract import CompileOptions, CutPass, PassContext
 from splitc.passes.cuts import Cut
+from splitc.passes.defend import DefendPass
 from splitc.passes.exits import ExitsPass
 from splitc.passes.noise import NoisePass
 from splitc.passes.quantize import QuantizePass
 
-DEFAULT_PIPELINE: tuple[CutPass, ...] = (ExitsPass(), NoisePass(), QuantizePass())
+DEFAULT_PIPELINE: tuple[CutPass, ...] = (ExitsPass(), DefendPass(), NoisePass(), QuantizePass())
 
 
 def pipeline_of(options: CompileOptions) -> tuple[CutPass, ...]:
