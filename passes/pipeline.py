@@ -1,8 +1,9 @@
 """The compile pipeline: the passes that change what crosses a cut, in the order they run.
 
 Order matters: exit heads first (a head sits at a cut, and the cut moves to its end), then the
-defence (it fine-tunes the weights the later passes measure on), then noise on what leaves the device, then quantizers on every crossing tensor (noise is added before rounding,
-so what is sent is the quantized noisy tensor). A new pass is one module with a `CutPass` object
+defence (it fine-tunes the weights the later passes measure on), then noise on what leaves the
+device, then quantizers on every crossing tensor (noise is added before rounding, so what is sent
+is the quantized noisy tensor). A new pass is one module with a `CutPass` object
 (passes/contract.py) and one entry here.
 """
 
