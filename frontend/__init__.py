@@ -65,6 +65,8 @@ def build_graph(loaded: LoadedModel) -> ModelGraph:
     )
 
 
-def import_model(source: str | Path, *, input_shapes: Sequence[str] = (), example_input=None, trust_pickle=False) -> tuple[LoadedModel, ModelGraph]:
-    loaded = load_model(str(source), input_shapes=input_shapes, example_input=example_input, trust_pickle=trust_pickle)
+def import_model(source: str | Path, *, input_shapes: Sequence[str] = (), example_input=None, trust_pickle=False,
+                 weights=None, task=None, verbose=False) -> tuple[LoadedModel, ModelGraph]:
+    loaded = load_model(str(source), input_shapes=input_shapes, example_input=example_input, trust_pickle=trust_pickle,
+                        weights=weights, task=task, verbose=verbose)
     return loaded, build_graph(loaded)

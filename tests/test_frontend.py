@@ -113,10 +113,10 @@ def test_pickle_needs_trust(tmp_path):
             assert rel_err(got, expected) < 1e-5
 
 
-def test_pickle_of_non_module_is_refused(tmp_path):
+def test_state_dict_alone_is_refused_even_with_trust(tmp_path):
     path = tmp_path / "weights.pt"
     torch.save(models.multi_io().state_dict(), path)
-    with pytest.raises(ModelLoadError, match="not an nn.Module"):
+    with pytest.raises(ModelLoadError, match="weights only.*--weights"):
         import_model(path, input_shapes=["1,3,16,16;1,8"], trust_pickle=True)
 
 

@@ -1,0 +1,159 @@
+"""The model files people have, each told by its content: a torch.export archive under any name,
+TorchScript, a state_dict with the factory that takes it, pytree inputs, dynamic batch; and every
+bad file gets one line and exit code 3 with nothing written."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from splitc.cli import main
+from splitc.core.manifest import read_manifest
+from splitc.runtime import Bundle, SplitSession
+from tests import file_models
+from tests.models import rel_err
+
+
+def run_cli(*args, capsys) -> tuple[int, str, str]:
+    capsys.readouterr()
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def compile_verify(source, out: Path, capsys, *extra) -> Path:
+    """splitc compile for rpi4,a100 then splitc verify (host twin: the emulated run is test_emulation's)."""
+    code, text, err = run_cli("compile", source, "--targets", "rpi4,a100", "-o", out, *extra, capsys=capsys)
+    assert code == 0, err + text
+    code, text, err = run_cli("verify", out, "--no-emulation", capsys=capsys)
+    assert code == 0, err + text
+    return out
+
+
+def run_bundle(bundle: Path, inputs) -> dict[str, np.ndarray]:
+    return SplitSession(Bundle.open(bundle)).run(inputs)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = file_models.tiny_cnn()
+    x = file_models.image()
+    with torch.no_grad():
+        return model, x, model(x)
+
+
+# ---------------------------------------------------------------------------- each kind of file
+
+
+def test_export_archive_named_pt(tiny, tmp_path, capsys):
+    model, x, expected = tiny
+    torch.export.save(torch.export.export(model, (x,)), tmp_path / "model.pt")
+    bundle = compile_verify(tmp_path / "model.pt", tmp_path / "b.splitc", capsys)
+    (got,) = run_bundle(bundle, [x.numpy()]).values()
+    assert rel_err(torch.from_numpy(got), expected) < 1e-4
+
+
+def test_torchscript_is_converted(tiny, tmp_path, capsys):
+    model, x, expected = tiny
+    torch.jit.save(torch.jit.trace(model, (x,)), tmp_path / "scripted.pt")
+    np.save(tmp_path / "x.npy", x.numpy())
+    bundle = compile_verify(tmp_path / "scripted.pt", tmp_path / "b.splitc", capsys, "--example-input", tmp_path / "x.npy")
+    (got,) = run_bundle(bundle, [x.numpy()]).values()
+    assert rel_err(torch.from_numpy(got), expected) < 1e-4
+
+
+def test_torchscript_without_inputs_asks_for_them(tiny, tmp_path, capsys):
+    model, x, _ = tiny
+    torch.jit.save(torch.jit.trace(model, (x,)), tmp_path / "scripted.pt")
+    code, _, err = run_cli("inspect", tmp_path / "scripted.pt", capsys=capsys)
+    assert code == 7 and "TorchScript" in err and "--input-shape" in err, err
+
+
+def test_state_dict_with_factory(tiny, tmp_path, capsys):
+    model, x, expected = tiny
+    trained = file_models.TinyCNN(seed=7).eval()  # weights the factory's fresh module does not have
+    torch.save(trained.state_dict(), tmp_path / "weights.pt")
+    with torch.no_grad():
+        expected = trained(x)
+    assert rel_err(expected, model(x)) > 0.1
+    bundle = compile_verify("tests.file_models:tiny_cnn", tmp_path / "b.splitc", capsys,
+                            "--weights", tmp_path / "weights.pt", "--input-shape", "1,3,16,16")
+    (got,) = run_bundle(bundle, [x.numpy()]).values()
+    assert rel_err(torch.from_numpy(got), expected) < 1e-4
+
+
+def test_weights_that_do_not_fit_name_the_keys(tmp_path, capsys):
+    torch.save({"conv1.weight": torch.zeros(8, 3, 3, 3)}, tmp_path / "partial.pt")
+    code, _, err = run_cli("inspect", "tests.file_models:tiny_cnn", "--weights", tmp_path / "partial.pt",
+                           "--input-shape", "1,3,16,16", capsys=capsys)
+    assert code == 3 and "missing" in err and "conv1.bias" in err, err
+
+
+# ------------------------------------------------------------------------------------ bad files
+
+
+def _bad_files(root: Path) -> dict[str, tuple[Path, list[str]]]:
+    model = file_models.tiny_cnn()
+    x = file_models.image()
+    torch.export.save(torch.export.export(model, (x,)), root / "good.pt2")
+    data = (root / "good.pt2").read_bytes()
+    (root / "truncated.pt2").write_bytes(data[: len(data) // 2])
+    (root / "empty.pt2").write_bytes(b"")
+    (root / "garbage.pt").write_bytes(bytes(range(256)) * 4)
+    torch.save(model.state_dict(), root / "weights.pt")
+    torch.save(model, root / "pickled.pt")
+    torch.save({"epoch": 3}, root / "notes.pt")
+    with open(root / "arrays.pt", "wb") as f:  # np.savez would append .npz to a name
+        np.savez(f, a=np.zeros(3))
+    return {
+        "truncated": (root / "truncated.pt2", ["truncated"]),
+        "empty": (root / "empty.pt2", ["empty"]),
+        "garbage": (root / "garbage.pt", ["not a model file"]),
+        "state_dict": (root / "weights.pt", ["weights only", "--weights", "pkg.module:Net"]),
+        "pickle": (root / "pickled.pt", ["--trust-pickle"]),
+        "no model": (root / "notes.pt", ["without a model"]),
+        "wrong zip": (root / "arrays.pt", ["not a PyTorch model"]),
+    }
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    return _bad_files(tmp_path_factory.mktemp("bad"))
+
+
+@pytest.mark.parametrize("kind", ["truncated", "empty", "garbage", "state_dict", "pickle", "no model", "wrong zip"])
+def test_bad_file_is_one_line_exit_3_nothing_written(kind, bad_files, tmp_path, capsys):
+    path, words = bad_files[kind]
+    out = tmp_path / "out.splitc"
+    code, text, err = run_cli("compile", path, "--targets", "rpi4,a100", "-o", out, capsys=capsys)
+    assert code == 3, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("splitc: error:"), err
+    assert all(w in lines[0] for w in words), lines[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_nothing_but_the_line_on_a_real_stderr(bad_files, tmp_path):
+    """In a fresh process (torch's log handlers write to the real stderr, which capsys misses):
+    loading an archive under a .pt name and a truncated one print nothing of torch's."""
+    good = bad_files["truncated"][0].with_name("good.pt2")
+    renamed = tmp_path / "model.pt"
+    renamed.write_bytes(good.read_bytes())
+    code = ("import sys; from splitc.cli import main\n"
+            "for f in sys.argv[1:]:\n"
+            "    try: main(['inspect', f, '--json']); print('exit 0', file=sys.stderr)\n"
+            "    except SystemExit as e: print('exit', e.code, file=sys.stderr)\n")
+    done = subprocess.run([sys.executable, "-c", code, str(renamed), str(bad_files["truncated"][0])],
+                          capture_output=True, text=True, timeout=300)
+    lines = done.stderr.strip().splitlines()
+    assert lines[0] == "exit 0", done.stderr
+    assert len(lines) == 3 and lines[1].startswith("splitc: error:") and lines[2] == "exit 3", done.stderr
