@@ -157,3 +157,34 @@ def test_nothing_but_the_line_on_a_real_stderr(bad_files, tmp_path):
     lines = done.stderr.strip().splitlines()
     assert lines[0] == "exit 0", done.stderr
     assert len(lines) == 3 and lines[1].startswith("splitc: error:") and lines[2] == "exit 3", done.stderr
+
+
+# ------------------------------------------------------------------------------------ cut names
+
+
+@pytest.fixture(scope="module")
+def tiny_analysis():
+    from splitc.frontend import build_graph
+    from splitc.frontend.loader import LoadedModel
+    from splitc.passes.cuts import CutAnalysis
+
+    program = torch.export.export(file_models.tiny_cnn(), (file_models.image(),))
+    return CutAnalysis(build_graph(LoadedModel(program, "tiny", "tiny", "0" * 64, None)))
+
+
+@pytest.mark.parametrize("name, node", [
+    ("max_pool2d", "getitem"),                # the op the model called: its tensor output
+    ("max_pool2d_with_indices", "getitem"),   # the ATen op, and the node of that name, returns a tuple
+    ("conv2", "convolution_1"),               # a module path: after the module's last node
+    ("mean", "mean"),                         # a node name
+    ("linear", "addmm"),                      # an op whose weight transpose is not placed
+])
+def test_cut_names_resolve(tiny_analysis, name, node):
+    assert tiny_analysis.order[tiny_analysis.resolve(name)].name == node
+
+
+def test_ambiguous_op_lists_its_nodes(tiny_analysis):
+    from splitc.core.errors import CutError
+
+    with pytest.raises(CutError, match="'conv2d' matches 2 calls.*convolution, convolution_1"):
+        tiny_analysis.resolve("conv2d")
