@@ -39,6 +39,9 @@ class ModelGraph:
     outputs: tuple[TensorSpec, ...]
     source_sha256: str
     source: str
+    # The model's own input/output structure and each flat tensor's path (frontend/signature.py);
+    # None when the structure has no JSON form.
+    signature: dict | None = None
 
     def value_nodes(self) -> list[fx.Node]:
         """Placeholders and operator nodes in graph (topological) order: the nodes a cut can fall between."""

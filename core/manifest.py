@@ -49,6 +49,7 @@ class TensorSpec:
     name: str
     shape: tuple[int, ...]
     dtype: str  # numpy dtype name, e.g. "float32", "int64"
+    path: str = ""  # a model input/output's place in the model's structure: `d.img`, `extra`, `aux.0`
 
     @property
     def nbytes(self) -> int:
@@ -56,11 +57,11 @@ class TensorSpec:
         return int(np.prod(self.shape, dtype=np.int64)) * itemsize
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype, **({"path": self.path} if self.path else {})}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> TensorSpec:
-        return cls(str(data["name"]), tuple(int(d) for d in data["shape"]), str(data["dtype"]))
+        return cls(str(data["name"]), tuple(int(d) for d in data["shape"]), str(data["dtype"]), str(data.get("path") or ""))
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from splitc.core.bundle import record_artifact, staged_directory, write_manifest
 from splitc.core.errors import CutError, SplitcError
 from splitc.core.graph import ModelGraph, sample_inputs
 from splitc.core.manifest import REFERENCE_NAME, ExitSpec, Manifest, PartitionSpec, sha256_file
+from splitc.frontend.signature import named_by_path
 from splitc.passes.contract import CompileData, CompileOptions, PassContext
 from splitc.passes.cuts import Cut, CutAnalysis, auto_cuts, estimate, resolve_cuts
 from splitc.passes.exits import ExitPlan, classifier_output
@@ -158,9 +159,10 @@ def compile_model(graph: ModelGraph, options: CompileOptions, out: Path, *, data
                    "flops": graph.total_flops, "param_bytes": graph.param_bytes,
                    **({"generated_inputs": {layer["noise_input"]: {"distribution": "normal", "mean": 0.0, "std": 1.0,
                                                                      "scaled_to": layer["scale"], "for": layer["tensor"]}
-                                            for layer in records["noise"]["layers"]}} if "noise" in records else {})},
-            inputs=graph.inputs,
-            outputs=graph.outputs,
+                                            for layer in records["noise"]["layers"]}} if "noise" in records else {}),
+                   **({"signature": graph.signature} if graph.signature else {})},
+            inputs=named_by_path(graph.inputs, (graph.signature or {}).get("input_paths", ())),
+            outputs=named_by_path(graph.outputs, (graph.signature or {}).get("output_paths", ())),
             targets=tuple(t.summary() for t in targets),
             partitions=tuple(specs),
             boundaries=tuple(c.crossing for c in cuts),

@@ -29,6 +29,7 @@ from splitc.core.manifest import (
 )
 
 from splitc.core.errors import BundleError, InputError
+from splitc.runtime.structure import flat_by_name, unflatten
 
 # What to run for a partition on this host, best first: the artifact the target itself runs, then
 # the same code built for this ISA, then the portable ONNX form.
@@ -113,6 +114,7 @@ def bind_model_inputs(manifest: Manifest, inputs: Mapping[str, np.ndarray] | Seq
     generated = generated_inputs(manifest)
     specs = manifest.inputs
     user_specs = [s for s in specs if s.name not in generated]
+    inputs = flat_by_name(inputs, [s.name for s in specs], [s.path for s in specs], manifest.model.get("signature"))
     if not isinstance(inputs, Mapping):
         inputs = list(inputs)
         if len(inputs) != len(user_specs):
@@ -177,8 +179,21 @@ class SplitSession:
             env = self.boundary(partition.index, produced)
         return Answer({t.name: env[t.name] for t in self.manifest.outputs}, len(self.manifest.partitions))
 
-    def run(self, inputs: Mapping[str, np.ndarray] | Sequence[np.ndarray], *, exits: bool = True) -> dict[str, np.ndarray]:
-        return self.infer(inputs, exits=exits).outputs
+    def run(self, inputs, *, exits: bool = True, structured: bool = False):
+        """The model's outputs for `inputs` (flat names, paths such as `d.img`, or the model's own
+        nested structure): a dict by flat name, or with `structured` in the structure the model
+        returned (a dict, tuple, ... of arrays)."""
+        outputs = self.infer(inputs, exits=exits).outputs
+        return structured_outputs(self.manifest, outputs) if structured else outputs
+
+
+def structured_outputs(manifest: Manifest, outputs: Mapping[str, np.ndarray]):
+    """Flat outputs (by name) in the structure the model returned; a bundle without a recorded
+    structure gives a tuple in output order."""
+    signature = manifest.model.get("signature")
+    if not signature:
+        return tuple(outputs[t.name] for t in manifest.outputs)
+    return unflatten(signature["outputs"], lambda i: outputs[manifest.outputs[i].name])
 
 
 @dataclass(frozen=True)

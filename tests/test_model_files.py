@@ -188,3 +188,55 @@ def test_ambiguous_op_lists_its_nodes(tiny_analysis):
 
     with pytest.raises(CutError, match="'conv2d' matches 2 calls.*convolution, convolution_1"):
         tiny_analysis.resolve("conv2d")
+
+
+# ------------------------------------------------------------------------------ pytree in and out
+
+
+def test_dict_input_and_nested_output(tmp_path, capsys):
+    model = file_models.DictInput().eval()
+    d = {"img": file_models.image(seed=1), "bias": torch.randn(1, 5, generator=torch.Generator().manual_seed(2))}
+    torch.export.save(torch.export.export(model, (d,)), tmp_path / "dict.pt2")
+    bundle = compile_verify(tmp_path / "dict.pt2", tmp_path / "b.splitc", capsys)
+    manifest = read_manifest(bundle)
+    assert [t.path for t in manifest.inputs] == ["d.img", "d.bias"]
+    assert [t.path for t in manifest.outputs] == ["logits", "extra.0", "extra.1"]
+    with torch.no_grad():
+        expected = model(d)
+    session = SplitSession(Bundle.open(bundle))
+    arrays = {k: v.numpy() for k, v in d.items()}
+    nested = session.run({"d": arrays}, structured=True)           # the model's own structure in and out
+    assert set(nested) == {"logits", "extra"} and isinstance(nested["extra"], tuple)
+    assert rel_err(torch.from_numpy(nested["logits"]), expected["logits"]) < 1e-4
+    for got, want in zip(nested["extra"], expected["extra"]):
+        assert rel_err(torch.from_numpy(got), want) < 1e-4
+    by_path = session.run({"d.img": arrays["img"], "d.bias": arrays["bias"]})  # or flat, by path
+    assert np.array_equal(by_path[manifest.outputs[0].name], nested["logits"])
+    positional = session.run([arrays], structured=True)             # positional arguments, nested
+    assert np.array_equal(positional["extra"][1], nested["extra"][1])
+
+
+def test_keyword_input(tmp_path, capsys):
+    model = file_models.KeywordInput().eval()
+    x, extra = file_models.image(seed=3), torch.rand(1, 5, generator=torch.Generator().manual_seed(4)) + 0.5
+    torch.export.save(torch.export.export(model, (x,), {"extra": extra}), tmp_path / "kw.pt2")
+    bundle = compile_verify(tmp_path / "kw.pt2", tmp_path / "b.splitc", capsys)
+    assert [t.path for t in read_manifest(bundle).inputs] == ["x", "extra"]
+    with torch.no_grad():
+        expected = model(x, extra=extra)
+    session = SplitSession(Bundle.open(bundle))
+    got = session.run({"x": x.numpy(), "extra": extra.numpy()}, structured=True)
+    assert rel_err(torch.from_numpy(got), expected) < 1e-4
+
+
+def test_wrong_structure_is_an_input_error(tmp_path, capsys):
+    from splitc.core.errors import InputError
+
+    model = file_models.DictInput().eval()
+    d = {"img": file_models.image(), "bias": torch.zeros(1, 5)}
+    torch.export.save(torch.export.export(model, (d,)), tmp_path / "dict.pt2")
+    code, _, err = run_cli("compile", tmp_path / "dict.pt2", "--targets", "x86", "-o", tmp_path / "b.splitc", capsys=capsys)
+    assert code == 0, err
+    session = SplitSession(Bundle.open(tmp_path / "b.splitc"))
+    with pytest.raises(InputError, match="lacks key.*bias"):
+        session.run({"d": {"img": d["img"].numpy()}})
