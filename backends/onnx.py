@@ -13,7 +13,9 @@ import torch
 import torch.fx as fx
 
 from splitc.backends.base import CompiledArtifact, CompiledPartition
+from splitc.backends.export import PartitionProgram, export_partition
 from splitc.core.errors import BackendError, first_line
+from splitc.passes.dynamic import FIXED_DIMS
 from splitc.passes.partition import Partition
 from splitc.core.manifest import ROLE_DEPLOY, RUNTIME_ONNXRUNTIME
 
@@ -39,12 +41,19 @@ def onnx_supports(node: fx.Node) -> bool:
 
 def export_onnx(partition: Partition, path: Path) -> Path:
     """Write the partition as a single-file ONNX model whose inputs/outputs carry the tensor names."""
+    return write_onnx(partition, path)[0]
+
+
+def write_onnx(partition: Partition, path: Path) -> tuple[Path, PartitionProgram]:
+    """Write the partition as a single-file ONNX model whose inputs/outputs carry the tensor names;
+    dynamic dimensions become ONNX dynamic axes named by their symbol."""
     path.parent.mkdir(parents=True, exist_ok=True)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    exported = export_partition(partition, "onnx")
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             program = torch.onnx.export(
-                partition.export(),
+                exported.program,
                 (),
                 dynamo=True,
                 opset_version=OPSET,
@@ -55,7 +64,7 @@ def export_onnx(partition: Partition, path: Path) -> Path:
             program.save(str(path))
     except Exception as exc:
         raise BackendError(f"ONNX export of partition {partition.index} for {partition.target.name} failed: {first_line(exc)}") from exc
-    return path
+    return path, exported
 
 
 class OnnxRuntimeBackend:
@@ -65,6 +74,6 @@ class OnnxRuntimeBackend:
         return onnx_supports(node)
 
     def compile(self, partition: Partition, workdir: Path) -> CompiledPartition:
-        path = export_onnx(partition, workdir / "model.onnx")
-        options = {"opset": OPSET, **partition.target.backend_options}
-        return CompiledPartition([CompiledArtifact(path, RUNTIME_ONNXRUNTIME, ROLE_DEPLOY, None, options)])
+        path, exported = write_onnx(partition, workdir / "model.onnx")
+        options = {"opset": OPSET, **partition.target.backend_options, **({FIXED_DIMS: exported.fixed} if exported.fixed else {})}
+        return CompiledPartition([CompiledArtifact(path, RUNTIME_ONNXRUNTIME, ROLE_DEPLOY, None, options)], notes=exported.notes)

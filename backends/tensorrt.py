@@ -19,7 +19,8 @@ from typing import Any
 import torch.fx as fx
 
 from splitc.backends.base import CompiledArtifact, CompiledPartition
-from splitc.backends.onnx import OPSET, export_onnx, onnx_supports
+from splitc.backends.onnx import OPSET, onnx_supports, write_onnx
+from splitc.passes.dynamic import FIXED_DIMS
 from splitc.core.errors import BackendError, ToolchainError
 from splitc.passes.partition import Partition
 from splitc.runtime.executors import tensorrt_usable
@@ -36,14 +37,16 @@ class TensorRTBackend:
         return onnx_supports(node)
 
     def compile(self, partition: Partition, workdir: Path) -> CompiledPartition:
-        onnx_path = export_onnx(partition, workdir / "model.onnx")
+        onnx_path, exported = write_onnx(partition, workdir / "model.onnx")
         options = dict(partition.target.backend_options)
-        artifacts = [CompiledArtifact(onnx_path, RUNTIME_ONNXRUNTIME, ROLE_PORTABLE, None, {"opset": OPSET})]
+        artifacts = [CompiledArtifact(onnx_path, RUNTIME_ONNXRUNTIME, ROLE_PORTABLE, None,
+                                      {"opset": OPSET, **({FIXED_DIMS: exported.fixed} if exported.fixed else {})})]
         if not tensorrt_usable():
             return CompiledPartition(
                 artifacts,
                 engine={"status": "deferred", "reason": DEFERRED_REASON, "options": options},
-                notes=[f"partition {partition.index}: TensorRT engine deferred ({DEFERRED_REASON}); run `splitc build-engine` on the GPU host"],
+                notes=[*exported.notes,
+                       f"partition {partition.index}: TensorRT engine deferred ({DEFERRED_REASON}); run `splitc build-engine` on the GPU host"],
             )
         plan, info = build_engine(onnx_path, options)
         engine_path = workdir / ENGINE_NAME

@@ -75,18 +75,31 @@ def host_artifact(partition: PartitionSpec) -> Artifact:
 
 
 def check_inputs(specs: Sequence[TensorSpec], arrays: Mapping[str, np.ndarray], where: str) -> None:
-    """Refuse missing, misshapen or mistyped tensors before anything runs."""
+    """Refuse missing, misshapen or mistyped tensors before anything runs. A dynamic axis takes any
+    size in its range, the same size wherever its symbol appears."""
+    sizes: dict[str, tuple[int, str]] = {}  # symbol -> (size, the input that set it)
     for spec in specs:
         if spec.name not in arrays:
             raise InputError(f"{where}: input {spec.name!r} is missing (expected {spec.dtype}{list(spec.shape)})")
         array = arrays[spec.name]
-        if tuple(array.shape) != spec.shape:
-            raise InputError(
-                f"{where}: input {spec.name!r} has shape {list(array.shape)}, expected {list(spec.shape)}; "
-                "the bundle was compiled for fixed shapes, recompile for this one"
-            )
+        _check_shape(spec, tuple(array.shape), sizes, where)
         if array.dtype != np.dtype(spec.dtype):
             raise InputError(f"{where}: input {spec.name!r} has dtype {array.dtype}, expected {spec.dtype}; cast it first")
+
+
+def _check_shape(spec: TensorSpec, shape: tuple[int, ...], sizes: dict[str, tuple[int, str]], where: str) -> None:
+    dynamic = {dim.axis: dim for dim in spec.dynamic}
+    expected = [dynamic[i].name if i in dynamic else n for i, n in enumerate(spec.shape)]
+    if len(shape) != len(spec.shape) or any(n != spec.shape[i] for i, n in enumerate(shape) if i not in dynamic):
+        fixed = "; the bundle was compiled for fixed shapes, recompile for this one" if not dynamic else ""
+        raise InputError(f"{where}: input {spec.name!r} has shape {list(shape)}, expected {expected}{fixed}".replace("'", ""))
+    for axis, dim in dynamic.items():
+        size = shape[axis]
+        if not dim.allows(size):
+            raise InputError(f"{where}: input {spec.name!r} has size {size} on axis {axis}, outside {dim.describe()} it was compiled for")
+        seen = sizes.setdefault(dim.name, (size, spec.name))
+        if seen[0] != size:
+            raise InputError(f"{where}: input {spec.name!r} has {dim.name}={size} on axis {axis}, but {seen[1]!r} has {dim.name}={seen[0]}")
 
 
 def generated_inputs(manifest: Manifest) -> dict[str, dict]:

@@ -240,3 +240,83 @@ def test_wrong_structure_is_an_input_error(tmp_path, capsys):
     session = SplitSession(Bundle.open(tmp_path / "b.splitc"))
     with pytest.raises(InputError, match="lacks key.*bias"):
         session.run({"d": {"img": d["img"].numpy()}})
+
+
+# ---------------------------------------------------------------------------- dynamic dimensions
+
+
+@pytest.fixture(scope="module")
+def dynamic_bundle(tmp_path_factory):
+    model = file_models.tiny_cnn()
+    batch = torch.export.Dim("batch", min=1, max=16)
+    program = torch.export.export(model, (file_models.image(batch=2),), dynamic_shapes=({0: batch},))
+    root = tmp_path_factory.mktemp("dynamic")
+    torch.export.save(program, root / "dyn.pt2")
+    out = root / "dyn.splitc"
+    try:
+        main(["compile", str(root / "dyn.pt2"), "--targets", "rpi4,a100", "-o", str(out)])
+    except SystemExit as exc:
+        assert not exc.code
+    return model, out
+
+
+def test_dynamic_batch_is_kept_and_recorded(dynamic_bundle):
+    _, bundle = dynamic_bundle
+    manifest = read_manifest(bundle)
+    (x,) = manifest.inputs
+    (dim,) = x.dynamic
+    assert (dim.axis, dim.min, dim.max) == (0, 1, 16)
+    # The symbol runs through every boundary and partition, and the ONNX artifact has it as an axis.
+    assert all(t.dynamic and t.dynamic[0].name == dim.name for b in manifest.boundaries for t in b)
+    assert all(t.dynamic for p in manifest.partitions for t in (*p.inputs, *p.outputs))
+    import onnx
+
+    onnx_model = onnx.load(bundle / manifest.partitions[1].artifact("portable").path)
+    assert onnx_model.graph.input[0].type.tensor_type.shape.dim[0].dim_param
+
+
+def test_dynamic_batch_runs_at_1_and_4_from_one_bundle(dynamic_bundle, capsys):
+    model, bundle = dynamic_bundle
+    code, text, err = run_cli("verify", bundle, "--no-emulation", "--json", "-", capsys=capsys)
+    assert code == 0, err + text
+    assert "in {1, 2}" in text  # verify ran the example's batch (2) and another (1)
+    session = SplitSession(Bundle.open(bundle))
+    for batch in (1, 4):
+        x = file_models.image(batch=batch, seed=batch)
+        (got,) = session.run({"x": x.numpy()}).values()
+        with torch.no_grad():
+            assert got.shape == (batch, 5) and rel_err(torch.from_numpy(got), model(x)) < 1e-4
+
+
+def test_dynamic_batch_out_of_range_or_inconsistent_is_refused(dynamic_bundle):
+    from splitc.core.errors import InputError
+
+    _, bundle = dynamic_bundle
+    session = SplitSession(Bundle.open(bundle))
+    with pytest.raises(InputError, match=r"size 17 on axis 0, outside .* in \[1, 16\]"):
+        session.run({"x": np.zeros((17, 3, 16, 16), np.float32)})
+    with pytest.raises(InputError, match=r"expected \[.*, 3, 16, 16\]"):
+        session.run({"x": np.zeros((2, 3, 15, 16), np.float32)})
+
+
+def test_a_dynamic_dimension_the_backend_cannot_keep_is_fixed_and_said(tmp_path, capsys, monkeypatch):
+    """Where the TVM partition must be static (here forced: its importer is handed the static
+    export), it is compiled at the example's size, the compile says so with the size, and the whole
+    bundle then takes that size only."""
+    program = torch.export.export(file_models.tiny_cnn(), (file_models.image(batch=2),),
+                                  dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=16)},))
+    torch.export.save(program, tmp_path / "dyn.pt2")
+    from splitc.backends import tvm as tvm_backend
+    from splitc.backends.export import export_partition
+
+    monkeypatch.setattr(tvm_backend, "export_partition", lambda partition, backend, **kw: export_partition(
+        partition, backend, dynamic=False, why_static="static shapes only"))
+    code, text, err = run_cli("compile", tmp_path / "dyn.pt2", "--targets", "rpi4,a100", "-o", tmp_path / "b.splitc", capsys=capsys)
+    assert code == 0, err
+    text = " ".join(text.split())
+    assert "partition 0 (rpi4, tvm): dynamic dimension(s) fixed at" in text and "=2: static shapes only" in text, text
+    manifest = read_manifest(tmp_path / "b.splitc")
+    assert not manifest.inputs[0].dynamic and not any(t.dynamic for p in manifest.partitions for t in p.inputs)
+    assert manifest.reference["samples"] == 2  # the batch-1 reference samples were dropped
+    code, text, err = run_cli("verify", tmp_path / "b.splitc", "--no-emulation", capsys=capsys)
+    assert code == 0, err + text
