@@ -28,6 +28,7 @@ from splitc.passes.contract import CompileData, CompileOptions, PassContext
 from splitc.passes.cuts import Cut, CutAnalysis, auto_cuts, estimate, resolve_cuts
 from splitc.passes.dynamic import fix_symbols, fixed_by, samples_at_fixed_sizes, second_sizes
 from splitc.passes.exits import ExitPlan, classifier_output
+from splitc.passes.memory import check_memory
 from splitc.passes.partition import Partition, assign_tiers, extract_partitions
 from splitc.passes.pipeline import describe, run_pipeline
 from splitc.targets import Link, Target
@@ -121,6 +122,7 @@ def compile_model(graph: ModelGraph, options: CompileOptions, out: Path, *, data
     backends = [get_backend(p.target) for p in partitions]
     for partition, backend in zip(partitions, backends):
         check_support(partition, backend)
+    check_memory(partitions)
     reference = reference_data(graph, partitions, sample_inputs(graph, samples, examples, other_sizes=second_sizes(graph.inputs)))
     seconds["plan"] = time.perf_counter() - started
 

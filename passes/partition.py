@@ -123,10 +123,12 @@ def _copy_constant(node: fx.Node, source: fx.GraphModule, graph: fx.Graph, root:
         for part in node.target.split("."):
             value = getattr(value, part)
         name = node.name  # unique within the source graph, and a valid attribute name
+        # The partition shares the weight's storage (detach, no clone): nothing writes weights at
+        # inference, and a copy per partition would double a large model's memory.
         if isinstance(value, torch.nn.Parameter):
-            root.register_parameter(name, torch.nn.Parameter(value.detach().clone(), requires_grad=False))
+            root.register_parameter(name, torch.nn.Parameter(value.detach(), requires_grad=False))
         else:
-            root.register_buffer(name, value.detach().clone())
+            root.register_buffer(name, value.detach())
         copied = graph.get_attr(name)
         copied.meta = dict(node.meta)
         return copied

@@ -370,3 +370,24 @@ def test_smollm2_gguf_loads():
     # A real language model, not random weights: "Paris" is among the likeliest next tokens.
     top = [tokenizer.decode(t).strip() for t in logits[0, -1].topk(5).indices]
     assert "Paris" in top, top
+
+
+# ------------------------------------------------------------------------------------ big models
+
+
+def test_partition_larger_than_target_memory_is_refused(tiny, tmp_path, capsys):
+    import splitc.targets
+
+    model, x, _ = tiny
+    torch.export.save(torch.export.export(model, (x,)), tmp_path / "tiny.pt2")
+    rpi4 = (Path(splitc.targets.__file__).parent / "rpi4.toml").read_text()
+    small = rpi4.replace('name = "rpi4"', 'name = "tiny-mcu"').replace("memory_gb = 4.0", "memory_gb = 0.000004")
+    assert small != rpi4 and "memory_gb = 0.000004" in small
+    (tmp_path / "tiny-mcu.toml").write_text(small)
+    out = tmp_path / "b.splitc"
+    code, _, err = run_cli("compile", tmp_path / "tiny.pt2", "--targets", f"{tmp_path / 'tiny-mcu.toml'},a100", "--cut", "conv2",
+                           "-o", out, capsys=capsys)
+    message = " ".join(err.split())
+    assert code == 12 and "partition 0 needs" in message and "tiny-mcu's 4e-06 GB" in message, message
+    assert "weights" in message and "activations" in message
+    assert not out.exists()
