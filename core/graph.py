@@ -100,10 +100,18 @@ def dynamic_dims(val: torch.Tensor) -> tuple[DynamicDim, ...]:
         if not isinstance(expr, sympy.Symbol):
             continue
         bounds = size.node.shape_env.var_to_range.get(expr)
-        low = int(bounds.lower) if bounds is not None and bounds.lower.is_finite else 0
-        high = int(bounds.upper) if bounds is not None and bounds.upper.is_finite else None
-        dims.append(DynamicDim(axis, str(expr), low, high))
+        low = _finite(bounds.lower) if bounds is not None else None
+        high = _finite(bounds.upper) if bounds is not None else None
+        dims.append(DynamicDim(axis, str(expr), low or 0, high))
     return tuple(dims)
+
+
+def _finite(bound) -> int | None:
+    """A sympy range bound as an int; None for ±∞ (sympy's oo or torch's int_oo)."""
+    try:
+        return int(bound)
+    except (TypeError, ValueError, OverflowError, AttributeError):
+        return None
 
 
 def is_tensor_node(node: fx.Node) -> bool:

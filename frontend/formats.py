@@ -134,7 +134,10 @@ def convert_torchscript(path: Path, example_inputs: tuple[torch.Tensor, ...]) ->
     except Exception as exc:
         raise ModelLoadError(f"cannot read {path} as TorchScript ({first_line(exc)})") from exc
     try:
-        return TS2EPConverter(scripted.eval(), example_inputs).convert()
+        converted = TS2EPConverter(scripted.eval(), example_inputs).convert()
+        # The converter marks every axis Dim.AUTO; TorchScript records no shape intent, so the
+        # program is taken at the example's shapes, as a trace would run it.
+        return torch.export.export(converted.module(), example_inputs)
     except Exception as exc:
         op = re.search(r"\b((?:aten|prim|quantized|[a-z_]+)::[\w.]+)", str(exc))
         what = f"op {op.group(1)}" if op else first_line(exc)

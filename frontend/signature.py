@@ -24,7 +24,7 @@ def tree_json(spec: pytree.TreeSpec, start: int = 0) -> tuple[dict[str, Any], in
     if spec.type not in kinds:
         raise UnsupportedStructure(f"{getattr(spec.type, '__name__', spec.type)} has no plain JSON form")
     children = []
-    for child in spec.children_specs:
+    for child in spec.children():
         tree, start = tree_json(child, start)
         children.append(tree)
     node: dict[str, Any] = {"type": kinds[spec.type]}

@@ -94,3 +94,23 @@ def samples_at_fixed_sizes(reference: Mapping[str, object], count: int, inputs: 
         prefix = f"s{old}/"
         renumbered.update({f"s{new}/{key[len(prefix):]}": value for key, value in reference.items() if key.startswith(prefix)})
     return renumbered, len(kept)
+
+
+# The largest size a TensorRT optimisation profile takes for a symbol without an upper bound, as a
+# multiple of the example's size: the engine's buffers are sized for it.
+UNBOUNDED_PROFILE_FACTOR = 16
+
+
+def profile_shapes(specs: Sequence[TensorSpec]) -> dict[str, list[list[int]]]:
+    """A TensorRT optimisation profile for inputs `specs`: name -> [min, opt, max] shapes, the
+    example's size as the optimum; only inputs with a dynamic axis are listed."""
+    profile = {}
+    for spec in specs:
+        if not spec.dynamic:
+            continue
+        low, high = list(spec.shape), list(spec.shape)
+        for dim in spec.dynamic:
+            low[dim.axis] = max(dim.min, 1)
+            high[dim.axis] = dim.max if dim.max is not None else spec.shape[dim.axis] * UNBOUNDED_PROFILE_FACTOR
+        profile[spec.name] = [low, list(spec.shape), high]
+    return profile

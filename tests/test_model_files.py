@@ -273,6 +273,10 @@ def test_dynamic_batch_is_kept_and_recorded(dynamic_bundle):
 
     onnx_model = onnx.load(bundle / manifest.partitions[1].artifact("portable").path)
     assert onnx_model.graph.input[0].type.tensor_type.shape.dim[0].dim_param
+    # The deferred TensorRT engine gets an optimisation profile over the batch: min, example, max.
+    profile = manifest.partitions[1].engine["options"]["profile"]
+    assert set(profile) == {t.name for t in manifest.partitions[1].inputs}
+    assert all([low[0], best[0], high[0]] == [1, 2, 16] for low, best, high in profile.values())
 
 
 def test_dynamic_batch_runs_at_1_and_4_from_one_bundle(dynamic_bundle, capsys):
