@@ -83,8 +83,9 @@ def calibration_samples(path, graph):
     return [tuple(torch.from_numpy(np.ascontiguousarray(x[i])) for x in data.inputs) for i in range(len(data))], data.labels
 
 
-def read_inputs(specs, names) -> dict[str, np.ndarray]:
-    """`--input` values: FILE (.npy in model-input order, or one .npz) or NAME=FILE."""
+def read_inputs(specs, names, paths=()) -> dict[str, np.ndarray]:
+    """`--input` values: FILE (.npy in model-input order, or one .npz) or NAME=FILE; a name may be
+    an input's path in the model's structure (`d.img`), which the runtime maps to its tensor."""
     from splitc.runtime.arrays import read_arrays
 
     feed: dict[str, np.ndarray] = {}
@@ -99,7 +100,7 @@ def read_inputs(specs, names) -> dict[str, np.ndarray]:
             feed[name] = arrays[0][1]
         else:  # a .npz: by key when the keys are input names, else in stored order
             keys = [k for k, _ in arrays]
-            feed.update(dict(arrays) if set(keys) <= set(names) else dict(zip(names, (a for _, a in arrays))))
+            feed.update(dict(arrays) if set(keys) <= set(names) | set(paths) else dict(zip(names, (a for _, a in arrays))))
     return feed
 
 

@@ -214,6 +214,11 @@ def test_dict_input_and_nested_output(tmp_path, capsys):
     assert np.array_equal(by_path[manifest.outputs[0].name], nested["logits"])
     positional = session.run([arrays], structured=True)             # positional arguments, nested
     assert np.array_equal(positional["extra"][1], nested["extra"][1])
+    np.savez(tmp_path / "in.npz", **{"d.bias": arrays["bias"], "d.img": arrays["img"]})  # `splitc run`: keys by path, any order
+    code, text, err = run_cli("run", bundle, "--input", tmp_path / "in.npz", "-o", tmp_path / "out.npz", capsys=capsys)
+    assert code == 0, err + text
+    with np.load(tmp_path / "out.npz") as out:
+        assert np.array_equal(out[manifest.outputs[0].name], nested["logits"])
 
 
 def test_keyword_input(tmp_path, capsys):
