@@ -15,6 +15,7 @@ import torch.fx as fx
 from splitc.backends.base import CompiledArtifact, CompiledPartition
 from splitc.backends.export import PartitionProgram, export_partition
 from splitc.core.errors import BackendError, first_line
+from splitc.core.manifest import sha256_file
 from splitc.passes.dynamic import FIXED_DIMS
 from splitc.passes.partition import Partition
 from splitc.core.manifest import ROLE_DEPLOY, RUNTIME_ONNXRUNTIME
@@ -61,10 +62,28 @@ def write_onnx(partition: Partition, path: Path) -> tuple[Path, PartitionProgram
                 output_names=[t.name for t in partition.outputs],
                 verbose=False,
             )
-            program.save(str(path))
+            program.save(str(path), external_data=_weight_bytes(partition) > EXTERNAL_DATA_BYTES)
     except Exception as exc:
         raise BackendError(f"ONNX export of partition {partition.index} for {partition.target.name} failed: {first_line(exc)}") from exc
     return path, exported
+
+
+# Weights above this go to an external data file (`model.onnx.data`): serialising them into the
+# protobuf holds about three copies of them at once, and a protobuf cannot exceed 2 GB anyway.
+EXTERNAL_DATA_BYTES = 64 * 2**20
+
+
+def _weight_bytes(partition: Partition) -> int:
+    return sum(t.numel() * t.element_size() for t in (*partition.module.parameters(), *partition.module.buffers()))
+
+
+def external_data(path: Path) -> dict:
+    """The artifact option that records the ONNX model's external data file (name, sha256, size)
+    so the bundle check covers it too; empty when the weights are inside the model file."""
+    data = path.with_name(path.name + ".data")
+    if not data.is_file():
+        return {}
+    return {"external_data": {"path": data.name, "sha256": sha256_file(data), "size": data.stat().st_size}}
 
 
 class OnnxRuntimeBackend:
@@ -75,5 +94,6 @@ class OnnxRuntimeBackend:
 
     def compile(self, partition: Partition, workdir: Path) -> CompiledPartition:
         path, exported = write_onnx(partition, workdir / "model.onnx")
-        options = {"opset": OPSET, **partition.target.backend_options, **({FIXED_DIMS: exported.fixed} if exported.fixed else {})}
+        options = {"opset": OPSET, **partition.target.backend_options, **({FIXED_DIMS: exported.fixed} if exported.fixed else {}),
+                   **external_data(path)}
         return CompiledPartition([CompiledArtifact(path, RUNTIME_ONNXRUNTIME, ROLE_DEPLOY, None, options)], notes=exported.notes)

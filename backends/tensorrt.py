@@ -19,7 +19,7 @@ from typing import Any
 import torch.fx as fx
 
 from splitc.backends.base import CompiledArtifact, CompiledPartition
-from splitc.backends.onnx import OPSET, onnx_supports, write_onnx
+from splitc.backends.onnx import OPSET, external_data, onnx_supports, write_onnx
 from splitc.passes.dynamic import FIXED_DIMS, profile_shapes
 from splitc.core.errors import BackendError, ToolchainError
 from splitc.passes.partition import Partition
@@ -42,7 +42,7 @@ class TensorRTBackend:
         if not exported.fixed and (profile := profile_shapes(partition.inputs)):
             options["profile"] = profile  # dynamic axes: the engine takes any size within the profile
         artifacts = [CompiledArtifact(onnx_path, RUNTIME_ONNXRUNTIME, ROLE_PORTABLE, None,
-                                      {"opset": OPSET, **({FIXED_DIMS: exported.fixed} if exported.fixed else {})})]
+                                      {"opset": OPSET, **({FIXED_DIMS: exported.fixed} if exported.fixed else {}), **external_data(onnx_path)})]
         if not tensorrt_usable():
             return CompiledPartition(
                 artifacts,

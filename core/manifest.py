@@ -287,5 +287,8 @@ def check_bundle(bundle_dir: Path, manifest: Manifest) -> None:
     for partition in manifest.partitions:
         for artifact in partition.artifacts:
             check_file(bundle_dir, artifact.path, artifact.sha256)
+            extra = artifact.options.get("external_data")  # an ONNX model's weights beside it
+            if extra:
+                check_file(bundle_dir, str(Path(artifact.path).parent / extra["path"]), extra["sha256"])
     if manifest.reference:
         check_file(bundle_dir, manifest.reference["path"], manifest.reference["sha256"])

@@ -144,6 +144,8 @@ def export_triton(bundle_path: str | Path, out: str | Path, *, partition: int | 
     try:
         (staging / "1").mkdir()
         shutil.copyfile(source, staging / "1" / filename)
+        if not use_engine and (data := artifact.options.get("external_data")):  # weights the ONNX file points to
+            shutil.copyfile(source.parent / data["path"], staging / "1" / data["path"])
         (staging / CONFIG_NAME).write_text(text)
         if target.exists():
             shutil.rmtree(target)

@@ -400,3 +400,26 @@ def test_partition_larger_than_target_memory_is_refused(tiny, tmp_path, capsys):
     assert code == 12 and "partition 0 needs" in message and "tiny-mcu's 4e-06 GB" in message, message
     assert "weights" in message and "activations" in message
     assert not out.exists()
+
+
+def test_onnx_external_data_is_recorded_checked_and_exported(tiny, tmp_path, capsys, monkeypatch):
+    """Weights above EXTERNAL_DATA_BYTES (here: any) go to model.onnx.data beside the model: the
+    manifest records its sha256, the bundle check refuses it modified, and the Triton export takes it."""
+    from splitc.backends import onnx as onnx_backend
+    from splitc.core.errors import BundleError
+
+    monkeypatch.setattr(onnx_backend, "EXTERNAL_DATA_BYTES", 0)
+    model, x, expected = tiny
+    torch.export.save(torch.export.export(model, (x,)), tmp_path / "tiny.pt2")
+    bundle = compile_verify(tmp_path / "tiny.pt2", tmp_path / "b.splitc", capsys, "--cut", "max_pool2d")  # conv2 and fc on the a100
+    artifact = read_manifest(bundle).partitions[1].artifact("portable")
+    data = bundle / Path(artifact.path).parent / artifact.options["external_data"]["path"]
+    assert data.name == "model.onnx.data" and data.stat().st_size == artifact.options["external_data"]["size"] > 0
+    (got,) = run_bundle(bundle, [x.numpy()]).values()
+    assert rel_err(torch.from_numpy(got), expected) < 1e-4
+    code, text, err = run_cli("export-triton", bundle, "-o", tmp_path / "triton", capsys=capsys)
+    assert code == 0, err + text
+    assert (next((tmp_path / "triton").iterdir()) / "1" / "model.onnx.data").read_bytes() == data.read_bytes()
+    data.write_bytes(data.read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(BundleError, match="model.onnx.data"):
+        Bundle.open(bundle)
