@@ -13,7 +13,10 @@ import torch
 import torch.fx as fx
 
 from splitc.backends.base import CompiledArtifact, CompiledPartition
+from splitc.backends.export import PartitionProgram, export_partition
 from splitc.core.errors import BackendError, first_line
+from splitc.core.manifest import sha256_file
+from splitc.passes.dynamic import FIXED_DIMS
 from splitc.passes.partition import Partition
 from splitc.core.manifest import ROLE_DEPLOY, RUNTIME_ONNXRUNTIME
 
@@ -39,12 +42,19 @@ def onnx_supports(node: fx.Node) -> bool:
 
 def export_onnx(partition: Partition, path: Path) -> Path:
     """Write the partition as a single-file ONNX model whose inputs/outputs carry the tensor names."""
+    return write_onnx(partition, path)[0]
+
+
+def write_onnx(partition: Partition, path: Path) -> tuple[Path, PartitionProgram]:
+    """Write the partition as a single-file ONNX model whose inputs/outputs carry the tensor names;
+    dynamic dimensions become ONNX dynamic axes named by their symbol."""
     path.parent.mkdir(parents=True, exist_ok=True)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    exported = export_partition(partition, "onnx")
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             program = torch.onnx.export(
-                partition.export(),
+                exported.program,
                 (),
                 dynamo=True,
                 opset_version=OPSET,
@@ -52,10 +62,28 @@ def export_onnx(partition: Partition, path: Path) -> Path:
                 output_names=[t.name for t in partition.outputs],
                 verbose=False,
             )
-            program.save(str(path))
+            program.save(str(path), external_data=_weight_bytes(partition) > EXTERNAL_DATA_BYTES)
     except Exception as exc:
         raise BackendError(f"ONNX export of partition {partition.index} for {partition.target.name} failed: {first_line(exc)}") from exc
-    return path
+    return path, exported
+
+
+# Weights above this go to an external data file (`model.onnx.data`): serialising them into the
+# protobuf holds about three copies of them at once, and a protobuf cannot exceed 2 GB anyway.
+EXTERNAL_DATA_BYTES = 64 * 2**20
+
+
+def _weight_bytes(partition: Partition) -> int:
+    return sum(t.numel() * t.element_size() for t in (*partition.module.parameters(), *partition.module.buffers()))
+
+
+def external_data(path: Path) -> dict:
+    """The artifact option that records the ONNX model's external data file (name, sha256, size)
+    so the bundle check covers it too; empty when the weights are inside the model file."""
+    data = path.with_name(path.name + ".data")
+    if not data.is_file():
+        return {}
+    return {"external_data": {"path": data.name, "sha256": sha256_file(data), "size": data.stat().st_size}}
 
 
 class OnnxRuntimeBackend:
@@ -65,6 +93,7 @@ class OnnxRuntimeBackend:
         return onnx_supports(node)
 
     def compile(self, partition: Partition, workdir: Path) -> CompiledPartition:
-        path = export_onnx(partition, workdir / "model.onnx")
-        options = {"opset": OPSET, **partition.target.backend_options}
-        return CompiledPartition([CompiledArtifact(path, RUNTIME_ONNXRUNTIME, ROLE_DEPLOY, None, options)])
+        path, exported = write_onnx(partition, workdir / "model.onnx")
+        options = {"opset": OPSET, **partition.target.backend_options, **({FIXED_DIMS: exported.fixed} if exported.fixed else {}),
+                   **external_data(path)}
+        return CompiledPartition([CompiledArtifact(path, RUNTIME_ONNXRUNTIME, ROLE_DEPLOY, None, options)], notes=exported.notes)

@@ -19,7 +19,8 @@ from typing import Any
 import torch.fx as fx
 
 from splitc.backends.base import CompiledArtifact, CompiledPartition
-from splitc.backends.onnx import OPSET, export_onnx, onnx_supports
+from splitc.backends.onnx import OPSET, external_data, onnx_supports, write_onnx
+from splitc.passes.dynamic import FIXED_DIMS, profile_shapes
 from splitc.core.errors import BackendError, ToolchainError
 from splitc.passes.partition import Partition
 from splitc.runtime.executors import tensorrt_usable
@@ -36,14 +37,18 @@ class TensorRTBackend:
         return onnx_supports(node)
 
     def compile(self, partition: Partition, workdir: Path) -> CompiledPartition:
-        onnx_path = export_onnx(partition, workdir / "model.onnx")
+        onnx_path, exported = write_onnx(partition, workdir / "model.onnx")
         options = dict(partition.target.backend_options)
-        artifacts = [CompiledArtifact(onnx_path, RUNTIME_ONNXRUNTIME, ROLE_PORTABLE, None, {"opset": OPSET})]
+        if not exported.fixed and (profile := profile_shapes(partition.inputs)):
+            options["profile"] = profile  # dynamic axes: the engine takes any size within the profile
+        artifacts = [CompiledArtifact(onnx_path, RUNTIME_ONNXRUNTIME, ROLE_PORTABLE, None,
+                                      {"opset": OPSET, **({FIXED_DIMS: exported.fixed} if exported.fixed else {}), **external_data(onnx_path)})]
         if not tensorrt_usable():
             return CompiledPartition(
                 artifacts,
                 engine={"status": "deferred", "reason": DEFERRED_REASON, "options": options},
-                notes=[f"partition {partition.index}: TensorRT engine deferred ({DEFERRED_REASON}); run `splitc build-engine` on the GPU host"],
+                notes=[*exported.notes,
+                       f"partition {partition.index}: TensorRT engine deferred ({DEFERRED_REASON}); run `splitc build-engine` on the GPU host"],
             )
         plan, info = build_engine(onnx_path, options)
         engine_path = workdir / ENGINE_NAME
@@ -82,7 +87,12 @@ def build_engine(onnx_path: Path, options: dict[str, Any]) -> tuple[bytes, dict[
     if options.get("hardware_compatibility") == "ampere+":
         config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.AMPERE_PLUS
 
-    # Static shapes: splitc compiles for fixed input shapes, so one implicit profile suffices.
+    # One optimisation profile over the inputs' dynamic axes; static inputs need none.
+    if options.get("profile"):
+        profile = builder.create_optimization_profile()
+        for name, (low, best, high) in options["profile"].items():
+            profile.set_shape(name, tuple(low), tuple(best), tuple(high))
+        config.add_optimization_profile(profile)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise BackendError(f"TensorRT failed to build an engine from {Path(onnx_path).name}; see the TensorRT log above")

@@ -21,8 +21,24 @@ def mb(nbytes: float) -> str:
     return f"{nbytes / 1e6:.3f} MB" if nbytes >= 1e4 else f"{int(nbytes)} B"
 
 
+# Model-file options every model-taking command accepts without naming them in its signature: they
+# are kept in the click context and read by `import_source`.
+_MODEL_META = "splitc.model_options"
+
+
+def _remember(ctx: click.Context, param: click.Parameter, value):
+    ctx.meta.setdefault(_MODEL_META, {})[param.name] = value
+    return value
+
+
 def model_options(func):
-    func = click.option("--trust-pickle", is_flag=True, help="Allow loading a pickled nn.Module (.pt/.pth). Unpickling runs code.")(func)
+    func = click.option("--verbose", is_flag=True, expose_value=False, callback=_remember,
+                        help="Show the warnings and log records of torch and transformers while the model loads.")(func)
+    func = click.option("--task", type=click.Choice(["image-classification", "text-classification", "causal-lm"]), expose_value=False,
+                        callback=_remember, help="For a Hugging Face folder or GGUF file: the model head to load.")(func)
+    func = click.option("--weights", type=click.Path(dir_okay=False), expose_value=False, callback=_remember,
+                        help="A state_dict (torch.save or safetensors) to load into the module of a package.module:Net factory.")(func)
+    func = click.option("--trust-pickle", is_flag=True, help="Allow loading a pickled nn.Module. Unpickling runs code.")(func)
     func = click.option("--example-input", type=click.Path(dir_okay=False), help="Inputs as .npy (one) or .npz (several, in order).")(func)
     func = click.option("--input-shape", "input_shapes", multiple=True, metavar="SHAPE[:DTYPE]",
                         help="Input shape for a factory or pickle, e.g. 1,3,224,224 or 1,128:int64; repeat or use ';' for several.")(func)
@@ -32,8 +48,11 @@ def model_options(func):
 def import_source(source, input_shapes, example_input, trust_pickle):
     from splitc.frontend import import_model
 
+    ctx = click.get_current_context(silent=True)
+    extra = dict(ctx.meta.get(_MODEL_META, {})) if ctx is not None else {}
     with console.status(f"exporting {source}"):
-        return import_model(source, input_shapes=input_shapes, example_input=example_input, trust_pickle=trust_pickle)
+        return import_model(source, input_shapes=input_shapes, example_input=example_input, trust_pickle=trust_pickle,
+                            weights=extra.get("weights"), task=extra.get("task"), verbose=bool(extra.get("verbose")))
 
 
 def run_command(command: click.Command, argv: list[str] | None, prog_name: str) -> None:
@@ -64,8 +83,9 @@ def calibration_samples(path, graph):
     return [tuple(torch.from_numpy(np.ascontiguousarray(x[i])) for x in data.inputs) for i in range(len(data))], data.labels
 
 
-def read_inputs(specs, names) -> dict[str, np.ndarray]:
-    """`--input` values: FILE (.npy in model-input order, or one .npz) or NAME=FILE."""
+def read_inputs(specs, names, paths=()) -> dict[str, np.ndarray]:
+    """`--input` values: FILE (.npy in model-input order, or one .npz) or NAME=FILE; a name may be
+    an input's path in the model's structure (`d.img`), which the runtime maps to its tensor."""
     from splitc.runtime.arrays import read_arrays
 
     feed: dict[str, np.ndarray] = {}
@@ -80,7 +100,7 @@ def read_inputs(specs, names) -> dict[str, np.ndarray]:
             feed[name] = arrays[0][1]
         else:  # a .npz: by key when the keys are input names, else in stored order
             keys = [k for k, _ in arrays]
-            feed.update(dict(arrays) if set(keys) <= set(names) else dict(zip(names, (a for _, a in arrays))))
+            feed.update(dict(arrays) if set(keys) <= set(names) | set(paths) else dict(zip(names, (a for _, a in arrays))))
     return feed
 
 

@@ -187,12 +187,13 @@ def run(bundle, inputs, output, remote, token_file, model_name, remote_timeout, 
     from splitc.runtime.variant_index import local_bundle_path, read_any_manifest
 
     if remote:  # a variant directory runs adaptively (splitc.runtime.adaptive), a bundle as it is split
-        feed = read_inputs(inputs, [t.name for t in read_any_manifest(bundle).inputs])
+        specs = read_any_manifest(bundle).inputs
+        feed = read_inputs(inputs, [t.name for t in specs], [t.path for t in specs if t.path])
         outputs = run_remote(bundle, feed, remote, token_file=token_file, model_name=model_name, remote_timeout=remote_timeout,
                              retries=retries, no_fallback=no_fallback, echo=lambda m: console.print(escape(m))).outputs
     else:
         session = SplitSession(Bundle.open(local_bundle_path(bundle)))  # a variant directory: its variant 0
-        feed = read_inputs(inputs, [t.name for t in session.manifest.inputs])
+        feed = read_inputs(inputs, [t.name for t in session.manifest.inputs], [t.path for t in session.manifest.inputs if t.path])
         answer = session.infer(feed)
         outputs = answer.outputs
         for index, artifact in session.artifacts.items():

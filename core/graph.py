@@ -6,13 +6,13 @@ constants below and nothing else: passes never scatter string literals through `
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 
-from splitc.core.manifest import TensorSpec
+from splitc.core.manifest import DynamicDim, TensorSpec
 
 # node.meta keys owned by splitc (torch's own "val" holds the FakeTensor every key is derived from).
 SHAPE = "splitc_shape"                # tuple[int, ...] of the output tensor (None for non-tensors)
@@ -39,6 +39,9 @@ class ModelGraph:
     outputs: tuple[TensorSpec, ...]
     source_sha256: str
     source: str
+    # The model's own input/output structure and each flat tensor's path (frontend/signature.py);
+    # None when the structure has no JSON form.
+    signature: dict | None = None
 
     def value_nodes(self) -> list[fx.Node]:
         """Placeholders and operator nodes in graph (topological) order: the nodes a cut can fall between."""
@@ -61,11 +64,54 @@ def numpy_dtype(dtype: torch.dtype) -> str:
 
 
 def tensor_spec(node: fx.Node, name: str | None = None) -> TensorSpec:
-    """The TensorSpec of a node whose value is a tensor."""
+    """The TensorSpec of a node whose value is a tensor: the example's sizes, and the axes whose
+    size is one of the export's symbols (a dynamic batch, a sequence length)."""
     val = node.meta.get("val")
     if not isinstance(val, torch.Tensor):
         raise TypeError(f"node {node.name} does not produce a tensor")
-    return TensorSpec(name or node.name, tuple(int(d) for d in val.shape), numpy_dtype(val.dtype))
+    return TensorSpec(name or node.name, concrete_shape(val), numpy_dtype(val.dtype), dynamic=dynamic_dims(val))
+
+
+def size_hint(size) -> int:
+    """The example's value of a size, without guarding on it: int() on a symbolic size would
+    specialise the symbol to that value in the whole graph."""
+    if isinstance(size, torch.SymInt):
+        from torch.fx.experimental.symbolic_shapes import optimization_hint
+
+        return int(optimization_hint(size))
+    return int(size)
+
+
+def concrete_shape(val: torch.Tensor) -> tuple[int, ...]:
+    return tuple(size_hint(d) for d in val.shape)
+
+
+def dynamic_dims(val: torch.Tensor) -> tuple[DynamicDim, ...]:
+    """The axes of `val` whose size is one free symbol, with its range. A size that is an
+    expression of symbols (2*s0) is left out: no backend takes a derived axis as an input, so a
+    boundary carrying one is compiled at its example size."""
+    import sympy
+
+    dims = []
+    for axis, size in enumerate(val.shape):
+        if not isinstance(size, torch.SymInt):
+            continue
+        expr = size.node.expr
+        if not isinstance(expr, sympy.Symbol):
+            continue
+        bounds = size.node.shape_env.var_to_range.get(expr)
+        low = _finite(bounds.lower) if bounds is not None else None
+        high = _finite(bounds.upper) if bounds is not None else None
+        dims.append(DynamicDim(axis, str(expr), low or 0, high))
+    return tuple(dims)
+
+
+def _finite(bound) -> int | None:
+    """A sympy range bound as an int; None for ±∞ (sympy's oo or torch's int_oo)."""
+    try:
+        return int(bound)
+    except (TypeError, ValueError, OverflowError, AttributeError):
+        return None
 
 
 def is_tensor_node(node: fx.Node) -> bool:
@@ -86,8 +132,10 @@ def returning(module: fx.GraphModule, names) -> fx.GraphModule:
     return module
 
 
-def sample_inputs(graph: ModelGraph, count: int, examples: Sequence[torch.Tensor] | None = None, seed: int = 0) -> list[tuple[torch.Tensor, ...]]:
-    """Reference inputs: the user's example first, then seeded random ones.
+def sample_inputs(graph: ModelGraph, count: int, examples: Sequence[torch.Tensor] | None = None, seed: int = 0,
+                  *, other_sizes: Mapping[str, int] | None = None) -> list[tuple[torch.Tensor, ...]]:
+    """Reference inputs: the user's example first, then seeded random ones. With `other_sizes`
+    (dynamic dimension -> a size), the later half take those sizes, so verify checks two.
 
     Integer inputs that feed an embedding are drawn below that table's size (token ids); other
     integer inputs are drawn from {0, 1} (masks, segment ids).
@@ -99,12 +147,16 @@ def sample_inputs(graph: ModelGraph, count: int, examples: Sequence[torch.Tensor
         samples.append(tuple(examples))
     while len(samples) < count:
         sample = []
+        sizes = (other_sizes or {}) if len(samples) >= (count + 1) // 2 else {}
         for spec in graph.inputs:
             dtype = getattr(torch, spec.dtype) if spec.dtype != "bool" else torch.bool
+            shape = list(spec.shape)
+            for dim in spec.dynamic:
+                shape[dim.axis] = sizes.get(dim.name, shape[dim.axis])
             if dtype.is_floating_point:
-                sample.append(torch.randn(spec.shape, generator=generator).to(dtype))
+                sample.append(torch.randn(shape, generator=generator).to(dtype))
             else:
-                sample.append(torch.randint(0, bounds.get(spec.name, 2), spec.shape, generator=generator).to(dtype))
+                sample.append(torch.randint(0, bounds.get(spec.name, 2), shape, generator=generator).to(dtype))
         samples.append(tuple(sample))
     return samples
 

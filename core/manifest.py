@@ -53,6 +53,9 @@ class TensorSpec:
     name: str
     shape: tuple[int, ...]
     dtype: str  # numpy dtype name, e.g. "float32", "int64"
+    path: str = ""  # a model input/output's place in the model's structure: `d.img`, `extra`, `aux.0`
+    # Axes whose size varies at run time; `shape` holds the size compiled and verified first.
+    dynamic: tuple[DynamicDim, ...] = ()
 
     @property
     def nbytes(self) -> int:
@@ -60,11 +63,37 @@ class TensorSpec:
         return int(np.prod(self.shape, dtype=np.int64)) * itemsize
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype, **({"path": self.path} if self.path else {}),
+                **({"dynamic": [d.to_json() for d in self.dynamic]} if self.dynamic else {})}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> TensorSpec:
-        return cls(str(data["name"]), tuple(int(d) for d in data["shape"]), str(data["dtype"]))
+        return cls(str(data["name"]), tuple(int(d) for d in data["shape"]), str(data["dtype"]), str(data.get("path") or ""),
+                   tuple(DynamicDim.from_json(d) for d in data.get("dynamic") or ()))
+
+
+@dataclass(frozen=True)
+class DynamicDim:
+    """One axis of a tensor whose size is the export's symbol `name`, anywhere in [min, max]
+    (max None: unbounded). Every axis with the same name takes the same size in one call."""
+
+    axis: int
+    name: str
+    min: int
+    max: int | None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> DynamicDim:
+        return cls(int(data["axis"]), str(data["name"]), int(data["min"]), None if data.get("max") is None else int(data["max"]))
+
+    def allows(self, size: int) -> bool:
+        return size >= self.min and (self.max is None or size <= self.max)
+
+    def describe(self) -> str:
+        return f"{self.name} in [{self.min}, {'∞' if self.max is None else self.max}]"
 
 
 @dataclass(frozen=True)
@@ -262,5 +291,8 @@ def check_bundle(bundle_dir: Path, manifest: Manifest) -> None:
     for partition in manifest.partitions:
         for artifact in partition.artifacts:
             check_file(bundle_dir, artifact.path, artifact.sha256)
+            extra = artifact.options.get("external_data")  # an ONNX model's weights beside it
+            if extra:
+                check_file(bundle_dir, str(Path(artifact.path).parent / extra["path"]), extra["sha256"])
     if manifest.reference:
         check_file(bundle_dir, manifest.reference["path"], manifest.reference["sha256"])

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +23,12 @@ from splitc.core.bundle import record_artifact, staged_directory, write_manifest
 from splitc.core.errors import CutError, SplitcError
 from splitc.core.graph import ModelGraph, sample_inputs
 from splitc.core.manifest import REFERENCE_NAME, ExitSpec, Manifest, PartitionSpec, sha256_file
+from splitc.frontend.signature import named_by_path
 from splitc.passes.contract import CompileData, CompileOptions, PassContext
 from splitc.passes.cuts import Cut, CutAnalysis, auto_cuts, estimate, resolve_cuts
+from splitc.passes.dynamic import fix_symbols, fixed_by, samples_at_fixed_sizes, second_sizes
 from splitc.passes.exits import ExitPlan, classifier_output
+from splitc.passes.memory import check_memory
 from splitc.passes.partition import Partition, assign_tiers, extract_partitions
 from splitc.passes.pipeline import describe, run_pipeline
 from splitc.targets import Link, Target
@@ -119,7 +122,8 @@ def compile_model(graph: ModelGraph, options: CompileOptions, out: Path, *, data
     backends = [get_backend(p.target) for p in partitions]
     for partition, backend in zip(partitions, backends):
         check_support(partition, backend)
-    reference = reference_data(graph, partitions, sample_inputs(graph, samples, examples))
+    check_memory(partitions)
+    reference = reference_data(graph, partitions, sample_inputs(graph, samples, examples, other_sizes=second_sizes(graph.inputs)))
     seconds["plan"] = time.perf_counter() - started
 
     out = Path(out)
@@ -150,6 +154,10 @@ def compile_model(graph: ModelGraph, options: CompileOptions, out: Path, *, data
             )
             seconds[f"p{partition.index}:{partition.target.name}"] = time.perf_counter() - tick
 
+        fixed = fixed_by(a for p in specs for a in p.artifacts)
+        if fixed:  # a backend compiled a dynamic dimension at one size: the whole bundle takes that size
+            specs = [replace(p, inputs=fix_symbols(p.inputs, fixed), outputs=fix_symbols(p.outputs, fixed)) for p in specs]
+            reference, samples = samples_at_fixed_sizes(reference, samples, graph.inputs, fixed)
         reference_path = staging / REFERENCE_NAME
         np.savez(reference_path, **reference)
         estimate_json = estimate(analysis, cuts, targets, link).to_json() if cuts else {}
@@ -158,12 +166,13 @@ def compile_model(graph: ModelGraph, options: CompileOptions, out: Path, *, data
                    "flops": graph.total_flops, "param_bytes": graph.param_bytes,
                    **({"generated_inputs": {layer["noise_input"]: {"distribution": "normal", "mean": 0.0, "std": 1.0,
                                                                      "scaled_to": layer["scale"], "for": layer["tensor"]}
-                                            for layer in records["noise"]["layers"]}} if "noise" in records else {})},
-            inputs=graph.inputs,
-            outputs=graph.outputs,
+                                            for layer in records["noise"]["layers"]}} if "noise" in records else {}),
+                   **({"signature": graph.signature} if graph.signature else {})},
+            inputs=fix_symbols(named_by_path(graph.inputs, (graph.signature or {}).get("input_paths", ())), fixed),
+            outputs=fix_symbols(named_by_path(graph.outputs, (graph.signature or {}).get("output_paths", ())), fixed),
             targets=tuple(t.summary() for t in targets),
             partitions=tuple(specs),
-            boundaries=tuple(c.crossing for c in cuts),
+            boundaries=tuple(fix_symbols(c.crossing, fixed) for c in cuts),
             plan={
                 "method": "planner" if options.plan_record else method,
                 **({"planned": options.plan_record} if options.plan_record else {}),

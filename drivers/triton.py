@@ -201,7 +201,12 @@ def export_triton(bundle_path: str | Path, out: str | Path, *, partition: int | 
     kind = "KIND_GPU" if use_engine or backend_record(spec.backend).runtime_record.gpu else "KIND_CPU"
     text = config_pbtxt(model, platform, spec, manifest.outputs, str(manifest.model.get("sha256", "")), kind, instances)
 
-    return _write_model(Path(out), model, text, lambda staging: shutil.copyfile(source, staging / "1" / filename))
+    def fill(staging: Path) -> None:
+        shutil.copyfile(source, staging / "1" / filename)
+        if not use_engine and (data := artifact.options.get("external_data")):  # weights the ONNX file points to
+            shutil.copyfile(source.parent / data["path"], staging / "1" / data["path"])
+
+    return _write_model(Path(out), model, text, fill)
 
 
 def _write_model(root: Path, model: str, config: str, fill) -> Path:

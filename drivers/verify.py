@@ -220,6 +220,15 @@ def _exit_checks(manifest, chained: list[dict[str, np.ndarray]], reference: dict
     return checks
 
 
+def _dynamic_sizes(manifest, reference: dict[str, np.ndarray], count: int) -> str:
+    """The sizes each dynamic dimension took in the reference samples, e.g. `s77 in {1, 2}`."""
+    seen: dict[str, set[int]] = {}
+    for spec in manifest.inputs:
+        for dim in spec.dynamic:
+            seen.setdefault(dim.name, set()).update(int(reference[f"s{i}/{spec.name}"].shape[dim.axis]) for i in range(count))
+    return ", ".join(f"{name} in {{{', '.join(map(str, sorted(sizes)))}}}" for name, sizes in seen.items())
+
+
 def verify_bundle(path: str | Path, *, emulate: bool = True, log: Callable[[str], None] = lambda _: None) -> VerifyReport:
     started = time.perf_counter()
     bundle = Bundle.open(path)  # refuses a tampered bundle before running anything
@@ -276,6 +285,9 @@ def verify_bundle(path: str | Path, *, emulate: bool = True, log: Callable[[str]
         got = [[env[t.name] for t in manifest.outputs] for env in chained]
         want = [[reference[f"s{i}/{t.name}"] for t in manifest.outputs] for i in range(count)]
         _compare(end, got, want, with_top1=True)
+        sizes = _dynamic_sizes(manifest, reference, count)
+        if sizes:
+            end.note = "; ".join(filter(None, [end.note, f"at {sizes}"]))
     report.checks.append(end)
     if not chain_broken:
         report.checks.extend(_exit_checks(manifest, chained, reference, count))

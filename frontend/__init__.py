@@ -9,6 +9,7 @@ import torch
 
 from splitc.core.errors import ModelLoadError, first_line
 from splitc.frontend.annotate import annotate
+from splitc.frontend.signature import signature
 from splitc.frontend.loader import LoadedModel, load_model, parse_input_shapes, read_example_inputs
 from splitc.core.graph import ModelGraph, is_tensor_node, tensor_spec
 
@@ -30,6 +31,9 @@ def build_graph(loaded: LoadedModel) -> ModelGraph:
     except Exception as exc:
         raise ModelLoadError(f"decomposing {loaded.source} to core ATen failed: {first_line(exc)}") from exc
     module = program.module()
+    # The input check export attaches re-flattens the model's own structure; splitc's graph takes
+    # the flat tensors (the structure is kept as JSON in `signature`).
+    module._forward_pre_hooks.clear()
     graph = module.graph
     # `ExportedProgram.module()` adds a call that re-checks export's input guards; splitc checks
     # inputs against the manifest itself, and the call would otherwise land in a partition.
@@ -62,9 +66,12 @@ def build_graph(loaded: LoadedModel) -> ModelGraph:
         outputs=tuple(tensor_spec(n) for n in returned),
         source_sha256=loaded.sha256,
         source=loaded.source,
+        signature=signature(loaded.program, list(loaded.program.graph_signature.user_inputs)),
     )
 
 
-def import_model(source: str | Path, *, input_shapes: Sequence[str] = (), example_input=None, trust_pickle=False) -> tuple[LoadedModel, ModelGraph]:
-    loaded = load_model(str(source), input_shapes=input_shapes, example_input=example_input, trust_pickle=trust_pickle)
+def import_model(source: str | Path, *, input_shapes: Sequence[str] = (), example_input=None, trust_pickle=False,
+                 weights=None, task=None, verbose=False) -> tuple[LoadedModel, ModelGraph]:
+    loaded = load_model(str(source), input_shapes=input_shapes, example_input=example_input, trust_pickle=trust_pickle,
+                        weights=weights, task=task, verbose=verbose)
     return loaded, build_graph(loaded)

@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 from torch.utils.flop_counter import flop_registry
 
-from splitc.core.graph import DTYPE, FLOPS, MEMORY_BYTES, OUTPUT_BYTES, PARAM_BYTES, SHAPE, numpy_dtype
+from splitc.core.graph import DTYPE, FLOPS, MEMORY_BYTES, OUTPUT_BYTES, PARAM_BYTES, SHAPE, concrete_shape, numpy_dtype, size_hint
 
 # Ops that only reinterpret or move data: no arithmetic.
 _LAYOUT_OPS = {
@@ -46,7 +46,7 @@ def annotate(module: fx.GraphModule) -> fx.GraphModule:
             continue
         val = node.meta.get("val")
         tensor = val if isinstance(val, torch.Tensor) else None
-        node.meta[SHAPE] = tuple(int(d) for d in tensor.shape) if tensor is not None else None
+        node.meta[SHAPE] = concrete_shape(tensor) if tensor is not None else None
         node.meta[DTYPE] = numpy_dtype(tensor.dtype) if tensor is not None else None
         node.meta[OUTPUT_BYTES] = _value_bytes(val)
         node.meta[PARAM_BYTES] = param_bytes.get(node, 0)
@@ -63,9 +63,9 @@ def node_flops(node: fx.Node) -> int:
     packet = getattr(target, "overloadpacket", None)
     name = getattr(packet, "__name__", str(target))
     if packet in flop_registry:
-        args, kwargs = fx.map_arg((node.args, node.kwargs), lambda n: n.meta.get("val"))
+        args, kwargs = fx.map_arg((node.args, node.kwargs), lambda n: _concrete(n.meta.get("val")))
         try:
-            return int(flop_registry[packet](*args, **kwargs, out_val=node.meta.get("val")))
+            return int(flop_registry[packet](*args, **kwargs, out_val=_concrete(node.meta.get("val"))))
         except Exception:
             pass  # a formula that cannot read these arguments falls through to the generic estimate
     if "scaled_dot_product" in name:
@@ -79,7 +79,7 @@ def node_flops(node: fx.Node) -> int:
 
 def _attention_flops(node: fx.Node) -> int:
     """Q·Kᵀ and P·V: 2 x 2·B·H·L·S·E (softmax ignored, as torch's formulas do)."""
-    q, k = (a.meta.get("val") for a in node.args[:2])
+    q, k = (_concrete(a.meta.get("val")) for a in node.args[:2])
     if not isinstance(q, torch.Tensor) or not isinstance(k, torch.Tensor):
         return 0
     *batch, length, embed = q.shape
@@ -87,9 +87,21 @@ def _attention_flops(node: fx.Node) -> int:
     return int(4 * math.prod(batch) * length * source_length * embed)
 
 
+def _concrete(val):
+    """`val` with the example's sizes in place of symbolic ones (a meta tensor): figures for a
+    dynamic axis are taken at the example's size, and the symbol is never specialised by them."""
+    if isinstance(val, torch.Tensor) and any(isinstance(d, torch.SymInt) for d in val.shape):
+        return torch.empty(concrete_shape(val), dtype=val.dtype, device="meta")
+    if isinstance(val, (tuple, list)):
+        return type(val)(_concrete(v) for v in val)
+    if isinstance(val, torch.SymInt):
+        return size_hint(val)
+    return val
+
+
 def _numel(val) -> int:
     if isinstance(val, torch.Tensor):
-        return int(val.numel())
+        return math.prod(concrete_shape(val))
     if isinstance(val, (tuple, list)):
         return sum(_numel(v) for v in val)
     return 0
@@ -104,7 +116,7 @@ def _value_bytes(val) -> int:
 
 
 def _nbytes(tensor: torch.Tensor) -> int:
-    return int(tensor.numel()) * tensor.element_size()
+    return math.prod(concrete_shape(tensor)) * tensor.element_size()
 
 
 def _fetch_attr(module: torch.nn.Module, target: str) -> torch.Tensor:

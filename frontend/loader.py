@@ -1,10 +1,12 @@
 """Load a model from what the user has and export it with torch.export.
 
-Three sources, checked in this order:
-  * a `.pt2` file written by `torch.export.save` (self-contained, the default);
+Sources:
+  * a model file, whatever its name, read by its content (frontend/formats.py): a torch.export
+    archive; TorchScript (converted; inputs from --input-shape or --example-input); a GGUF file or a
+    Hugging Face folder (frontend/hf.py); a pickled nn.Module only with trust_pickle=True (unpickling
+    runs code). A state_dict alone is refused with the spelling that supplies its architecture;
   * `package.module:callable`, a factory returning an nn.Module (inputs from --input-shape or
-    --example-input);
-  * a pickled nn.Module (`.pt`/`.pth`), only with trust_pickle=True: unpickling runs code.
+    --example-input), with `weights` a state_dict file loaded into it (weights_only, memory-mapped).
 """
 
 from __future__ import annotations
@@ -20,10 +22,21 @@ from typing import Sequence
 import torch
 
 from splitc.core.errors import InputError, ModelLoadError, SplitcError, first_line
+from splitc.core.manifest import sha256_file
+from splitc.frontend.formats import (
+    Kind,
+    convert_torchscript,
+    load_export,
+    load_weights,
+    quiet,
+    safe_content,
+    sniff,
+    state_dict_in,
+    unpickle_module,
+)
 from splitc.runtime.arrays import read_arrays
 
 _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
-_PICKLE_SUFFIXES = (".pt", ".pth", ".pkl")
 _DTYPES = {
     "float32": torch.float32, "f32": torch.float32, "float16": torch.float16, "f16": torch.float16,
     "bfloat16": torch.bfloat16, "int64": torch.int64, "i64": torch.int64, "int32": torch.int32,
@@ -69,47 +82,102 @@ def load_model(
     input_shapes: Sequence[str] = (),
     example_input: str | Path | None = None,
     trust_pickle: bool = False,
+    weights: str | Path | None = None,
+    task: str | None = None,
+    verbose: bool = False,
 ) -> LoadedModel:
-    path = Path(source)
+    """Load `source` by what it is (see frontend/formats.py), never by its file name."""
     examples = read_example_inputs(example_input) if example_input else None
-    if path.suffix == ".pt2" or (path.is_file() and path.suffix not in _PICKLE_SUFFIXES):
-        if not path.is_file():
-            raise ModelLoadError(f"model file {source} does not exist")
-        try:
-            program = torch.export.load(str(path))
-        except Exception as exc:
+    path = Path(source)
+    if _FACTORY.match(source) and not path.exists():
+        return _from_factory(source, weights, input_shapes, examples, verbose)
+    if weights is not None:
+        raise InputError(f"--weights loads a state_dict into a factory's module; name the architecture instead of {source}: "
+                         f"splitc compile pkg.module:Net --weights {weights}")
+    if not path.exists():
+        raise ModelLoadError(
+            f"model {source!r} does not exist; pass a torch.export archive, TorchScript, a package.module:factory "
+            "(with --weights for a state_dict), a GGUF file or a Hugging Face folder"
+        )
+    with quiet(verbose):
+        kind = sniff(path)
+        if kind is Kind.EXPORT:
+            program = load_export(path)
+        elif kind is Kind.TORCHSCRIPT:
+            inputs = _inputs_for(source, input_shapes, examples, what="TorchScript has no input shapes")
+            program = convert_torchscript(path, inputs)
+        elif kind in (Kind.HF_FOLDER, Kind.GGUF):
+            return _from_hugging_face(path, kind, task, input_shapes, examples)
+        elif kind is Kind.SAFETENSORS or state_dict_in(content := safe_content(path)) is not None:
             raise ModelLoadError(
-                f"cannot read {source} as a torch.export program ({first_line(exc)}); write it with torch.export.save"
-            ) from exc
-        return LoadedModel(program, path.stem, str(path), _sha256(path.read_bytes()), examples)
-    if path.suffix in _PICKLE_SUFFIXES:
-        if not path.is_file():
-            raise ModelLoadError(f"model file {source} does not exist")
-        if not trust_pickle:
-            raise ModelLoadError(
-                f"{source} is a pickle, and unpickling runs whatever code it contains; "
-                "pass --trust-pickle if you trust its author, or save a torch.export program (.pt2) instead"
+                f"{source} holds weights only (a state_dict), not the architecture; name the module that takes them: "
+                f"splitc compile pkg.module:Net --weights {source}"
             )
-        try:
-            module = torch.load(str(path), weights_only=False, map_location="cpu")
-        except Exception as exc:
-            raise ModelLoadError(f"cannot unpickle {source} ({first_line(exc)})") from exc
+        elif content is not None:
+            raise ModelLoadError(f"{source} holds a {type(content).__name__} without a model in it; pass a saved model or its weights")
+        elif not trust_pickle:
+            raise ModelLoadError(
+                f"{source} is a pickled Python object, and unpickling runs whatever code it contains; pass --trust-pickle "
+                "if you trust its author, or save a torch.export archive (torch.export.save) instead"
+            )
+        else:
+            module = unpickle_module(path)
+            program = _export(module, _inputs_for(source, input_shapes, examples), source)
+    return LoadedModel(program, path.stem, str(path), sha256_file(path), examples)
+
+
+def _from_factory(source: str, weights, input_shapes: Sequence[str], examples, verbose: bool) -> LoadedModel:
+    module = _call_factory(source)
+    if weights is not None:
         if not isinstance(module, torch.nn.Module):
-            raise ModelLoadError(f"{source} holds a {type(module).__name__}, not an nn.Module; save the whole module, or a .pt2 program")
-        inputs = _inputs_for(source, input_shapes, examples)
-        return LoadedModel(_export(module, inputs, source), path.stem, str(path), _sha256(path.read_bytes()), examples)
-    if _FACTORY.match(source):
-        module = _call_factory(source)
-        inputs = _inputs_for(source, input_shapes, examples)
-        program = module if isinstance(module, torch.export.ExportedProgram) else _export(module, inputs, source)
-        # Weights and lifted constants as raw bytes (a view as uint8 works for every dtype, bf16 included).
-        tensors = [*program.state_dict.values(), *(c for c in program.constants.values() if isinstance(c, torch.Tensor))]
-        digest = _sha256(b"".join(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() for t in tensors) + source.encode())
-        return LoadedModel(program, source.split(":")[1], source, digest, examples)
-    raise ModelLoadError(
-        f"model {source!r} does not exist; pass a .pt2 file from torch.export.save, a package.module:factory, "
-        "or a pickled module with --trust-pickle"
-    )
+            raise InputError(f"{source} returned an ExportedProgram, which carries its own weights; drop --weights")
+        with quiet(verbose):
+            _load_state_dict(module, Path(weights))
+    inputs = _inputs_for(source, input_shapes, examples)
+    program = module if isinstance(module, torch.export.ExportedProgram) else _export(module, inputs, source)
+    return LoadedModel(program, source.split(":")[1], source, _program_digest(program, source), examples)
+
+
+def _from_hugging_face(path: Path, kind: Kind, task: str | None, input_shapes: Sequence[str], examples) -> LoadedModel:
+    from splitc.frontend.hf import export_hf_model
+
+    program, inputs, digest = export_hf_model(path, kind, task, input_shapes, examples)
+    return LoadedModel(program, path.stem if kind is Kind.GGUF else path.name, str(path), digest, inputs)
+
+
+def _load_state_dict(module: torch.nn.Module, path: Path) -> None:
+    """Load a state_dict file into `module`, naming the keys that do not fit."""
+    if not path.exists():
+        raise ModelLoadError(f"--weights {path} does not exist")
+    state = load_weights(path)
+    try:
+        # assign: the module takes the loaded (memory-mapped) tensors instead of copying them in.
+        result = module.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as exc:  # shape mismatches: torch's first line only names the module
+        details = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        raise ModelLoadError(f"--weights {path} does not fit the module: {details[1] if len(details) > 1 else first_line(exc)}") from exc
+    problems = []
+    if result.missing_keys:
+        problems.append(f"missing {_few(result.missing_keys)}")
+    if result.unexpected_keys:
+        problems.append(f"unexpected {_few(result.unexpected_keys)}")
+    if problems:
+        raise ModelLoadError(f"--weights {path} does not fit the module: {'; '.join(problems)}")
+
+
+def _few(keys: Sequence[str], limit: int = 4) -> str:
+    return ", ".join(keys[:limit]) + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def _program_digest(program: torch.export.ExportedProgram, source: str) -> str:
+    """sha256 of the weights and lifted constants as raw bytes (a uint8 view works for every dtype,
+    bf16 included), tensor by tensor so a big model is never copied whole."""
+    digest = hashlib.sha256()
+    tensors = [*program.state_dict.values(), *(c for c in program.constants.values() if isinstance(c, torch.Tensor))]
+    for tensor in tensors:
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    digest.update(source.encode())
+    return digest.hexdigest()
 
 
 def is_reference(text: str) -> bool:
@@ -148,12 +216,13 @@ def _call_factory(source: str):
     return built
 
 
-def _inputs_for(source: str, input_shapes: Sequence[str], examples) -> tuple[torch.Tensor, ...]:
+def _inputs_for(source: str, input_shapes: Sequence[str], examples, what: str = "") -> tuple[torch.Tensor, ...]:
     if examples is not None:
         return examples
     shapes = parse_input_shapes(input_shapes)
     if not shapes:
-        raise InputError(f"{source} is not an exported program, so splitc needs its inputs: pass --input-shape 1,3,224,224 or --example-input x.npy")
+        why = what or "it is not an exported program"
+        raise InputError(f"{source}: {why}, so splitc needs its inputs: pass --input-shape 1,3,224,224 or --example-input x.npy")
     generator = torch.Generator().manual_seed(0)
     return tuple(
         torch.randn(shape, generator=generator).to(dtype) if dtype.is_floating_point else torch.zeros(shape, dtype=dtype)
@@ -169,8 +238,3 @@ def _export(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], source: s
     except Exception as exc:
         raise ModelLoadError(f"torch.export failed on {source}: {first_line(exc)}") from exc
 
-
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()

@@ -12,6 +12,7 @@ so weights never travel.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -121,19 +122,49 @@ class CutAnalysis:
         return self.by_name[node_name]
 
     def resolve(self, name: str, flag: str = "--cut") -> int:
-        """Position of the cut named `name`: a node name, or a module path (cut after its last node).
-        `flag` names the option the user wrote it in, for the error message."""
+        """Position of the cut named `name`: a node name, a module path (cut after its last node),
+        or an op as the model called it (`max_pool2d`, `conv2d`) or as ATen names it, which cuts
+        after that call's tensor output (a tuple-valued op: its first getitem). A name that matches
+        several calls is refused with their node names. `flag` names the option, for the error."""
         if not name.strip():
             raise CutError(f"{flag} has an empty name; give node names or module paths, e.g. layer2,layer3")
         if name in self.by_name:
-            return self.by_name[name]
+            return self.index[self._tensor_of(self.order[self.by_name[name]], name, flag)]
         owned = [i for i, node in enumerate(self.order) if _in_module(node, name)]
         if owned:
             return max(owned)
+        calls = self._calls_of_op(name)
+        if len(calls) == 1:
+            return calls[0]
+        if calls:
+            listed = ", ".join(self.order[p].name for p in calls[:12]) + (" …" if len(calls) > 12 else "")
+            raise CutError(f"{flag} {name!r} matches {len(calls)} calls in {self.graph.name}: {listed}; name one of these nodes instead")
         close = sorted({n.name for n in self.order if name in n.name})[:5]
         hint = f" (similar: {', '.join(close)})" if close else ""
-        raise CutError(f"{flag} {name!r} names no node or module of {self.graph.name}{hint}; `splitc inspect` lists the candidates")
+        raise CutError(f"{flag} {name!r} names no node, module or op of {self.graph.name}{hint}; `splitc inspect` lists the candidates")
 
+    def _tensor_of(self, node: fx.Node, name: str, flag: str) -> fx.Node:
+        """`node` itself when it is a tensor; for an op returning a tuple, the getitem of its first output."""
+        if is_tensor_node(node):
+            return node
+        first = [u for u in node.users if u in self.index and u.target is operator.getitem and u.args[1] == 0]
+        if not first:
+            raise CutError(f"{flag} {name!r} returns no tensor a cut can send; cut after a node that reads it")
+        return first[0]
+
+    def _calls_of_op(self, op: str) -> list[int]:
+        """Per call of `op` (by the torch function the model called, or the ATen op), the position of
+        its last tensor node: what a cut after that call sends."""
+        calls: dict[str, int] = {}
+        for i, node in enumerate(self.order):
+            call_id, function = node.meta.get("torch_fn") or (node.name, "")
+            aten = getattr(getattr(node.target, "overloadpacket", None), "__name__", None)
+            if op in (function.rsplit(".", 1)[-1], aten):
+                if self.is_tensor[i] and not (node.target is operator.getitem and node.args[1] != 0):
+                    calls[call_id] = i
+                else:
+                    calls.setdefault(call_id, -1)
+        return sorted(p for p in calls.values() if p >= 0)
 
 def placed_nodes(module: fx.GraphModule) -> list[fx.Node]:
     """Placeholders and the operator nodes that depend on a model input, in graph order."""

@@ -26,7 +26,7 @@ from __future__ import annotations
 import copy
 import operator
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -123,7 +123,7 @@ def plan_exits(graph: ModelGraph, points: Sequence[str], samples: Sequence[tuple
     cascade = cascade_predictions(probabilities, final_pred[held], thresholds)
 
     heads, module = [], copy.deepcopy(graph.module)
-    current = ModelGraph(graph.name, module, graph.inputs, graph.outputs, graph.source_sha256, graph.source)
+    current = replace(graph, module=module)
     renames = {}
     for node, fit, threshold, rate in zip(nodes, fitted, thresholds, rates):
         index = len(heads)

@@ -61,7 +61,7 @@ def add_noise(graph: ModelGraph, cut_name: str, sigma: float, samples: Sequence[
     if not sigma > 0:
         raise CutError(f"--noise {sigma} must be a positive multiple of the activation's standard deviation")
     module = copy.deepcopy(graph.module)
-    current = ModelGraph(graph.name, module, graph.inputs, graph.outputs, graph.source_sha256, graph.source)
+    current = replace(graph, module=module)
     analysis = CutAnalysis(current)
     position = analysis.resolve(cut_name)
     floats = [n for n in analysis.crossing_nodes(position) if n.meta["val"].is_floating_point()]
@@ -93,7 +93,7 @@ def add_noise(graph: ModelGraph, cut_name: str, sigma: float, samples: Sequence[
     module.recompile()
     annotate(module)
     inputs = graph.inputs + tuple(tensor_spec(p) for p in placeholders)
-    return ModelGraph(graph.name, module, inputs, graph.outputs, graph.source_sha256, graph.source), anchor.name, layers
+    return replace(graph, module=module, inputs=inputs), anchor.name, layers
 
 
 # ------------------------------------------------------------------------------- choosing sigma

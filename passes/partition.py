@@ -16,6 +16,7 @@ import torch.fx as fx
 
 from splitc.core.graph import FLOPS, TIER, ModelGraph, tensor_spec
 from splitc.passes.cuts import Cut, CutAnalysis
+from splitc.passes.dynamic import example_sizes, export_dynamic_shapes
 from splitc.core.manifest import TensorSpec
 from splitc.targets import Target
 
@@ -33,10 +34,17 @@ class Partition:
     def example_inputs(self) -> tuple[torch.Tensor, ...]:
         return tuple(torch.zeros(t.shape, dtype=_torch_dtype(t.dtype)) for t in self.inputs)
 
-    def export(self) -> torch.export.ExportedProgram:
-        """This partition as an ExportedProgram (what the TVM and ONNX importers take)."""
+    @property
+    def dynamic_symbols(self) -> dict[str, int]:
+        """The symbolic sizes its inputs carry, with the example's size of each."""
+        return example_sizes(self.inputs)
+
+    def export(self, dynamic: bool = True) -> torch.export.ExportedProgram:
+        """This partition as an ExportedProgram (what the TVM and ONNX importers take); with
+        `dynamic`, the inputs' symbolic axes stay symbolic (passes/dynamic.py)."""
+        shapes = export_dynamic_shapes(self.inputs) if dynamic else None
         with torch.no_grad():
-            return torch.export.export(self.module, self.example_inputs())
+            return torch.export.export(self.module, self.example_inputs(), dynamic_shapes=shapes)
 
 
 def assign_tiers(analysis: CutAnalysis, cuts: Sequence[Cut]) -> dict[str, int]:
@@ -115,10 +123,12 @@ def _copy_constant(node: fx.Node, source: fx.GraphModule, graph: fx.Graph, root:
         for part in node.target.split("."):
             value = getattr(value, part)
         name = node.name  # unique within the source graph, and a valid attribute name
+        # The partition shares the weight's storage (detach, no clone): nothing writes weights at
+        # inference, and a copy per partition would double a large model's memory.
         if isinstance(value, torch.nn.Parameter):
-            root.register_parameter(name, torch.nn.Parameter(value.detach().clone(), requires_grad=False))
+            root.register_parameter(name, torch.nn.Parameter(value.detach(), requires_grad=False))
         else:
-            root.register_buffer(name, value.detach().clone())
+            root.register_buffer(name, value.detach())
         copied = graph.get_attr(name)
         copied.meta = dict(node.meta)
         return copied

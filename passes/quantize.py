@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -119,7 +119,7 @@ def quantize_cuts(graph: ModelGraph, cut_names: Sequence[str], scheme: str, samp
         raise CutError(f"--quantize {scheme!r} is not supported; use one of {', '.join(BITS)} or none")
     bits = BITS[scheme]
     module = copy.deepcopy(graph.module)
-    current = ModelGraph(graph.name, module, graph.inputs, graph.outputs, graph.source_sha256, graph.source)
+    current = replace(graph, module=module)
     analysis = CutAnalysis(current)
     crossing_names = {t.name for name in cut_names for t in analysis.cut(analysis.resolve(name)).crossing}
     observed = observe(current, sorted(crossing_names), samples)
@@ -165,7 +165,7 @@ def quantize_cuts(graph: ModelGraph, cut_names: Sequence[str], scheme: str, samp
         module.recompile()
         annotate(module)
         outputs = tuple(tensor_spec(n, spec.name) for n, spec in zip(_returned(module), graph.outputs))
-        current = ModelGraph(graph.name, module, graph.inputs, outputs, graph.source_sha256, graph.source)
+        current = replace(graph, module=module, outputs=outputs)
         new_cuts.append(cut_after.name)
     return current, new_cuts, quantizers
 

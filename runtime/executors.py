@@ -218,30 +218,35 @@ def _load_tensorrt(path: Path, artifact: Artifact, threads: int = 0) -> Executor
     output_names = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
     stream = check(cudart.cudaStreamCreate())
     h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
-    # Shapes are static (splitc compiles fixed shapes), so device buffers are allocated once here
-    # and reused: a call then costs copies and the kernels, not allocations.
+    # Device buffers are allocated once, for the largest shapes: a static engine's own, or a dynamic
+    # one's at its profile maximum (inputs set to their maxima give the outputs' maxima). A call
+    # then costs copies and the kernels, not allocations.
+    dynamic = any(-1 in tuple(engine.get_tensor_shape(n)) for n in input_names)
+    if dynamic:
+        for name in input_names:
+            context.set_input_shape(name, tuple(engine.get_tensor_profile_shape(name, 0)[2]))
     device: dict[str, int] = {}
-    host_outputs: dict[str, np.ndarray] = {}
     for name in names:
-        shape = tuple(engine.get_tensor_shape(name))
+        shape = tuple(context.get_tensor_shape(name))
         dtype = trt.nptype(engine.get_tensor_dtype(name))
         nbytes = max(int(np.prod(shape)) * np.dtype(dtype).itemsize, 1)
         device[name] = check(cudart.cudaMalloc(nbytes))
         context.set_tensor_address(name, device[name])
-        if name in output_names:
-            host_outputs[name] = np.empty(shape, dtype=dtype)
+    out_dtypes = {name: trt.nptype(engine.get_tensor_dtype(name)) for name in output_names}
 
     def run(inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
         for name, array in zip(input_names, inputs):
             array = np.ascontiguousarray(array)
+            if dynamic:
+                context.set_input_shape(name, tuple(array.shape))
             check(cudart.cudaMemcpyAsync(device[name], array.ctypes.data, array.nbytes, h2d, stream))
         if not context.execute_async_v3(stream):
             raise BackendError(f"TensorRT execution of {path.name} failed")
-        for name in output_names:
-            host = host_outputs[name]
+        outputs = [np.empty(tuple(context.get_tensor_shape(name)), dtype=out_dtypes[name]) for name in output_names]
+        for name, host in zip(output_names, outputs):
             check(cudart.cudaMemcpyAsync(host.ctypes.data, device[name], host.nbytes, d2h, stream))
         check(cudart.cudaStreamSynchronize(stream))
-        return [host_outputs[name].copy() for name in output_names]
+        return outputs
 
     return run
 

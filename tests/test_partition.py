@@ -147,8 +147,9 @@ def test_partition_modules_are_self_contained(zoo, zoo_name):
         for node in attrs:
             assert node.target in state, f"{node.target} is not owned by partition {p.index}"
         assert set(state) == {n.target for n in attrs}  # no weight copied that nothing reads
-        # Own copies: nothing aliases the source graph's weights.
-        assert not {t.untyped_storage().data_ptr() for t in state.values()} & source_storage
+        # Shared, not copied: weights are read-only at inference, and a copy per partition would
+        # double a large model's memory (bench/big_model.py).
+        assert {t.untyped_storage().data_ptr() for t in state.values()} <= source_storage
         # Every operator it runs is one placed on it, or a constant op on weights (a transpose).
         placed = set(p.nodes)
         for node in nodes:

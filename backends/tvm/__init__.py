@@ -32,6 +32,8 @@ from typing import Any
 
 from splitc.backends.tvm import apply_records, build_cache, coverage, database, target_keys
 from splitc.backends.base import CompiledArtifact, CompiledPartition, op_name
+from splitc.backends.export import export_partition
+from splitc.passes.dynamic import FIXED_DIMS
 from splitc.backends.tvm.build import UNROLLED_STATEMENTS, build_library, cap_unrolling_in, codegen_target
 from splitc.passes.partition import Partition
 from splitc.runtime.executors import available_cpus, host_arch, target_threads, use_tvm_threads
@@ -65,10 +67,18 @@ class TVMBackend:
         target = partition.target
         options = dict(target.backend_options)
         target_json: dict[str, Any] = dict(options.get("target") or {"kind": "llvm", "mtriple": _HOST_TRIPLES[host_arch()]})
+        exported = export_partition(partition, self.id)
         try:
-            mod = from_exported_program(partition.export(), keep_params_as_input=False)
+            mod = from_exported_program(exported.program, keep_params_as_input=False)
         except Exception as exc:
-            raise BackendError(f"TVM could not import partition {partition.index} for {target.name}: {first_line(exc)}") from exc
+            if not partition.dynamic_symbols or exported.fixed:
+                raise BackendError(f"TVM could not import partition {partition.index} for {target.name}: {first_line(exc)}") from exc
+            # Relax keeps symbolic shapes, but an op whose converter needs static ones refuses them.
+            exported = export_partition(partition, self.id, dynamic=False, why_static=f"TVM's importer refused them ({first_line(exc, 160)})")
+            try:
+                mod = from_exported_program(exported.program, keep_params_as_input=False)
+            except Exception as exc:
+                raise BackendError(f"TVM could not import partition {partition.index} for {target.name}: {first_line(exc)}") from exc
 
         workdir.mkdir(parents=True, exist_ok=True)
         target_json = target_keys.resolve_target(target_json)
@@ -98,7 +108,9 @@ class TVMBackend:
         if target.arch != host_arch():
             twin = {"kind": "llvm", "mtriple": _HOST_TRIPLES.get(host_arch(), f"{host_arch()}-linux-gnu")}
             artifacts.append(self._build(mod, twin, host_arch(), None, workdir / f"model.{host_arch()}.so", ROLE_HOST_TWIN))
-        return CompiledPartition(artifacts, notes=notes)
+        for artifact in artifacts if exported.fixed else ():
+            artifact.options[FIXED_DIMS] = exported.fixed
+        return CompiledPartition(artifacts, notes=[*exported.notes, *notes])
 
     def _tuned(self, mod, target_json: dict, arch: str, partition: Partition):
         """The candidate modules for the deploy build, first preferred, as (name, module); the tuning
