@@ -44,7 +44,9 @@ def read_token(token_file: str | None) -> str | None:
 @click.option("--max-body-mb", default=64.0, show_default=True, type=click.FloatRange(0.001, 4096), help="Largest request body accepted.")
 @click.option("--drain-timeout", default=30.0, show_default=True, type=float, help="Seconds to let in-flight requests finish on SIGTERM.")
 @click.option("--verbose", "-v", is_flag=True, help="Log every request to stderr.")
-def serve(bundle, partition, host, port, token_file, no_auth, name, max_body_mb, drain_timeout, verbose):
+@click.option("--session-ttl", default=300.0, show_default=True, type=click.FloatRange(min=1), help="Decoders: seconds an idle session lives.")
+@click.option("--max-sessions", default=64, show_default=True, type=click.IntRange(1), help="Decoders: most sessions held (LRU evicted).")
+def serve(bundle, partition, host, port, token_file, no_auth, name, max_body_mb, drain_timeout, verbose, session_ttl, max_sessions):
     """Serve BUNDLE's partitions from --partition to the end over KServe v2 (Triton-compatible) HTTP.
 
     A variant directory (`compile --variants`) serves every variant's cloud part, each as model
@@ -72,6 +74,12 @@ def serve(bundle, partition, host, port, token_file, no_auth, name, max_body_mb,
                              "as its variants.json says (what the adaptive runtime asks for); drop --partition and --name")
         apps = variant_servers(bundle, token=token, max_body=int(max_body_mb * (1 << 20)))
         _serve_apps(apps, host, port, token, drain_timeout)
+        return
+    from splitc.cli.decoder import is_decoder_bundle, serve_decoder
+
+    if is_decoder_bundle(bundle):  # the cloud half of a split decoder, behind sessions
+        serve_decoder(bundle, token=token, name=name, max_body=int(max_body_mb * (1 << 20)), host=host, port=port,
+                      drain_timeout=drain_timeout, ttl_s=session_ttl, max_sessions=max_sessions)
         return
     opened = Bundle.open(bundle)
     if partition is None:

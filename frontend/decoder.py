@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from splitc.core.errors import ModelLoadError, first_line
+from splitc.core.errors import InputError, ModelLoadError, first_line
 
 _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
@@ -113,8 +113,9 @@ def _load_factory(spec: str) -> LoadedDecoder:
         raise ModelLoadError(f"factory {spec} failed: {first_line(exc)}") from exc
     model, tokenizer = made if isinstance(made, tuple) else (made, None)
     if not isinstance(model, nn.Module) or not hasattr(model, "lm_head") or not hasattr(model, "config"):
-        raise ModelLoadError(f"factory {spec} returned {type(model).__name__}, not a transformers causal LM; "
-                             "for other models pass --input-shape")
+        # Not a decoder: what is missing is the input shape an ordinary model needs.
+        raise InputError(f"factory {spec} returned {type(model).__name__}, not a causal LM: pass --input-shape "
+                         "(or --example-input) to export it as an ordinary model")
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())

@@ -337,6 +337,9 @@ class _Handler(BaseHTTPRequestHandler):
                 return "model", name
             if len(rest) == 1 and rest[0] in ("ready", "infer", "config"):
                 return rest[0], name
+            if rest[0] == "sessions":  # a decoder's sessions (runtime/decoder_sessions.py)
+                self.session_path = rest[1:]
+                return "sessions", name
         return "unknown", None
 
     def _check_model(self, name: str | None) -> bool:
@@ -459,9 +462,47 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError:
             pass
 
+    def do_DELETE(self) -> None:
+        self.app = None
+        self._track(1)
+        try:
+            if self._route()[0] == "sessions":
+                self._sessions(self._route()[1])
+            else:
+                self._error(405, "DELETE is only for /v2/models/<name>/sessions/<id>")
+        except Exception as exc:
+            log.exception("DELETE %s failed", self.path)
+            self._error(500, f"internal error: {type(exc).__name__}")
+        finally:
+            self._track(-1)
+
+    def _sessions(self, name: str | None) -> None:
+        """Hand a sessions request to the model's `handle` (a DecoderService)."""
+        if not self._check_model(name) or not self._check_token():
+            self.close_connection = True
+            return
+        body = self._read_body() if self.command == "POST" else b""
+        if body is None:
+            return
+        if not hasattr(self.app, "handle"):
+            self._error(404, f"model {self.app.name!r} is not a decoder; it has no sessions")
+            return
+        try:
+            status, payload = self.app.handle(self.command, self.session_path, body, self.headers.get("Authorization"))
+        except ProtocolError as exc:
+            self._error(exc.status, str(exc))
+            return
+        except InputError as exc:
+            self._error(400, str(exc))
+            return
+        self._json(status, payload)
+
     def _post(self) -> None:
         app = self.server.app
         kind, name = self._route()
+        if kind == "sessions":
+            self._sessions(name)
+            return
         if kind != "infer":
             # Drain what the client sent so a keep-alive connection stays in sync, then refuse.
             if self._read_body() is None:
@@ -497,7 +538,7 @@ class SplitcHTTPServer(ThreadingHTTPServer):
     request_queue_size = 128
 
     def __init__(self, address: tuple[str, int], app: PartitionServer | Sequence[PartitionServer]):
-        apps = [app] if isinstance(app, PartitionServer) else list(app)
+        apps = list(app) if isinstance(app, Sequence) else [app]
         if not apps:
             raise InputError("a server needs at least one model to serve")
         self.apps = {a.name: a for a in apps}
