@@ -11,6 +11,7 @@ greedy tokens, or nothing is written.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -34,7 +35,7 @@ from splitc.core.manifest import (
 )
 from splitc.drivers.compiler import CompileResult
 from splitc.frontend.decoder import LoadedDecoder, save_tokenizer
-from splitc.passes.decoder_split import DecoderShape, cut_layer, decoder_shape, recognise_layout, split_halves
+from splitc.passes.decoder_split import DecoderShape, cut_layer, decoder_shape, drafting_halves, recognise_layout, split_halves
 from splitc.targets import Target
 
 DEFAULT_MAX_LEN = 256
@@ -42,11 +43,14 @@ REFERENCE_DECODE_STEPS = 4
 # Logits of the compiled halves against transformers, relative to the logits' norm: float32 through
 # two different kernel libraries, a few layers deep.
 LOGITS_RTOL = 1e-3
+ENTRY_MAIN, ENTRY_DRAFT, ENTRY_VERIFY = "generate", "draft", "verify"
 DYNAMIC = {"T": "new positions in this call", "S": "positions already in the state"}
 
 
 def compile_decoder(loaded: LoadedDecoder, targets: Sequence[Target], out: Path, *, cut: str, max_len: int = DEFAULT_MAX_LEN,
-                    log: Callable[[str], None] = lambda _: None) -> CompileResult:
+                    draft: bool = False, log: Callable[[str], None] = lambda _: None) -> CompileResult:
+    """`draft`: also compile the drafting entries (an exit LM head on the device, all-row logits in
+    the cloud) for self-speculative generation (runtime/drafting.py)."""
     started = time.perf_counter()
     seconds: dict[str, float] = {}
     if len(targets) != 2:
@@ -60,6 +64,7 @@ def compile_decoder(loaded: LoadedDecoder, targets: Sequence[Target], out: Path,
     device_layers = cut_layer(layout, model, cut)
     shape = decoder_shape(model, layout)
     halves = split_halves(model, layout, device_layers)
+    draft_halves = drafting_halves(model, layout, device_layers) if draft else ()
     reference = reference_generation(model, shape, steps=REFERENCE_DECODE_STEPS)
     seconds["plan"] = time.perf_counter() - started
 
@@ -71,6 +76,10 @@ def compile_decoder(loaded: LoadedDecoder, targets: Sequence[Target], out: Path,
             log(f"compiling partition {index} ({layers} layers{' + embedding' if index == 0 else ' + norm + LM head'}) "
                 f"for {target.name} with onnxruntime")
             spec, state = compile_half(half, index, layers, shape, target, max_len, staging)
+            if draft:
+                log(f"compiling the {'draft' if index == 0 else 'verify'} entry of partition {index}")
+                entry = ENTRY_DRAFT if index == 0 else ENTRY_VERIFY
+                spec = with_entry(spec, compile_half(draft_halves[index], index, layers, shape, target, max_len, staging, entry)[0])
             specs.append(spec)
             states.append(state)
             seconds[f"p{index}:{target.name}"] = time.perf_counter() - tick
@@ -109,9 +118,11 @@ def compile_decoder(loaded: LoadedDecoder, targets: Sequence[Target], out: Path,
     return CompileResult(Path(out), manifest, seconds, [])
 
 
-def compile_half(half, index: int, layers: int, shape: DecoderShape, target: Target, max_len: int,
-                 staging: Path) -> tuple[PartitionSpec, tuple[StateSpec, ...]]:
-    """Export one half with dynamic T and S and record it as a partition with declared state."""
+def compile_half(half, index: int, layers: int, shape: DecoderShape, target: Target, max_len: int, staging: Path,
+                 entry: str = ENTRY_MAIN) -> tuple[PartitionSpec, tuple[StateSpec, ...]]:
+    """Export one half with dynamic T and S and record it as a partition with declared state.
+    `entry`: the generation graph, or a drafting one (device: + exit-head logits; cloud: logits of
+    every row)."""
     state_shape = (max_len, layers, shape.kv_heads, shape.head_dim)
     # Two distinct tensors: torch.export takes one tensor passed twice as one input, and the ONNX
     # graph would then read the keys where it should read the values.
@@ -119,15 +130,18 @@ def compile_half(half, index: int, layers: int, shape: DecoderShape, target: Tar
     steps, positions = torch.export.Dim("T", min=1, max=max_len), torch.export.Dim("S", min=0, max=max_len)
     if index == 0:
         x, x_spec = torch.zeros(1, 4, dtype=torch.long), TensorSpec("input_ids", (1, -1), "int64")
-        y_spec = TensorSpec("hidden", (1, -1, shape.hidden), "float32")
+        y_specs = (TensorSpec("hidden", (1, -1, shape.hidden), "float32"),)
+        if entry == ENTRY_DRAFT:
+            y_specs += (TensorSpec("draft_logits", (1, 1, shape.vocab), "float32"),)
     else:
         x, x_spec = torch.zeros(1, 4, shape.hidden), TensorSpec("hidden", (1, -1, shape.hidden), "float32")
-        y_spec = TensorSpec("logits", (1, 1, shape.vocab), "float32")
+        y_specs = (TensorSpec("logits", (1, -1 if entry == ENTRY_VERIFY else 1, shape.vocab), "float32"),)
     inputs = (x_spec, TensorSpec("past_key", (-1, *state_shape[1:]), "float32"), TensorSpec("past_value", (-1, *state_shape[1:]), "float32"))
-    outputs = (y_spec, TensorSpec("new_key", (-1, *state_shape[1:]), "float32"), TensorSpec("new_value", (-1, *state_shape[1:]), "float32"))
+    outputs = y_specs + (TensorSpec("new_key", (-1, *state_shape[1:]), "float32"), TensorSpec("new_value", (-1, *state_shape[1:]), "float32"))
+    name = "model.onnx" if entry == ENTRY_MAIN else f"{entry}.onnx"
     compiled = export_dynamic(half, (x, past_key, past_value), ({1: steps}, {0: positions}, {0: positions}),
-                              [t.name for t in inputs], [t.name for t in outputs], staging / f"p{index}" / "model.onnx",
-                              options=target.backend_options)
+                              [t.name for t in inputs], [t.name for t in outputs], staging / f"p{index}" / name,
+                              options={**target.backend_options, "entry": entry})
     artifact = record_artifact(staging, compiled.path, runtime=compiled.runtime, role=compiled.role, arch=compiled.arch,
                                options=compiled.options)
     state = (StateSpec("key", state_shape, "float32", 0, "past_key", "new_key"),
@@ -135,6 +149,12 @@ def compile_half(half, index: int, layers: int, shape: DecoderShape, target: Tar
     spec = PartitionSpec(index=index, target=target.name, backend="onnxruntime", inputs=inputs, outputs=outputs,
                          artifacts=(artifact,), nodes=(), flops=0)
     return spec, state
+
+
+def with_entry(spec: PartitionSpec, extra: PartitionSpec) -> PartitionSpec:
+    """`spec` with the artifact of another entry of the same half after its own (the runtime's
+    default pick stays the generation graph)."""
+    return dataclasses.replace(spec, artifacts=spec.artifacts + extra.artifacts)
 
 
 def reference_generation(model, shape: DecoderShape, *, steps: int, prompt_len: int = 6, seed: int = 0) -> dict[str, np.ndarray]:

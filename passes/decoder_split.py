@@ -128,16 +128,19 @@ class DecoderHalf(nn.Module):
     LM head (cloud half), as a pure function of its inputs and the past KV state."""
 
     def __init__(self, model: nn.Module, layout: DecoderLayout, first: int, last: int, *, embed: bool, head: bool,
-                 logits_positions: int = 1):
+                 logits_positions: int = 1, exit_head: bool = False):
         super().__init__()
         self.layout, self.first, self.embed, self.head = layout, first, embed, head
+        # An exit LM head on the device's last hidden row: the model's own final norm and LM head
+        # (shared weights), giving the draft logits of self-speculative decoding.
+        self.exit_head = exit_head and not head
         self.logits_positions = logits_positions  # 0: logits for every position (draft verification)
         self.layers = nn.ModuleList(list(layout.layer_list(model))[first:last])
         self.token_embedding = layout.part(model, layout.embed) if embed else None
         self.position_embedding = layout.part(model, layout.positions) if embed and layout.positions else None
         self.rotary = layout.part(model, layout.rotary) if layout.rotary else None
-        self.norm = layout.part(model, layout.norm) if head else None
-        self.lm_head = model.lm_head if head else None
+        self.norm = layout.part(model, layout.norm) if head or exit_head else None
+        self.lm_head = model.lm_head if head or exit_head else None
 
     def forward(self, x: torch.Tensor, past_key: torch.Tensor, past_value: torch.Tensor):
         past_len, steps = past_key.shape[0], x.shape[1]
@@ -159,6 +162,8 @@ class DecoderHalf(nn.Module):
             out = layer(hidden, attention_mask=mask, cache=cache, use_cache=True, **extra)
             hidden = out[0] if isinstance(out, tuple) else out
         new_key, new_value = cache.outputs()
+        if self.exit_head:
+            return hidden, self.lm_head(self.norm(hidden[:, -1:])), new_key, new_value
         if not self.head:
             return hidden, new_key, new_value
         if self.logits_positions:
@@ -202,6 +207,15 @@ def _probe_kv(half: DecoderHalf) -> tuple[int, int]:
     half.layers[0](hidden_states, attention_mask=None, cache=recorder, use_cache=True, **extra)
     key = recorder.new_keys[0]
     return int(key.shape[1]), int(key.shape[3])
+
+
+def drafting_halves(model: nn.Module, layout: DecoderLayout, device_layers: int) -> tuple[DecoderHalf, DecoderHalf]:
+    """The halves of self-speculative decoding: the device half with an exit LM head (draft logits of
+    its last row), the cloud half with logits for every row (n drafts verified in one call)."""
+    total = len(layout.layer_list(model))
+    device = DecoderHalf(model, layout, 0, device_layers, embed=True, head=False, exit_head=True).eval()
+    cloud = DecoderHalf(model, layout, device_layers, total, embed=False, head=True, logits_positions=0).eval()
+    return device, cloud
 
 
 def split_halves(model: nn.Module, layout: DecoderLayout, device_layers: int, *, logits_positions: int = 1) -> tuple[DecoderHalf, DecoderHalf]:

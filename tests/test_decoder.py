@@ -382,3 +382,52 @@ def test_smollm2_split_greedy_equals_transformers(tmp_path):
         assert split_greedy(session, ids, 16) == transformers_greedy(loaded.model, ids, 16), question
     answer = session.generate("What is the capital of France?", max_new_tokens=16)
     assert "Paris" in answer.text
+
+
+# ------------------------------------------------------------------- drafting (issue 28, begun)
+
+@pytest.fixture(scope="module")
+def drafting_bundle(tmp_path_factory) -> Path:
+    from splitc.drivers.decoder import compile_decoder
+    from splitc.frontend.decoder import load_decoder
+    from splitc.targets import load_targets
+
+    out = tmp_path_factory.mktemp("drafting") / "llama-draft.splitc"
+    return compile_decoder(load_decoder("examples.decoders:tiny_llama"), load_targets("rpi4,a100"), out,
+                           cut="model.layers.1", max_len=64, draft=True).bundle
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("draft", [1, 3])
+def test_drafted_greedy_equals_transformers(drafting_bundle, llama_model, draft):
+    from splitc.runtime.drafting import DraftingSession
+
+    session = DraftingSession(Bundle.open(drafting_bundle), draft=draft)
+    for prompt in random_prompts(PROMPTS):
+        got, figures = session.generate_ids(prompt, max_new_tokens=NEW_TOKENS)
+        assert got == transformers_greedy(llama_model, prompt, NEW_TOKENS), prompt
+        assert figures["round_trips"] <= len(got)
+
+
+@pytest.mark.slow
+def test_rejected_draft_leaves_both_caches_as_if_never_sent(drafting_bundle):
+    """After a round whose drafts the cloud rejected, the next logits equal those of a run that only
+    ever saw the verified tokens."""
+    from splitc.runtime.drafting import DraftingSession
+
+    bundle = Bundle.open(drafting_bundle)
+    session = DraftingSession(bundle, draft=4)
+    prompt = random_prompts(1, seed=5)[0]
+    figures = {"round_trips": 0, "drafted": 0, "accepted": 0}
+    rows, _ = session.device.run(np.array([prompt]))
+    token = int(session.cloud.run(rows)[0, -1].argmax())
+    emitted = session._round(token, figures) + [session._pending]
+    assert figures["accepted"] < 4, "the random exit head agreed with every draft; pick another prompt"
+    verified = prompt + [token] + emitted[:-1]
+    assert session.device.state.length == session.cloud.state.length == len(verified)
+    hidden, _ = session.device.run(np.array([[emitted[-1]]]))
+    after_rollback = session.cloud.run(hidden)[0, -1]
+    fresh = GenerationSession(bundle)
+    fresh_rows = fresh.device.run(np.array([verified + [emitted[-1]]]))
+    expected = fresh.cloud.logits(fresh_rows)[0, -1]
+    np.testing.assert_allclose(after_rollback, expected, rtol=1e-4, atol=1e-4)

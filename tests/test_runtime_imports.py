@@ -18,6 +18,7 @@ import splitc.runtime.session, splitc.core.manifest, splitc.runtime.executors
 import splitc.runtime.adaptive  # the adaptive split runs on the device too
 from splitc.runtime.adaptive import AdaptiveSession, LinkEstimator
 import splitc.core.errors
+import splitc.runtime.generation, splitc.runtime.decoder_sessions, splitc.runtime.decoder_client  # split decoders
 print(json.dumps(sorted(sys.modules)))
 """
 
