@@ -59,8 +59,10 @@ class NoiseLevel(click.ParamType):
                    "into one directory, for the adaptive runtime (`splitc run --remote` switches between them).")
 @model_options
 @click.option("--max-len", default=256, show_default=True, type=click.IntRange(2), help="Decoders: KV-cache positions (prompt + generated).")
+@click.option("--draft", default="off", show_default=True, help="Decoders: 'off', or N/auto to also compile the drafting graphs "
+              "(an exit LM head on the device, n-row verification in the cloud).")
 def compile(source, targets, plan_path, plan_link, cut, link, output, samples, quantize, per_channel, noise, max_leakage, calib, exits,
-            max_accuracy_drop, variant_count, input_shapes, example_input, trust_pickle, max_len):
+            max_accuracy_drop, variant_count, input_shapes, example_input, trust_pickle, max_len, draft):
     """Split SOURCE across TARGETS and compile every partition into a bundle.
 
     A decoder LM (a .gguf, a Hugging Face folder, or a factory given without --input-shape) is split
@@ -69,7 +71,7 @@ def compile(source, targets, plan_path, plan_link, cut, link, output, samples, q
     from splitc.frontend.decoder import is_decoder_source
 
     if is_decoder_source(source, has_input_shapes=bool(input_shapes or example_input)):
-        return compile_decoder_command(source, targets, cut, output, max_len)
+        return compile_decoder_command(source, targets, cut, output, max_len, draft)
     from splitc.drivers.compiler import compile_model
     from splitc.drivers.plan_file import read_plan
     from splitc.passes.contract import CompileData, CompileOptions

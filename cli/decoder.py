@@ -19,7 +19,7 @@ from splitc.cli.common import console
 from splitc.core.errors import InputError
 
 
-def compile_decoder_command(source: str, targets: str, cut: str, output: str | None, max_len: int) -> None:
+def compile_decoder_command(source: str, targets: str, cut: str, output: str | None, max_len: int, draft: str = "off") -> None:
     from splitc.drivers.decoder import compile_decoder
     from splitc.frontend.decoder import load_decoder
     from splitc.targets import load_targets
@@ -30,7 +30,7 @@ def compile_decoder_command(source: str, targets: str, cut: str, output: str | N
     with console.status(f"loading {source}"):
         loaded = load_decoder(source)
     out = Path(output) if output else Path(f"{loaded.name}.splitc")
-    result = compile_decoder(loaded, target_list, out, cut=cut, max_len=max_len, log=lambda m: console.print(m))
+    result = compile_decoder(loaded, target_list, out, cut=cut, max_len=max_len, draft=draft != "off", log=lambda m: console.print(m))
     spec = result.manifest.decoder
     console.print(f"wrote {out}: {spec.family}, layers 0..{spec.device_layers - 1} on {target_list[0].name}, "
                   f"{spec.device_layers}..{spec.layers - 1} + LM head on {target_list[1].name}; cache {spec.max_len} positions; "
@@ -79,8 +79,10 @@ def serve_decoder(bundle: str, *, token: str | None, name: str | None, max_body:
 @click.option("--token-file", type=click.Path(dir_okay=False), help="Shared secret for --remote (or $SPLITC_TOKEN).")
 @click.option("--name", help="Model name on the server (default: the bundle's).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the run's figures as JSON ('-' for stdout).")
+@click.option("--draft", default="off", show_default=True, help="N: the device drafts N tokens per cloud call (greedy, in process; "
+              "needs a bundle compiled with --draft).")
 def generate(bundle, prompt, max_new_tokens, temperature, top_p, seed, stop, no_chat, cut_encoding, remote, token_file, name,
-             json_path):
+             json_path, draft):
     """Generate text with a split decoder BUNDLE: the device half here, the cloud half here or at --remote."""
     from splitc.cli.serve import read_token
     from splitc.runtime import Bundle
@@ -94,7 +96,7 @@ def generate(bundle, prompt, max_new_tokens, temperature, top_p, seed, stop, no_
 
         model = model_name_for(name or str(opened.manifest.model.get("name") or "model"))
         cloud = RemoteCloud(remote, model, token=read_token(token_file), cut_encoding=cut_encoding)
-    session = GenerationSession(opened, cloud, cut_encoding=cut_encoding)
+    session = GenerationSession(opened, cloud, cut_encoding=cut_encoding, draft=_draft_count(draft))
     sampling = Sampling(temperature, top_p, seed)
     result = session.generate(prompt, max_new_tokens=max_new_tokens, sampling=sampling, stop=stop, chat=not no_chat,
                               on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
@@ -113,6 +115,14 @@ def generate(bundle, prompt, max_new_tokens, temperature, top_p, seed, stop, no_
             Path(json_path).write_text(text + "\n")
     click.echo(f"{figures['tokens']} tokens, {figures['tokens_per_s']:.1f} tokens/s, first token after "
                f"{1e3 * figures['time_to_first_token_s']:.0f} ms, {figures['round_trips']} round trips ({result.stop_reason})", err=True)
+
+
+def _draft_count(value: str) -> int:
+    if value == "off":
+        return 0
+    if value.isdigit() and int(value) >= 1:
+        return int(value)
+    raise InputError(f"--draft {value!r}: give off or a number of drafted tokens (auto, adapting n to acceptance and RTT, is not built yet)")
 
 
 def _bytes_per_token(bundle, encoding: str) -> int:

@@ -171,14 +171,13 @@ def reference_generation(model, shape: DecoderShape, *, steps: int, prompt_len: 
     return {"prompt_ids": prompt[0].numpy(), "generated_ids": ids[0, prompt_len:].numpy(), "logits": all_logits.numpy()}
 
 
-def check_bundle_against_reference(bundle_dir: Path, reference: dict[str, np.ndarray]) -> dict:
-    """Run the staged bundle with the runtime (prefill, then one decode step per generated token)
-    and compare its logits and greedy tokens with transformers'."""
+def compare_with_reference(bundle_dir: Path, reference: dict[str, np.ndarray]) -> dict:
+    """Run the bundle with the runtime (prefill, then one decode step per generated token) and
+    compare its logits and greedy tokens with transformers' (the bundle's reference.npz)."""
     from splitc.runtime.generation import GenerationSession, LocalCloud
     from splitc.runtime.session import Bundle
 
-    bundle = Bundle.open(bundle_dir)
-    session = GenerationSession(bundle)
+    session = GenerationSession(Bundle.open(bundle_dir))
     cloud: LocalCloud = session.cloud
     prompt, expected_ids, expected = reference["prompt_ids"], reference["generated_ids"], reference["logits"]
     rows = [cloud.logits(session.device.run(prompt[None, :].astype(np.int64)))[0, -1]]
@@ -187,10 +186,35 @@ def check_bundle_against_reference(bundle_dir: Path, reference: dict[str, np.nda
     got = np.stack(rows)
     errors = np.linalg.norm(got - expected, axis=1) / np.maximum(np.linalg.norm(expected, axis=1), 1e-12)
     tokens = got.argmax(axis=1)
-    if float(errors.max()) > LOGITS_RTOL or not np.array_equal(tokens, expected_ids):
-        raise VerificationFailed(f"the compiled halves disagree with transformers: relative logits error {errors.max():.2e} "
-                                 f"(tolerance {LOGITS_RTOL:g}), tokens {tokens.tolist()} vs {expected_ids.tolist()}; nothing was written")
-    return {"steps": len(rows), "max_rel_error": float(errors.max())}
+    return {"steps": len(rows), "max_rel_error": float(errors.max()), "tokens": tokens.tolist(),
+            "expected_tokens": expected_ids.tolist(), "ok": bool(errors.max() <= LOGITS_RTOL and np.array_equal(tokens, expected_ids))}
+
+
+def check_bundle_against_reference(bundle_dir: Path, reference: dict[str, np.ndarray]) -> dict:
+    result = compare_with_reference(bundle_dir, reference)
+    if not result["ok"]:
+        raise VerificationFailed(f"the compiled halves disagree with transformers: relative logits error {result['max_rel_error']:.2e} "
+                                 f"(tolerance {LOGITS_RTOL:g}), tokens {result['tokens']} vs {result['expected_tokens']}; nothing was written")
+    return result
+
+
+def verify_decoder(path: str | Path, log: Callable[[str], None] = lambda _: None):
+    """`splitc verify` on a decoder bundle: the chained halves, here, against the reference logits
+    (prefill + decode steps) that transformers computed at compile time."""
+    from splitc.drivers.verify import Check, VerifyReport
+    from splitc.runtime.session import Bundle
+
+    started = time.perf_counter()
+    bundle = Bundle.open(path)
+    result = compare_with_reference(Path(path), bundle.reference())
+    targets = " -> ".join(p.target for p in bundle.manifest.partitions)
+    note = "" if result["ok"] else f"tokens {result['tokens']} vs {result['expected_tokens']}"
+    check = Check(f"decoder prefill + {result['steps'] - 1} decode steps ({targets})", None, targets,
+                  ", ".join(p.artifacts[0].path for p in bundle.manifest.partitions), "portable",
+                  "pass" if result["ok"] else "fail", rtol=LOGITS_RTOL, max_rel_err=result["max_rel_error"],
+                  samples=result["steps"], note=note, seconds=time.perf_counter() - started)
+    log(f"decoder: {result['steps']} steps, max relative logits error {result['max_rel_error']:.2e}")
+    return VerifyReport(str(path), [check], time.perf_counter() - started)
 
 
 def eos_ids(model, tokenizer, vocab: int) -> tuple[int, ...]:

@@ -118,6 +118,4 @@ class DraftingSession:
     def generate_ids(self, prompt_ids: Sequence[int], *, max_new_tokens: int, eos: bool = True) -> tuple[list[int], dict]:
         figures: dict = {}
         out = list(self.stream_ids(prompt_ids, max_new_tokens=max_new_tokens, eos=eos, figures=figures))
-        figures = _rates(figures, len(out))
-        figures["acceptance_rate"] = figures["accepted"] / figures["drafted"] if figures["drafted"] else 0.0
-        return out, figures
+        return out, _rates(figures, len(out))

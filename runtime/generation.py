@@ -236,9 +236,16 @@ class GenerationSession:
     """Token-by-token generation through both halves; one generation at a time per session."""
 
     def __init__(self, bundle: Bundle, cloud: CloudHalf | None = None, *, cut_encoding: str = "fp32",
-                 device_executor: Executor | None = None):
+                 device_executor: Executor | None = None, draft: int = 0):
         self.bundle = bundle
         self.spec = decoder_spec(bundle)
+        self.drafting = None
+        if draft:  # n drafted tokens per cloud call (runtime/drafting.py): greedy, both halves here
+            if cloud is not None or cut_encoding != "fp32":
+                raise InputError("drafting runs both halves in this process for now; drop --remote and --cut-encoding, or --draft")
+            from splitc.runtime.drafting import DraftingSession
+
+            self.drafting = DraftingSession(bundle, draft)
         self.device = StatefulHalf(bundle, 0, device_executor)
         self.cloud = cloud if cloud is not None else LocalCloud(bundle)
         self.cut_encoding = cut_codec.check_scheme(cut_encoding)
@@ -280,6 +287,11 @@ class GenerationSession:
             raise InputError(f"the prompt ({len(ids)} tokens) and {max_new_tokens} new tokens need {needed} cache positions; "
                              f"the bundle was compiled for {self.spec.max_len} (recompile with --max-len {needed}, or shorten them)")
         figures = figures if figures is not None else {}
+        if self.drafting is not None:
+            if sampling.temperature != 0:
+                raise InputError("drafting is greedy for now; drop --temperature or --draft")
+            yield from self.drafting.stream_ids(ids, max_new_tokens=max_new_tokens, eos=eos, figures=figures)
+            return
         started = time.perf_counter()
         self.device.state.truncate(0)
         self.cloud.begin(sampling)
@@ -374,4 +386,6 @@ def _rates(figures: dict, tokens: int) -> dict:
     figures["tokens_per_s"] = tokens / seconds if seconds > 0 else 0.0
     figures["decode_tokens_per_s"] = (tokens - 1) / (seconds - ttft) if tokens > 1 and seconds > ttft else 0.0
     figures["tokens_per_round_trip"] = tokens / figures["round_trips"] if figures.get("round_trips") else 0.0
+    if figures.get("drafted"):
+        figures["acceptance_rate"] = figures["accepted"] / figures["drafted"]
     return figures

@@ -114,6 +114,15 @@ def test_split_greedy_equals_transformers_other_families(family, tmp_path):
     assert_same_as_transformers(bundle, decoders.FAMILIES[family]()[0], random_prompts(PROMPTS, seed=11))
 
 
+def test_verify_checks_prefill_and_decode_steps(llama_bundle, tmp_path, capsys):
+    report_path = tmp_path / "verify.json"
+    code, _, err = run_cli("verify", llama_bundle, "--json", report_path, capsys=capsys)
+    assert code == 0, err
+    report = json.loads(report_path.read_text())
+    (check,) = report["checks"]
+    assert report["ok"] and check["status"] == "pass" and check["samples"] == 5 and check["max_rel_err"] < 1e-4
+
+
 def test_unrecognised_layout_is_refused(tmp_path, capsys):
     code, _, err = run_cli("compile", "examples.decoders:tiny_gemma", "--targets", "rpi4,a100", "--cut", "model.layers.1",
                            "-o", tmp_path / "g.splitc", capsys=capsys)
@@ -407,6 +416,18 @@ def test_drafted_greedy_equals_transformers(drafting_bundle, llama_model, draft)
         got, figures = session.generate_ids(prompt, max_new_tokens=NEW_TOKENS)
         assert got == transformers_greedy(llama_model, prompt, NEW_TOKENS), prompt
         assert figures["round_trips"] <= len(got)
+
+
+@pytest.mark.slow
+def test_cli_generate_with_drafting_reports_round_trips(drafting_bundle, tmp_path, capsys):
+    figures_path = tmp_path / "draft.json"
+    code, _, err = run_cli("generate", drafting_bundle, "--prompt", "hi", "-n", "10", "--draft", "3", "--json", figures_path,
+                           capsys=capsys)
+    assert code == 0, err
+    figures = json.loads(figures_path.read_text())
+    plain = GenerationSession(Bundle.open(drafting_bundle)).generate("hi", max_new_tokens=10)
+    assert figures["generated_ids"] == plain.ids
+    assert figures["tokens_per_round_trip"] == figures["tokens"] / figures["round_trips"] and "acceptance_rate" in figures
 
 
 @pytest.mark.slow
