@@ -124,6 +124,9 @@ def main() -> None:
     parser.add_argument("--max-len", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--prompts", type=int, default=4)
+    parser.add_argument("--draft", default="", help="Also run drafted generation with these n (comma-separated); "
+                        "the bundle needs the drafting graphs (compiled with --draft).")
+    parser.add_argument("--only-cut", action="store_true", help="Skip the generation timings: bytes and agreement only.")
     args = parser.parse_args()
 
     from splitc.frontend.decoder import load_decoder
@@ -138,7 +141,8 @@ def main() -> None:
         from splitc.targets import load_targets
 
         bundle_path = workdir / "smol.splitc"
-        result = compile_decoder(loaded, load_targets("rpi4,a100"), bundle_path, cut=args.cut, max_len=args.max_len)
+        result = compile_decoder(loaded, load_targets("rpi4,a100"), bundle_path, cut=args.cut, max_len=args.max_len,
+                                 draft=bool(args.draft))
         print(f"compiled {bundle_path} in {result.seconds['total']:.0f} s", flush=True)
     bundle = Bundle.open(bundle_path)
     spec = bundle.manifest.decoder
@@ -148,6 +152,12 @@ def main() -> None:
           f"({min(map(len, prompts))}-{max(map(len, prompts))} tokens), {args.new_tokens} new tokens each, greedy; "
           f"{os.cpu_count()} CPUs (a shared, loaded machine: compare rows of one run, not runs)", flush=True)
 
+    if args.only_cut:
+        with torch.no_grad():
+            reference = [loaded.model.generate(torch.tensor([p]), max_new_tokens=args.new_tokens, do_sample=False)[0, len(p):].tolist()
+                         for p in prompts]
+        print_cut_figures(bundle, prompts, reference)
+        return
     rows = []
     reference, tps, ttft = transformers_run(loaded.model, prompts, args.new_tokens)
     rows.append(("transformers generate (unsplit, torch)", tps, ttft, None, True))
@@ -170,10 +180,27 @@ def main() -> None:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=30)
 
+    for n in [int(v) for v in args.draft.split(",") if v.strip()]:
+        drafted = GenerationSession(bundle, draft=n)
+        split_run(drafted, prompts[:1], 4)
+        outputs, rate, first, per_token = split_run(drafted, prompts, args.new_tokens)
+        accepted = drafted_total = 0
+        for p in prompts:
+            figures = {}
+            list(drafted.stream_ids(p, max_new_tokens=args.new_tokens, figures=figures))
+            accepted, drafted_total = accepted + figures["accepted"], drafted_total + figures["drafted"]
+        rows.append((f"split, drafting n={n} (in process; acceptance {accepted / max(drafted_total, 1):.2f})", rate, first, per_token,
+                     outputs == reference))
+
     print(f"\n{'run':52} {'tokens/s':>9} {'x unsplit':>9} {'TTFT ms':>8} {'trips/token':>11}  same tokens as transformers")
     for name, rate, first, per_token, same in rows:
         print(f"{name:52} {rate:9.1f} {rate / tps:9.2f} {1e3 * first:8.0f} {'' if per_token is None else f'{per_token:.2f}':>11}  {same}")
 
+    print_cut_figures(bundle, prompts, reference)
+
+
+def print_cut_figures(bundle: Bundle, prompts: list[list[int]], reference: list[list[int]]) -> None:
+    spec = bundle.manifest.decoder
     print(f"\nbytes per token at the cut (hidden size {spec.hidden}); next-token agreement with fp32, teacher-forced:")
     print(f"{'encoding':9} {'row bytes':>9} {'HTTP body':>9} {'agreement':>9}")
     for scheme in ("fp32", "int8", "int4"):

@@ -211,7 +211,10 @@ def test_cut_codec_round_trip(scheme, bound):
     data = encode(rows, scheme)
     assert len(data) == encoded_size(3, 65, scheme)
     back = decode(data, 3, 65, scheme)
-    assert np.all(np.abs(back - rows) <= bound * np.abs(rows).max(axis=1, keepdims=True) + 1e-6)
+    # Within half a step of each group's scale (groups of 32: 3 groups, the last one short).
+    groups = [slice(0, 32), slice(32, 64), slice(64, 65)]
+    for g in groups:
+        assert np.all(np.abs(back[:, g] - rows[:, g]) <= bound * np.abs(rows[:, g]).max(axis=1, keepdims=True) + 1e-6)
     assert np.array_equal(round_trip(rows, scheme), back)
 
 
