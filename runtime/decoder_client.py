@@ -47,9 +47,9 @@ class RemoteCloud:
 
     # ---------------------------------------------------------------------------- CloudHalf
 
-    def begin(self, sampling: Sampling) -> None:
+    def begin(self, sampling: Sampling | None) -> None:
         self.end()
-        self.sampling, self.transcript, self.position = sampling, [], 0
+        self.sampling, self.transcript, self.position = sampling or Sampling(), [], 0
 
     def advance(self, hidden: np.ndarray) -> int:
         rows = np.ascontiguousarray(hidden[0], dtype=np.float32)
@@ -69,6 +69,37 @@ class RemoteCloud:
         self.transcript.append(rows)
         self.position = int(answer["position"])
         return int(answer["token"])
+
+    def verify(self, rows: np.ndarray, drafts: list[int]) -> tuple[list[int], int]:
+        """One drafting round in one round trip (runtime/drafting.py); a lost session is re-created
+        from the transcript first. Only the kept rows join the transcript."""
+        rows = np.ascontiguousarray(rows[0], dtype=np.float32)
+        deadline = time.monotonic() + self.reconnect_s
+        while True:
+            try:
+                if not self.session:
+                    self._create_from_transcript()
+                answer = self._request("POST", f"/sessions/{self.session}/verify",
+                                       encode_request(rows, self.cut_encoding, position=self.position, drafts=[int(d) for d in drafts]))
+                break
+            except _SessionLost:
+                self.session = None
+            except (OSError, http.client.HTTPException) as exc:
+                self._drop()
+                if time.monotonic() > deadline:
+                    raise RemoteError(f"the decoder server at {self.parts.netloc} is unreachable ({exc}) "
+                                      f"for {self.reconnect_s:g} s; the generation stopped") from exc
+                time.sleep(0.2)
+        emitted = [int(t) for t in answer["tokens"]]
+        self.transcript.append(rows[:len(emitted)])
+        self.position = int(answer["position"])
+        return emitted, int(answer["accepted"])
+
+    def _create_from_transcript(self) -> None:
+        everything = np.concatenate(self.transcript)
+        self.recreated += 1
+        answer = self._request("POST", "/sessions", encode_request(everything, self.cut_encoding, sampling=self.sampling.to_json()))
+        self.session, self.position = str(answer["session"]), int(answer["position"])
 
     def end(self) -> None:
         if self.session:

@@ -142,6 +142,9 @@ class DecoderService:
             artifact = host_artifact(self.manifest.partitions[1])
             executor = load_executor(artifact, bundle.file(artifact))
         self.executor = executor
+        # The verify graph (all rows' logits), when the bundle was compiled for drafting.
+        verify = next((a for a in self.manifest.partitions[1].artifacts if a.options.get("entry") == "verify"), None)
+        self.verify_executor = load_executor(verify, bundle.file(verify)) if verify is not None else None
         states = self.spec.state[1]
         self.store = SessionStore(lambda: KVState(states), ttl_s=ttl_s, max_sessions=max_sessions,
                                   max_state_bytes=max_state_bytes, clock=clock)
@@ -188,6 +191,8 @@ class DecoderService:
             return 200, self.create(owner, _json_body(body))
         if method == "POST" and len(parts) == 2 and parts[1] == "step":
             return 200, self.step(parts[0], owner, _json_body(body))
+        if method == "POST" and len(parts) == 2 and parts[1] == "verify":
+            return 200, self.verify(parts[0], owner, _json_body(body))
         if method == "DELETE" and len(parts) == 1:
             self.store.close(parts[0], owner)
             return 200, {"closed": True}
@@ -214,6 +219,34 @@ class DecoderService:
             answer = self._advance(session, hidden)
         self.count("steps")
         return answer
+
+    def verify(self, session_id: str, owner: str, request: dict[str, Any]) -> dict[str, Any]:
+        """n drafted tokens and the n rows that produced them: run the rows in one call, keep the
+        accepted prefix (and the row after it), answer the emitted tokens (runtime/drafting.py)."""
+        from splitc.runtime.drafting import accept_drafts
+
+        if self.verify_executor is None:
+            raise SessionError(404, "this bundle has no verify graph; recompile the decoder with --draft")
+        session = self.store.get(session_id, owner)
+        hidden = self._hidden(request)
+        drafts = request.get("drafts")
+        if not isinstance(drafts, list) or len(drafts) != hidden.shape[1] or not all(isinstance(d, int) for d in drafts):
+            raise SessionError(400, f"verify needs 'drafts': one token id per hidden row ({hidden.shape[1]})")
+        with session.lock:
+            state = session.state
+            position = request.get("position")
+            if position is not None and int(position) != state.length:
+                raise SessionError(409, f"the verify continues from position {position}, the session holds {state.length}; "
+                                        "re-create the session from the transcript")
+            if state.length + hidden.shape[1] > state.max_len:
+                raise SessionError(400, f"{state.length + hidden.shape[1]} positions exceed the compiled cache of {state.max_len}")
+            base = state.length
+            logits, *rows = self.verify_executor([hidden, *state.prefix()])
+            state.append(rows)
+            emitted, accepted = accept_drafts(logits[0].argmax(axis=-1), drafts)
+            state.truncate(base + len(emitted))
+        self.count("steps")
+        return {"tokens": emitted, "accepted": accepted, "position": state.length}
 
     def _hidden(self, request: dict[str, Any]) -> np.ndarray:
         try:

@@ -13,7 +13,8 @@ A round, from the last verified token x (not yet run on the device):
 
 Needs a bundle compiled with drafting entries (`compile_decoder(..., draft=True)`): partition 0's
 `draft` graph (outputs hidden, draft_logits, new_key, new_value) and partition 1's `verify` graph
-(logits of every row). In-process only so far; the server's verify endpoint is not built yet.
+(logits of every row). The cloud half is a LocalVerifier here, or a RemoteCloud against
+`splitc serve` (POST .../sessions/<id>/verify: one round trip per round).
 """
 
 from __future__ import annotations
@@ -48,16 +49,49 @@ class _DraftingHalf(StatefulHalf):
         return hidden, draft_logits
 
 
-class DraftingSession:
-    """Greedy generation with n drafted tokens per cloud call, both halves in this process."""
+def accept_drafts(choices: Sequence[int], drafts: Sequence[int]) -> tuple[list[int], int]:
+    """The cloud's greedy `choices` for rows x, d1 .. d(n-1) against the `drafts` d1 .. dn: the
+    tokens to emit (the accepted drafts, then the cloud's own next token, n at most) and how many
+    drafts were accepted. The caller keeps len(emitted) positions of the round."""
+    accepted = 0
+    while accepted < len(drafts) and int(choices[accepted]) == int(drafts[accepted]):
+        accepted += 1
+    return [int(c) for c in choices[:min(accepted + 1, len(drafts))]], accepted
 
-    def __init__(self, bundle: Bundle, draft: int = 4):
+
+class LocalVerifier:
+    """The cloud half's verify graph in this process (the server's is runtime/decoder_sessions.py)."""
+
+    def __init__(self, bundle: Bundle):
+        self.half = StatefulHalf(bundle, 1, entry_executor(bundle, 1, "verify"))
+
+    def begin(self, sampling=None) -> None:
+        self.half.state.truncate(0)
+
+    def advance(self, hidden: np.ndarray) -> int:
+        return int(self.half.run(hidden)[0, -1].argmax())
+
+    def verify(self, rows: np.ndarray, drafts: Sequence[int]) -> tuple[list[int], int]:
+        base = self.half.state.length
+        emitted, accepted = accept_drafts(self.half.run(rows)[0].argmax(axis=-1), drafts)
+        self.half.state.truncate(base + len(emitted))
+        return emitted, accepted
+
+    def end(self) -> None:
+        self.half.state.truncate(0)
+
+
+class DraftingSession:
+    """Greedy generation with n drafted tokens per cloud call. `cloud`: a LocalVerifier (default)
+    or a runtime/decoder_client.py RemoteCloud against a server that has the verify graph."""
+
+    def __init__(self, bundle: Bundle, draft: int = 4, cloud=None):
         if draft < 1:
             raise InputError(f"--draft {draft} must be at least 1 (1 drafts nothing beyond the verified token)")
         self.bundle, self.draft = bundle, int(draft)
         self.spec = decoder_spec(bundle)
         self.device = _DraftingHalf(bundle, 0, entry_executor(bundle, 0, "draft"))
-        self.cloud = StatefulHalf(bundle, 1, entry_executor(bundle, 1, "verify"))
+        self.cloud = cloud if cloud is not None else LocalVerifier(bundle)
 
     def stream_ids(self, prompt_ids: Sequence[int], *, max_new_tokens: int, eos: bool = True,
                    figures: dict | None = None) -> Iterator[int]:
@@ -71,9 +105,9 @@ class DraftingSession:
         figures = figures if figures is not None else {}
         started = time.perf_counter()
         self.device.state.truncate(0)
-        self.cloud.state.truncate(0)
+        self.cloud.begin(None)
         rows, _ = self.device.run(ids[None, :])
-        token = int(self.cloud.run(rows)[0, -1].argmax())
+        token = self.cloud.advance(rows)
         figures.update(time_to_first_token_s=time.perf_counter() - started, round_trips=1, drafted=0, accepted=0)
         produced = 0
         try:
@@ -89,29 +123,24 @@ class DraftingSession:
                         return
                 token = self._pending
         finally:
+            self.cloud.end()
             figures["seconds"] = time.perf_counter() - started
 
     def _round(self, token: int, figures: dict) -> list[int]:
         """One draft-and-verify round from the verified `token`; returns the tokens emitted before the
         last one, which becomes `_pending` (the next round's start)."""
-        device_base, cloud_base = self.device.state.length, self.cloud.state.length
+        device_base = self.device.state.length
         rows, drafts = [], []
         for _ in range(self.draft):
             hidden, draft_logits = self.device.run(np.array([[token]], dtype=np.int64))
             rows.append(hidden)
             token = int(draft_logits[0, -1].argmax())
             drafts.append(token)
-        choices = self.cloud.run(np.concatenate(rows, axis=1))[0].argmax(axis=-1)
-        accepted = 0
-        while accepted < self.draft and int(choices[accepted]) == drafts[accepted]:
-            accepted += 1
-        keep = min(accepted + 1, self.draft)
-        self.device.state.truncate(device_base + keep)
-        self.cloud.state.truncate(cloud_base + keep)
+        emitted, accepted = self.cloud.verify(np.concatenate(rows, axis=1), drafts)
+        self.device.state.truncate(device_base + len(emitted))
         figures["round_trips"] += 1
         figures["drafted"] += self.draft
         figures["accepted"] += accepted
-        emitted = [int(c) for c in choices[:keep]]
         self._pending = emitted[-1]
         return emitted[:-1]
 

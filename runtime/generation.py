@@ -240,12 +240,12 @@ class GenerationSession:
         self.bundle = bundle
         self.spec = decoder_spec(bundle)
         self.drafting = None
-        if draft:  # n drafted tokens per cloud call (runtime/drafting.py): greedy, both halves here
-            if cloud is not None or cut_encoding != "fp32":
-                raise InputError("drafting runs both halves in this process for now; drop --remote and --cut-encoding, or --draft")
+        if draft:  # n drafted tokens per cloud call (runtime/drafting.py): greedy
             from splitc.runtime.drafting import DraftingSession
 
-            self.drafting = DraftingSession(bundle, draft)
+            if cloud is None and cut_encoding != "fp32":
+                raise InputError("in-process drafting sends fp32 rows; --cut-encoding applies with --remote")
+            self.drafting = DraftingSession(bundle, draft, cloud)
         self.device = StatefulHalf(bundle, 0, device_executor)
         self.cloud = cloud if cloud is not None else LocalCloud(bundle)
         self.cut_encoding = cut_codec.check_scheme(cut_encoding)

@@ -444,14 +444,50 @@ def test_rejected_draft_leaves_both_caches_as_if_never_sent(drafting_bundle):
     prompt = random_prompts(1, seed=5)[0]
     figures = {"round_trips": 0, "drafted": 0, "accepted": 0}
     rows, _ = session.device.run(np.array([prompt]))
-    token = int(session.cloud.run(rows)[0, -1].argmax())
+    token = session.cloud.advance(rows)
     emitted = session._round(token, figures) + [session._pending]
     assert figures["accepted"] < 4, "the random exit head agreed with every draft; pick another prompt"
     verified = prompt + [token] + emitted[:-1]
-    assert session.device.state.length == session.cloud.state.length == len(verified)
+    assert session.device.state.length == session.cloud.half.state.length == len(verified)
     hidden, _ = session.device.run(np.array([[emitted[-1]]]))
-    after_rollback = session.cloud.run(hidden)[0, -1]
+    after_rollback = session.cloud.half.run(hidden)[0, -1]
     fresh = GenerationSession(bundle)
     fresh_rows = fresh.device.run(np.array([verified + [emitted[-1]]]))
     expected = fresh.cloud.logits(fresh_rows)[0, -1]
     np.testing.assert_allclose(after_rollback, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_remote_drafting_equals_local_and_survives_a_restart(drafting_bundle, llama_model):
+    """Drafting against the server: the same tokens as transformers, one round trip per round, and a
+    server restart mid-stream (sessions lost) changes nothing."""
+    from splitc.runtime.drafting import DraftingSession
+
+    bundle = Bundle.open(drafting_bundle)
+    state = {"httpd": make_http_server([DecoderService(bundle, token=TOKEN)], "127.0.0.1", 0)}
+    serve_in_thread(state["httpd"])
+    port = state["httpd"].port
+    name = DecoderService(bundle, token=TOKEN).name
+
+    def restart():
+        state["httpd"].drain(timeout=5)
+        state["httpd"] = make_http_server([DecoderService(bundle, token=TOKEN)], "127.0.0.1", port)
+        serve_in_thread(state["httpd"])
+
+    try:
+        cloud = RemoteCloud(f"http://127.0.0.1:{port}", name, token=TOKEN)
+        session = DraftingSession(bundle, draft=3, cloud=cloud)
+        for prompt in random_prompts(4):
+            got, figures = session.generate_ids(prompt, max_new_tokens=NEW_TOKENS)
+            assert got == transformers_greedy(llama_model, prompt, NEW_TOKENS)
+        prompt = random_prompts(1, seed=9)[0]
+        expected = DraftingSession(bundle, draft=3).generate_ids(prompt, max_new_tokens=30, eos=False)[0]
+        got = []
+        for i, token in enumerate(session.stream_ids(prompt, max_new_tokens=30, eos=False)):
+            got.append(token)
+            if i == 8:
+                threading.Thread(target=restart).start()
+        assert got == expected and cloud.recreated >= 1
+        cloud.close()
+    finally:
+        state["httpd"].drain(timeout=5)
