@@ -152,8 +152,10 @@ class DecoderHalf(nn.Module):
         else:
             hidden = x
         # Query i (position S+i) sees keys 0..S+i: the past and the causal part of this step.
+        # Additive (0 / float min) rather than boolean: eager attention adds the mask, SDPA takes either.
         keys = torch.arange(past_len + steps, device=x.device)
-        mask = (keys.unsqueeze(0) <= positions.transpose(0, 1)).unsqueeze(0).unsqueeze(0)  # [1, 1, T, S+T]
+        allowed = (keys.unsqueeze(0) <= positions.transpose(0, 1)).unsqueeze(0).unsqueeze(0)  # [1, 1, T, S+T]
+        mask = torch.zeros(allowed.shape, dtype=hidden.dtype).masked_fill(~allowed, torch.finfo(hidden.dtype).min)
         cache = _ConcatCache(past_key, past_value, self.first)
         extra = {"position_ids": positions}
         if self.rotary is not None:
