@@ -491,3 +491,57 @@ def test_remote_drafting_equals_local_and_survives_a_restart(drafting_bundle, ll
         cloud.close()
     finally:
         state["httpd"].drain(timeout=5)
+
+
+def start_cli_server(bundle: Path, port: int, token_file: Path):
+    """`splitc serve` on a decoder bundle, as its own process; returns once it listens."""
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-c", "from splitc.cli import main; main()", "serve", str(bundle), "--port", str(port),
+                             "--token-file", str(token_file)], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if "serving decoder" in line:
+            return proc
+        if proc.poll() is not None:
+            break
+    proc.kill()
+    raise AssertionError(f"splitc serve did not come up: {proc.stderr.read()}")
+
+
+@pytest.mark.slow
+def test_killed_server_process_mid_stream_changes_nothing(llama_bundle, tmp_path):
+    """SIGKILL the `splitc serve` process mid-generation and start a new one on the same port: the
+    client re-prefills from its transcript and the tokens are those of an uninterrupted run."""
+    import signal
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    bundle = Bundle.open(llama_bundle)
+    prompt = random_prompts(1, seed=13)[0]
+    hot = Sampling(temperature=1.0, top_p=0.9, seed=21)
+    expected = list(GenerationSession(bundle).stream_ids(prompt, max_new_tokens=30, sampling=hot, eos=False))
+    servers = [start_cli_server(llama_bundle, port, token_file)]
+    try:
+        cloud = RemoteCloud(f"http://127.0.0.1:{port}", DecoderService(bundle).name, token=TOKEN, reconnect_s=120)
+        got = []
+        for i, token in enumerate(GenerationSession(bundle, cloud).stream_ids(prompt, max_new_tokens=30, sampling=hot, eos=False)):
+            got.append(token)
+            if i == 12:
+                servers[-1].send_signal(signal.SIGKILL)
+                servers[-1].wait(timeout=30)
+                servers.append(start_cli_server(llama_bundle, port, token_file))
+        assert got == expected and cloud.recreated == 1
+        cloud.close()
+    finally:
+        for proc in servers:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=30)
