@@ -9,6 +9,7 @@ import click
 from splitc.cli.audit import audit
 from splitc.cli.common import run_command
 from splitc.cli.compile import build_engine, compile, run, toolchain, verify
+from splitc.cli.decoder import generate
 from splitc.cli.plan import inspect, plan, profile, targets
 from splitc.cli.serve import export_triton_command, serve
 from splitc.cli.tune import bench, tune, tuning_group
@@ -21,7 +22,7 @@ def cli() -> None:
 
 
 COMMANDS = (inspect, plan, profile, compile, verify, run, targets, build_engine, toolchain, serve, export_triton_command,
-            audit, tune, bench, tuning_group)
+            audit, tune, bench, tuning_group, generate)
 for command in COMMANDS:
     cli.add_command(command)
 

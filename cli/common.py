@@ -45,6 +45,12 @@ def model_options(func):
     return func
 
 
+def model_option(name: str):
+    """The value of a model option kept in the click context (--task, --weights, --verbose), or None."""
+    ctx = click.get_current_context(silent=True)
+    return ctx.meta.get(_MODEL_META, {}).get(name) if ctx is not None else None
+
+
 def import_source(source, input_shapes, example_input, trust_pickle):
     from splitc.frontend import import_model
 

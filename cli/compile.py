@@ -60,9 +60,24 @@ class NoiseLevel(click.ParamType):
               help="Compile the K placements that win across link conditions (device-only and cloud-only included) "
                    "into one directory, for the adaptive runtime (`splitc run --remote` switches between them).")
 @model_options
+@click.option("--max-len", default=256, show_default=True, type=click.IntRange(2), help="Decoders: KV-cache positions (prompt + generated).")
+@click.option("--draft", default="off", show_default=True, help="Decoders: 'off', or N/auto to also compile the drafting graphs "
+              "(an exit LM head on the device, n-row verification in the cloud).")
 def compile(source, targets, plan_path, plan_link, cut, link, output, samples, quantize, per_channel, noise, max_leakage, calib, exits,
-            max_accuracy_drop, defend, variant_count, input_shapes, example_input, trust_pickle):
-    """Split SOURCE across TARGETS and compile every partition into a bundle."""
+            max_accuracy_drop, defend, variant_count, input_shapes, example_input, trust_pickle, max_len, draft):
+    """Split SOURCE across TARGETS and compile every partition into a bundle.
+
+    A decoder LM (`--task causal-lm`; without --task, a .gguf, a Hugging Face folder, or a factory
+    given without --input-shape or --weights) is split after the named layer into two stateful
+    halves with their KV caches (see `splitc generate`)."""
+    from splitc.cli.common import model_option
+    from splitc.cli.decoder import compile_decoder_command
+    from splitc.frontend.decoder import is_decoder_source
+
+    task = model_option("task")
+    if task == "causal-lm" or (task is None and not model_option("weights")
+                               and is_decoder_source(source, has_input_shapes=bool(input_shapes or example_input))):
+        return compile_decoder_command(source, targets, cut, output, max_len, draft)
     from splitc.drivers.compiler import compile_model
     from splitc.drivers.plan_file import read_plan
     from splitc.passes.contract import CompileData, CompileOptions

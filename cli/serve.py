@@ -64,11 +64,14 @@ def read_token(token_file: str | None) -> str | None:
 @click.option("--triton-python", type=click.Path(dir_okay=False), default=None,
               help="--engine triton: the python of the environment made by scripts/setup_triton.sh (or $SPLITC_TRITON_PYTHON).")
 @click.option("--verbose", "-v", is_flag=True, help="Log every request to stderr.")
+@click.option("--session-ttl", default=300.0, show_default=True, type=click.FloatRange(min=1), help="Decoders: seconds an idle session lives.")
+@click.option("--max-sessions", default=64, show_default=True, type=click.IntRange(1), help="Decoders: most sessions held (LRU evicted).")
 def serve(bundle, partition, host, port, token_file, no_auth, name, max_body_mb, drain_timeout, grpc_port, workers, threads,
           max_queue, max_batch, max_delay_ms, inline_below_ms, engine, triton_python, replicas, address, autoscaling,
-          max_ongoing_requests, verbose):
+          max_ongoing_requests, verbose, session_ttl, max_sessions):
     """Serve BUNDLE's partitions from --partition to the end over KServe v2 (Triton-compatible) HTTP
-    and, with --grpc-port, gRPC. Prometheus metrics at /metrics.
+    and, with --grpc-port, gRPC. Prometheus metrics at /metrics. A decoder bundle's cloud half is
+    served behind sessions (/v2/models/<name>/sessions).
 
     A variant directory (`compile --variants`) serves every variant's cloud part, each as model
     <name>-v<k>, on this one server."""
@@ -99,8 +102,14 @@ def serve(bundle, partition, host, port, token_file, no_auth, name, max_body_mb,
     pool = {"workers": workers or available_cpus(), "threads": threads}
     scheduling = {"grpc_port": grpc_port, "max_queue": max_queue, "max_batch": max_batch, "max_delay_ms": max_delay_ms,
                   "inline_below_ms": inline_below_ms}
+    from splitc.cli.decoder import is_decoder_bundle, serve_decoder
+
     if is_variant_dir(bundle):
         apps = variant_servers(bundle, token=token, max_body=int(max_body_mb * (1 << 20)), **pool)
+    elif is_decoder_bundle(bundle):  # the cloud half of a split decoder, behind sessions
+        serve_decoder(bundle, token=token, name=name, max_body=int(max_body_mb * (1 << 20)), host=host, port=port,
+                      drain_timeout=drain_timeout, ttl_s=session_ttl, max_sessions=max_sessions)
+        return
     else:
         opened = Bundle.open(bundle)
         if partition is None:

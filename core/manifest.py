@@ -193,6 +193,90 @@ class ExitSpec:
 
 
 @dataclass(frozen=True)
+class StateSpec:
+    """One state tensor a stateful partition declares: the runtime allocates it per session at its
+    full shape and hands the artifact the prefix of the positions filled so far (axis
+    `position_axis`); the artifact returns the new rows, which the runtime writes after them."""
+
+    name: str
+    shape: tuple[int, ...]   # full size, the position axis at its maximum length
+    dtype: str
+    position_axis: int = 0
+    input: str = ""          # the artifact input that receives the filled prefix
+    output: str = ""         # the artifact output holding the new rows
+
+    @property
+    def max_len(self) -> int:
+        return self.shape[self.position_axis]
+
+    @property
+    def nbytes(self) -> int:
+        return TensorSpec(self.name, self.shape, self.dtype).nbytes
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "shape": list(self.shape)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> StateSpec:
+        return cls(str(data["name"]), tuple(int(d) for d in data["shape"]), str(data["dtype"]),
+                   int(data.get("position_axis", 0)), str(data.get("input", "")), str(data.get("output", "")))
+
+
+@dataclass(frozen=True)
+class BundleFile:
+    """A file of the bundle that is not an artifact (tokenizer files), hash-checked like one."""
+
+    path: str
+    sha256: str
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> BundleFile:
+        return cls(str(data["path"]), str(data["sha256"]))
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    """A decoder LM split after `device_layers` layers. Partition 0 maps token ids [1, T] and its
+    state to hidden states [1, T, hidden]; partition 1 maps those and its state to the logits of the
+    last position. Dimensions named in `dynamic` are -1 in the partitions' tensor specs."""
+
+    family: str
+    layers: int
+    device_layers: int
+    hidden: int
+    vocab: int
+    max_len: int
+    state: tuple[tuple[StateSpec, ...], ...]  # per partition
+    eos_ids: tuple[int, ...] = ()
+    bos_id: int | None = None
+    tokenizer: tuple[BundleFile, ...] = ()    # tokenizer.json first
+    chat_template: str | None = None
+    special_tokens: dict[str, str] = field(default_factory=dict)  # bos_token, eos_token for the template
+    dynamic: dict[str, str] = field(default_factory=dict)         # dimension name -> what it counts
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "state": [[s.to_json() for s in p] for p in self.state],
+                "eos_ids": list(self.eos_ids), "tokenizer": [f.to_json() for f in self.tokenizer]}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> DecoderSpec:
+        return cls(
+            family=str(data["family"]), layers=int(data["layers"]), device_layers=int(data["device_layers"]),
+            hidden=int(data["hidden"]), vocab=int(data["vocab"]), max_len=int(data["max_len"]),
+            state=tuple(tuple(StateSpec.from_json(s) for s in p) for p in data["state"]),
+            eos_ids=tuple(int(i) for i in data.get("eos_ids") or ()),
+            bos_id=None if data.get("bos_id") is None else int(data["bos_id"]),
+            tokenizer=tuple(BundleFile.from_json(f) for f in data.get("tokenizer") or ()),
+            chat_template=data.get("chat_template"),
+            special_tokens=dict(data.get("special_tokens") or {}),
+            dynamic=dict(data.get("dynamic") or {}),
+        )
+
+
+@dataclass(frozen=True)
 class Manifest:
     model: dict[str, Any]              # name, sha256 of the source, source description
     inputs: tuple[TensorSpec, ...]     # model inputs, in call order
@@ -203,6 +287,7 @@ class Manifest:
     plan: dict[str, Any]
     reference: dict[str, Any]          # path, sha256, samples
     exits: tuple[ExitSpec, ...] = ()   # early-exit heads, in the order the runtime checks them
+    decoder: DecoderSpec | None = None  # a split decoder LM: stateful partitions, generation
     splitc_version: str = ""
     schema_version: int = SCHEMA_VERSION
 
@@ -220,6 +305,7 @@ class Manifest:
             "partitions": [p.to_json() for p in self.partitions],
             "exits": [e.to_json() for e in self.exits],
             "reference": self.reference,
+            **({"decoder": self.decoder.to_json()} if self.decoder else {}),
         }
 
     @classmethod
@@ -243,6 +329,7 @@ class Manifest:
                 plan=dict(data.get("plan") or {}),
                 reference=dict(data.get("reference") or {}),
                 exits=tuple(ExitSpec.from_json(e) for e in data.get("exits") or ()),
+                decoder=DecoderSpec.from_json(data["decoder"]) if data.get("decoder") else None,
                 splitc_version=str(data.get("splitc_version", "")),
                 schema_version=int(version),
             )
@@ -296,3 +383,5 @@ def check_bundle(bundle_dir: Path, manifest: Manifest) -> None:
                 check_file(bundle_dir, str(Path(artifact.path).parent / extra["path"]), extra["sha256"])
     if manifest.reference:
         check_file(bundle_dir, manifest.reference["path"], manifest.reference["sha256"])
+    for extra in manifest.decoder.tokenizer if manifest.decoder else ():
+        check_file(bundle_dir, extra.path, extra.sha256)

@@ -233,6 +233,9 @@ def verify_bundle(path: str | Path, *, emulate: bool = True, log: Callable[[str]
     started = time.perf_counter()
     bundle = Bundle.open(path)  # refuses a tampered bundle before running anything
     manifest = bundle.manifest
+    if manifest.decoder is not None:  # stateful halves: checked over generation steps
+        from splitc.drivers.decoder import verify_decoder
+        return verify_decoder(path, log)
     reference = bundle.reference()
     count = int(manifest.reference.get("samples", 0))
     report = VerifyReport(str(path))

@@ -7,6 +7,8 @@
     GET  /v2/models/{name}[/versions/1]/ready          no token
     GET  /v2/models/{name}[/versions/1]/config         Triton-style config JSON (token)
     POST /v2/models/{name}[/versions/1]/infer          JSON tensors or the binary extension (token)
+    POST /v2/models/{name}/sessions[/{id}/step|verify]  a decoder's sessions (token; runtime/decoder_sessions.py)
+    DELETE /v2/models/{name}/sessions/{id}             close one
     GET  /metrics                                      Prometheus text format (token)
 
 Why Starlette and not FastAPI on top of it: the bodies are the v2 binary extension (raw tensor
@@ -36,7 +38,7 @@ from starlette.routing import Route
 from splitc.core.errors import InputError, SplitcError
 from splitc.runtime.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from splitc.runtime.scheduler import Overloaded
-from splitc.runtime.server import PartitionServer, ServedModels
+from splitc.runtime.server import PartitionServer, ServedModels, is_session_model
 from splitc.runtime.v2protocol import EXTENSIONS, HEADER_LENGTH, JSON_CONTENT_TYPE, ProtocolError, encode_error
 
 log = logging.getLogger("splitc.server")
@@ -65,6 +67,8 @@ def route(path: str) -> tuple[str, str | None]:
             return "model", name
         if len(rest) == 1 and rest[0] in ("ready", "infer", "config"):
             return rest[0], name
+        if rest[0] == "sessions":
+            return "sessions", name
     return "unknown", None
 
 
@@ -82,7 +86,9 @@ def create_app(served: ServedModels) -> Starlette:
         app = served.app
         kind, name = route(request.url.path)
         try:
-            if request.method in ("GET", "HEAD"):
+            if kind == "sessions" and request.method in ("POST", "DELETE"):
+                app, status, body, headers = await _sessions(served, request, name)
+            elif request.method in ("GET", "HEAD"):
                 app, status, body, headers = _get(served, request, kind, name)
             elif request.method == "POST":
                 app, status, body, headers = await _post(served, request, kind, name, started)
@@ -193,6 +199,24 @@ async def _post(served: ServedModels, request: Request, kind: str, name: str | N
         return (app, 500, encode_error(f"inference failed on the server: {exc}"), {"Content-Type": JSON_CONTENT_TYPE})
     payload, headers = app.answer(decoded, computed, (time.perf_counter() - tick) * 1e3)
     return app, 200, payload, headers
+
+
+async def _sessions(served: ServedModels, request: Request, name: str | None):
+    """A decoder's sessions: create (prefill), step, verify, close, answered by the model's `handle`."""
+    app = _model(served, name)
+    _check_token(app, request, close=True)
+    body = await _read_body(request, app.max_body) if request.method == "POST" else b""
+    if not is_session_model(app):
+        raise _Refused(404, f"model {app.name!r} is not a decoder; it has no sessions")
+    parts = [p for p in request.url.path.split("/") if p]
+    parts = parts[parts.index("sessions") + 1:]
+    try:  # a step computes: off the event loop
+        status, payload = await asyncio.to_thread(app.handle, request.method, parts, body, request.headers.get("authorization"))
+    except ProtocolError as exc:
+        raise _Refused(exc.status, str(exc)) from None
+    except InputError as exc:
+        raise _Refused(400, str(exc)) from None
+    return (app, *_json(status, payload))
 
 
 async def _read_body(request: Request, limit: int) -> bytes:

@@ -271,6 +271,12 @@ class PartitionServer:
 INLINE_BELOW_MS = 0.5
 
 
+def is_session_model(app) -> bool:
+    """A model served through sessions (runtime/decoder_sessions.DecoderService): it answers
+    /v2/models/<name>/sessions[/<id>[/step|/verify]] with `handle(method, parts, body, authorization)`."""
+    return callable(getattr(app, "handle", None))
+
+
 class ServedModels:
     """What the protocol front ends share: the models by name, one scheduler per model (admission,
     workers, batching), the metrics, and whether the server is draining.
@@ -282,7 +288,7 @@ class ServedModels:
                  max_delay_ms: float = 2.0, inline_below_ms: float = INLINE_BELOW_MS):
         from splitc.runtime.metrics import Metrics
 
-        apps = [apps] if isinstance(apps, PartitionServer) else list(apps)
+        apps = list(apps) if isinstance(apps, Sequence) else [apps]
         if not apps:
             raise InputError("a server needs at least one model to serve")
         self.apps = {a.name: a for a in apps}
@@ -297,6 +303,9 @@ class ServedModels:
         self.inline: dict[str, bool] = {}
         self.schedulers: dict[str, Scheduler] = {}
         for app in apps:
+            if is_session_model(app):  # a decoder's sessions: answered by its own `handle`, not the scheduler
+                self.inline[app.name], self.batching[app.name] = True, False
+                continue
             batch = max_batch > 1 and app.batchable()
             compute_ms = app.time_compute()
             self.inline[app.name] = not batch and compute_ms < inline_below_ms

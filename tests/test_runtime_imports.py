@@ -20,6 +20,7 @@ from splitc.runtime.adaptive import AdaptiveSession
 from splitc.runtime.link_estimate import LinkEstimator
 from splitc.runtime.variant_index import read_variants
 import splitc.core.errors
+import splitc.runtime.generation, splitc.runtime.decoder_sessions, splitc.runtime.decoder_client  # split decoders
 print(json.dumps(sorted(sys.modules)))
 """
 
