@@ -66,5 +66,5 @@ class OnnxRuntimeBackend:
 
     def compile(self, partition: Partition, workdir: Path) -> CompiledPartition:
         path = export_onnx(partition, workdir / "model.onnx")
-        options = {"opset": OPSET, **partition.target.backend_options}
+        options = {"opset": OPSET, **partition.target.options_for(self.id)}
         return CompiledPartition([CompiledArtifact(path, RUNTIME_ONNXRUNTIME, ROLE_DEPLOY, None, options)])

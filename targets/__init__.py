@@ -109,6 +109,13 @@ class Target:
     def min_top1(self) -> float:
         return float(self.verify.get("min_top1", 1.0))
 
+    def options_for(self, backend: str) -> dict[str, Any]:
+        """The options of `backend` on this target: the [backend] table for the preferred backend,
+        its [backend.<id>] sub-table for another candidate (e.g. rpi4's ONNX Runtime threads)."""
+        if backend == self.backend:
+            return {k: v for k, v in self.backend_options.items() if k not in KNOWN_BACKENDS}
+        return dict(self.backend_options.get(backend) or {})
+
     def summary(self) -> dict[str, Any]:
         """What a bundle manifest records about the target."""
         return {
