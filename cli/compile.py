@@ -212,10 +212,10 @@ def build_engine(bundle):
 @click.argument("arch", type=click.Choice(["aarch64"]))
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Where to keep it (default: $SPLITC_CACHE or ~/.cache/splitc).")
 def toolchain(arch, cache_dir):
-    """Provision an emulated ARCH Python + TVM runtime so verify runs the device artifact itself."""
-    from splitc.backends.emulation import provision_aarch64
+    """Provision an emulated ARCH Python with TVM's and ONNX Runtime's runtimes so verify runs the device artifact itself."""
+    from splitc.backends.emulation import RUNTIME_LAYERS, provision_aarch64
 
     found = provision_aarch64(Path(cache_dir) if cache_dir else None, log=lambda m: console.print(f"[dim]{escape(m)}[/dim]"))
-    console.print(f"{arch} toolchain ready at {found.root}")
+    console.print(f"{arch} toolchain ready at {found.root} (runtimes: tvm, {', '.join(RUNTIME_LAYERS)})")
 
 
