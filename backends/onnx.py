@@ -30,11 +30,25 @@ def _onnx_registry():
     return _registration.ONNXRegistry.from_torchlib()
 
 
+@functools.cache
+def _exporter_decompositions() -> frozenset:
+    """Operators the exporter decomposes before translating (e.g. squeeze.dims into squeeze.dim):
+    the exporter's own table, built as it builds it."""
+    try:
+        from torch.onnx._internal.exporter import _decomp
+    except ImportError:
+        return frozenset()
+    registry = _onnx_registry()
+    return frozenset(_decomp.create_onnx_friendly_decomposition_table(set(_decomp.get_onnx_implemented_overloads(registry))))
+
+
 def onnx_supports(node: fx.Node) -> bool:
+    """Whether torch's ONNX exporter takes the node: a torchlib function, or a decomposition the
+    exporter applies first."""
     registry = _onnx_registry()
     if registry is None or not isinstance(node.target, torch._ops.OpOverload):
         return True  # cannot tell before exporting; the export itself will name what fails
-    return registry.is_registered(node.target)
+    return registry.is_registered(node.target) or node.target in _exporter_decompositions()
 
 
 def export_onnx(partition: Partition, path: Path) -> Path:
