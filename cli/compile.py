@@ -54,13 +54,16 @@ class NoiseLevel(click.ParamType):
 @click.option("--exits", help="Early-exit heads: 'auto' (one at each cut) or node names / module paths; trained on --calib.")
 @click.option("--max-accuracy-drop", type=click.FloatRange(min=0), default=1.0, show_default=True,
               help="Exit thresholds keep accuracy within this many points of the final classifier (on held-out --calib data).")
+@click.option("--backend", "backend_overrides", multiple=True, metavar="TARGET=BACKEND",
+              help="Run TARGET's partitions on BACKEND (e.g. rpi4=tvm) instead of the fastest measured here; repeatable.")
 @click.option("--variants", "variant_count", type=int, metavar="K",
               help="Compile the K placements that win across link conditions (device-only and cloud-only included) "
                    "into one directory, for the adaptive runtime (`splitc run --remote` switches between them).")
 @model_options
 def compile(source, targets, plan_path, plan_link, cut, link, output, samples, quantize, per_channel, noise, max_leakage, calib, exits,
-            max_accuracy_drop, variant_count, input_shapes, example_input, trust_pickle):
+            max_accuracy_drop, backend_overrides, variant_count, input_shapes, example_input, trust_pickle):
     """Split SOURCE across TARGETS and compile every partition into a bundle."""
+    from splitc.drivers.backend_choice import describe as describe_choice
     from splitc.drivers.compiler import compile_model
     from splitc.drivers.plan_file import read_plan
     from splitc.passes.contract import CompileData, CompileOptions
@@ -82,7 +85,8 @@ def compile(source, targets, plan_path, plan_link, cut, link, output, samples, q
     calibration, labels = calibration_samples(calib, graph) if calib else (None, None)
     # The one place a compile's options are built: the variants path gets the very same object.
     options = CompileOptions(target_list, link_obj, cut=cut, samples=samples, quantize=quantize, per_channel=per_channel, noise=noise,
-                             max_leakage=max_leakage, exits=exits, max_accuracy_drop=max_accuracy_drop, plan_record=record)
+                             max_leakage=max_leakage, exits=exits, max_accuracy_drop=max_accuracy_drop, plan_record=record,
+                             backends=backend_overrides)
     data = CompileData(examples=loaded.example_inputs, calibration=calibration, labels=labels)
     log = lambda m: console.print(f"[dim]{escape(m)}[/dim]")  # noqa: E731
     if variant_count is not None:
@@ -91,11 +95,11 @@ def compile(source, targets, plan_path, plan_link, cut, link, output, samples, q
     result = compile_model(graph, options, out, data=data, log=log)
     manifest = result.manifest
     table = Table(title=f"{out} — {len(graph.value_nodes())} nodes, {graph.total_flops / 1e9:.3f} GFLOP, cut: {manifest.plan['method']}")
-    for column in ("partition", "target", "backend", "nodes", "GFLOP", "receives", "artifacts", "compile s"):
+    for column in ("partition", "target", "backend", "chosen by", "nodes", "GFLOP", "receives", "artifacts", "compile s"):
         table.add_column(column)
     for p in manifest.partitions:
         received = sum(t.nbytes for t in p.inputs)
-        table.add_row(str(p.index), p.target, p.backend, str(len(p.nodes)), f"{p.flops / 1e9:.3f}", mb(received),
+        table.add_row(str(p.index), p.target, p.backend, describe_choice(p.choice), str(len(p.nodes)), f"{p.flops / 1e9:.3f}", mb(received),
                       ", ".join(f"{a.path} [{a.role}]" for a in p.artifacts), f"{result.seconds[f'p{p.index}:{p.target}']:.1f}")
     console.print(table)
     for cut_info in manifest.plan["cuts"]:
