@@ -16,6 +16,8 @@ preferred first. For each partition:
 A backend whose device runtime needs torch is never chosen by measurement (flagged instead); a
 user may still ask for it with an override, which skips the measurement altogether. A GPU target
 cannot be timed here: its candidates are taken in order, the first that compiles ships.
+`SPLITC_BACKEND_CHOICE=preferred` does the same for every target (no measurement: the preferred
+backend unless it lacks an operator), for quick compiles and for tests about one backend.
 """
 
 from __future__ import annotations
@@ -87,6 +89,7 @@ class CandidatePlan:
     backends: list[Backend]
     override: bool
     dropped: list[CandidateResult]
+    measure: bool = True
 
 
 def candidate_ids(target: Target) -> list[str]:
@@ -144,7 +147,8 @@ def plan_candidates(partition: Partition, override: str | None) -> CandidatePlan
         reasons = "; ".join(f"{d.backend}: {d.note}" for d in dropped)
         hint = "drop --backend to let another backend take it" if override else "move the cut so it lands on another target"
         raise UnsupportedOperatorError(f"partition {partition.index} cannot run on target {target.name}: {reasons}; {hint}")
-    return CandidatePlan(partition, covering, bool(override), dropped)
+    measure = os.environ.get("SPLITC_BACKEND_CHOICE", "measure") != "preferred"
+    return CandidatePlan(partition, covering, bool(override), dropped, measure)
 
 
 def compile_chosen(plan: CandidatePlan, workdir: Path, inputs: Sequence[np.ndarray], expected: Sequence[np.ndarray],
@@ -156,10 +160,10 @@ def compile_chosen(plan: CandidatePlan, workdir: Path, inputs: Sequence[np.ndarr
     host = f"{host_arch()}, {available_cpus()} CPUs"
     results = list(plan.dropped)
     measurable = [b for b in plan.backends if _measurable(b, partition.target)]
-    if plan.override or len(measurable) < 2:
+    if plan.override or len(measurable) < 2 or not plan.measure:
         for index, backend in enumerate(plan.backends):
-            how = "override" if plan.override else ("only candidate" if len(plan.backends) == 1
-                                                    else "preferred, not timeable here" if index == 0 else "fallback")
+            how = ("override" if plan.override else "only candidate" if len(plan.backends) == 1
+                   else "fallback" if index > 0 else "preferred" if not plan.measure else "preferred, not timeable here")
             try:
                 compiled = backend.compile(partition, workdir)
             except BackendError as exc:
