@@ -138,3 +138,13 @@ def test_tensorrt_takes_what_its_parser_takes():
     nodes = [n for n in program.graph.nodes if n.op == "call_function"]
     assert [str(n.target) for n in nodes] == ["aten.squeeze.dims"]
     assert TensorRTBackend().supports(nodes[0])
+
+
+def test_bench_shows_every_candidate_with_the_shipped_one_marked(device_bundles, zoo):
+    from splitc.drivers.bench import bench_partition
+
+    report = bench_partition(device_bundles["onnxruntime"].bundle, 0, model=zoo.path("resnet_like"), repeats=3, min_seconds=0.01)
+    rows = {r.runtime: r for r in report.rows}
+    assert list(rows) == ["compiled (onnxruntime)", "tvm", "torch eager"]
+    assert [r.chosen for r in report.rows] == [True, False, False]
+    assert rows["tvm"].timing is not None and rows["tvm"].rel_err < 1e-4  # built here from the model, and timed
