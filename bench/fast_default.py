@@ -178,7 +178,8 @@ def side_by_side(runners: dict[str, Callable[[], object]], runs: int, rounds: in
 def bench_model(name: str, size: int, runs: int, workdir: Path) -> list[dict]:
     from splitc.backends.registry import backend_record
     from splitc.drivers.backend_choice import compile_chosen, plan_candidates
-    from splitc.drivers.compiler import plan_partitions, reference_data, sample_inputs
+    from splitc.core.graph import sample_inputs
+    from splitc.drivers.compiler import plan_partitions, reference_data
     from splitc.frontend import import_model
     from splitc.runtime.executors import available_cpus, can_run_here, load_executor
     from splitc.targets import load_link, load_targets

@@ -10,6 +10,7 @@ import torch
 from splitc.core.errors import InputError, TargetError, UnsupportedOperatorError
 from splitc.drivers.compiler import compile_model
 from splitc.drivers.verify import choose_runner
+from splitc.passes.contract import CompileOptions
 from splitc.runtime import Bundle
 from splitc.targets import load_link, load_targets
 from tests.models import save_pt2
@@ -22,7 +23,7 @@ def measured(monkeypatch, tmp_path_factory):
 
 
 def _compile(graph, chain, out, **kwargs):
-    return compile_model(graph, load_targets(chain), out, link=load_link("4g"), samples=2, **kwargs)
+    return compile_model(graph, CompileOptions(load_targets(chain), load_link("4g"), samples=2, **kwargs), out)
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,7 @@ def device_bundles(zoo, tmp_path_factory):
     base = tmp_path_factory.mktemp("device")
     try:
         return {backend: _compile(zoo.graph("resnet_like"), "rpi4,a100", base / f"{backend}.splitc", cut="layer1",
-                                  backend_overrides={"rpi4": backend})
+                                  backends={"rpi4": backend})
                 for backend in ("tvm", "onnxruntime")}
     finally:
         patch.undo()
@@ -112,17 +113,17 @@ def test_an_operator_one_backend_lacks_goes_to_the_next_candidate(signbit_graph,
     assert any("tvm skipped" in n and "signbit" in n for n in result.notes)
     # Asked for by name, the backend that lacks the operator is refused before anything compiles.
     with pytest.raises(UnsupportedOperatorError, match="tvm: no converter for node .*signbit"):
-        _compile(signbit_graph, "x86", tmp_path / "c.splitc", cut="auto", backend_overrides={"x86": "tvm"})
+        _compile(signbit_graph, "x86", tmp_path / "c.splitc", cut="auto", backends={"x86": "tvm"})
     assert not (tmp_path / "c.splitc").exists()
 
 
 def test_overrides_name_a_target_of_the_chain_and_a_known_backend(signbit_graph, tmp_path):
     with pytest.raises(InputError, match="rpi4 is not one of the targets"):
-        _compile(signbit_graph, "x86", tmp_path / "b.splitc", backend_overrides=["rpi4=tvm"])
+        _compile(signbit_graph, "x86", tmp_path / "b.splitc", backends=["rpi4=tvm"])
     with pytest.raises(InputError, match="TARGET=BACKEND"):
-        _compile(signbit_graph, "x86", tmp_path / "b.splitc", backend_overrides=["x86"])
+        _compile(signbit_graph, "x86", tmp_path / "b.splitc", backends=["x86"])
     with pytest.raises(TargetError, match="unknown backend 'tflite'"):
-        _compile(signbit_graph, "x86", tmp_path / "b.splitc", backend_overrides=["x86=tflite"])
+        _compile(signbit_graph, "x86", tmp_path / "b.splitc", backends=["x86=tflite"])
 
 
 def test_tensorrt_takes_what_its_parser_takes():
