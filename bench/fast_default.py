@@ -4,10 +4,11 @@ proxy): the time of each candidate (TVM untuned, ONNX Runtime; ExecuTorch XNNPAC
 torch eager, the backend compile's measured choice picks, and the ratio of the chosen one to the
 fastest of all. Prints figures; asserts nothing.
 
-    python bench/fast_default.py [--models demo,resnet18,...] [--image 112] [--runs 30] [--json out.json]
+    python bench/fast_default.py [--models demo,resnet18,...] [--targets rpi4] [--image 112] [--runs 30] [--json out.json]
 
-Each model is split as compile splits it by default (`--targets rpi4,a100`, `--cut auto` on 4g) and
-every partition on a CPU target is measured. The choice is made exactly as compile makes it
+Each model is split as compile splits it (`--targets`, `--cut auto` on 4g; the default `rpi4` makes
+the whole model the device partition, `rpi4,a100` the default split) and every partition on rpi4
+is measured. The choice is made exactly as compile makes it
 (drivers/backend_choice.py: compile each candidate, a quick profile of each, the fastest within
 tolerance ships), with an empty tuning database. Then every candidate's artifact (TVM's host twin,
 the ONNX model) and the torch partition are timed side by side in this one run: `--runs` calls each,
@@ -175,7 +176,7 @@ def side_by_side(runners: dict[str, Callable[[], object]], runs: int, rounds: in
     return {name: float(np.median(values)) for name, values in samples.items()}
 
 
-def bench_model(name: str, size: int, runs: int, workdir: Path) -> list[dict]:
+def bench_model(name: str, size: int, runs: int, workdir: Path, chain: str = "rpi4") -> list[dict]:
     from splitc.backends.registry import backend_record
     from splitc.drivers.backend_choice import compile_chosen, plan_candidates
     from splitc.core.graph import sample_inputs
@@ -188,7 +189,7 @@ def bench_model(name: str, size: int, runs: int, workdir: Path) -> list[dict]:
     module, inputs, label = MODELS[name](size)
     pt2 = save_pt2(module, inputs, workdir / f"{name}.pt2")
     _, graph = import_model(pt2)
-    targets = load_targets("rpi4,a100")
+    targets = load_targets(chain)
     partitions = plan_partitions(graph, targets, "auto", load_link("4g"))
     reference = reference_data(graph, partitions, sample_inputs(graph, 1, inputs))
     threads = available_cpus()
@@ -250,17 +251,18 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--image", type=int, default=112, help="image side in pixels for the vision models (demo: 64, as scripts/demo.sh)")
     parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--targets", default="rpi4", help="target chain; partitions on rpi4 are measured")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     os.environ.setdefault("SPLITC_CACHE", tempfile.mkdtemp(prefix="splitc-fast-default-"))  # no tuning records
     os.environ["SPLITC_BACKEND_CHOICE"] = "measure"
-    print(f"host: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; median of {args.runs} runs, ms per call; "
+    print(f"targets {args.targets}, vision models at {args.image} px; host: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; median of {args.runs} runs, ms per call; "
           "* = compile's choice (TVM = untuned host twin)", flush=True)
     rows = []
     with tempfile.TemporaryDirectory(prefix="splitc-fast-default-") as tmp:
         for name in args.models.split(","):
             try:
-                for row in bench_model(name, args.image, args.runs, Path(tmp)):
+                for row in bench_model(name, args.image, args.runs, Path(tmp), args.targets):
                     print_row(row)
                     rows.append(row)
             except Exception as exc:  # noqa: BLE001 - a model that fails is reported, the table goes on
