@@ -149,3 +149,10 @@ def test_bench_shows_every_candidate_with_the_shipped_one_marked(device_bundles,
     assert list(rows) == ["compiled (onnxruntime)", "tvm", "torch eager"]
     assert [r.chosen for r in report.rows] == [True, False, False]
     assert rows["tvm"].timing is not None and rows["tvm"].rel_err < 1e-4  # built here from the model, and timed
+
+
+def test_without_emulation_an_onnx_device_artifact_runs_on_this_hosts_runtime(device_bundles):
+    bundle = Bundle.open(device_bundles["onnxruntime"].bundle)
+    runner = choose_runner(bundle, bundle.manifest.partitions[0], emulate=False)
+    assert runner.mode == "host-twin" and runner.artifact.path == "p0/model.onnx"
+    assert "not run on its device's runtime: emulation disabled" in runner.note
