@@ -156,3 +156,18 @@ def test_without_emulation_an_onnx_device_artifact_runs_on_this_hosts_runtime(de
     runner = choose_runner(bundle, bundle.manifest.partitions[0], emulate=False)
     assert runner.mode == "host-twin" and runner.artifact.path == "p0/model.onnx"
     assert "not run on its device's runtime: emulation disabled" in runner.note
+
+
+def test_profile_prices_each_segment_on_its_fastest_backend(resnet_graph, tmp_path):
+    """Plans use the speed of the code that ships: every candidate is timed per segment, the
+    fastest counts, and the profile says which and what the others took."""
+    from splitc.drivers.profile import Profile, profile_target
+
+    profile = profile_target(resnet_graph, "x86", segments=2, log=lambda _: None, repeats=3, min_seconds=0.01)
+    assert len(profile.segments) == 2
+    for segment in profile.segments:
+        assert set(segment.candidates) == {"tvm", "onnxruntime"}
+        assert segment.backend == min(segment.candidates, key=segment.candidates.get)
+        assert segment.measured.median_ms == pytest.approx(segment.candidates[segment.backend], abs=1e-3)
+    again = Profile.load(profile.save(tmp_path / "p.json"))
+    assert [s.candidates for s in again.segments] == [s.candidates for s in profile.segments]
