@@ -231,7 +231,6 @@ def _time_candidate(backend_id: str, compiled: CompiledPartition, partition: Par
     gc.collect()
     time.sleep(_QUIET_S)
     timing = time_callable(lambda: run(list(inputs)), warmup=_WARMUP, repeats=_REPEATS, min_seconds=_MIN_S, max_seconds=_MAX_S)
-    del run  # its thread pool goes with it
     return CandidateResult(backend_id, "measured", timing.median_ms, rel, label)
 
 
