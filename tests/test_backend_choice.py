@@ -141,6 +141,7 @@ def test_tensorrt_takes_what_its_parser_takes():
     assert TensorRTBackend().supports(nodes[0])
 
 
+@pytest.mark.slow  # builds TVM again and times three runtimes
 def test_bench_shows_every_candidate_with_the_shipped_one_marked(device_bundles, zoo):
     from splitc.drivers.bench import bench_partition
 
@@ -158,6 +159,7 @@ def test_without_emulation_an_onnx_device_artifact_runs_on_this_hosts_runtime(de
     assert "not run on its device's runtime: emulation disabled" in runner.note
 
 
+@pytest.mark.slow  # compiles and times two backends per segment
 def test_profile_prices_each_segment_on_its_fastest_backend(resnet_graph, tmp_path):
     """Plans use the speed of the code that ships: every candidate is timed per segment, the
     fastest counts, and the profile says which and what the others took."""
