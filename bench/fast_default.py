@@ -178,6 +178,7 @@ def side_by_side(runners: dict[str, Callable[[], object]], runs: int, rounds: in
 
 def bench_model(name: str, size: int, runs: int, workdir: Path, chain: str = "rpi4") -> list[dict]:
     from splitc.backends.registry import backend_record
+    from splitc.core.errors import SplitcError
     from splitc.drivers.backend_choice import compile_chosen, plan_candidates
     from splitc.core.graph import sample_inputs
     from splitc.drivers.compiler import plan_partitions, reference_data
@@ -207,7 +208,11 @@ def bench_model(name: str, size: int, runs: int, workdir: Path, chain: str = "rp
         runners: dict[str, Callable] = {}
         notes = [f"{c.backend} {c.status}: {c.note}" for c in choice.candidates if c.status in ("skipped", "flagged")]
         for backend in plan.backends:
-            compiled = backend_record(backend.id).create().compile(partition, workdir / f"{name}-p{partition.index}-{backend.id}")
+            try:
+                compiled = backend_record(backend.id).create().compile(partition, workdir / f"{name}-p{partition.index}-{backend.id}")
+            except SplitcError as exc:  # compile skipped it too (see the choice's notes)
+                notes.append(f"{backend.id} failed to build: {str(exc)[:160]}")
+                continue
             artifact = next(a for a in compiled.artifacts if can_run_here(a))
             run = load_executor(artifact, Path(artifact.path), threads)
             runners[backend.id] = (lambda run=run: run(x))
@@ -264,6 +269,8 @@ def main() -> None:
             try:
                 for row in bench_model(name, args.image, args.runs, Path(tmp), args.targets):
                     print_row(row)
+                    for note in row["notes"]:
+                        print(f"{'':<16}    note: {note}", flush=True)
                     rows.append(row)
             except Exception as exc:  # noqa: BLE001 - a model that fails is reported, the table goes on
                 print(f"{name:<16} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}", flush=True)
