@@ -14,7 +14,6 @@ from typing import Any, Protocol
 
 import torch.fx as fx
 
-from splitc.core.errors import UnsupportedOperatorError
 from splitc.passes.partition import Partition
 
 
@@ -48,13 +47,3 @@ def op_name(node: fx.Node) -> str:
     if node.target is operator.getitem:
         return "getitem"
     return str(getattr(node.target, "__name__", node.target))
-
-
-def check_support(partition: Partition, backend: Backend) -> None:
-    """Refuse a partition with an operator its target's backend cannot take, naming all three."""
-    for node in partition.module.graph.nodes:
-        if node.op == "call_function" and not backend.supports(node):
-            raise UnsupportedOperatorError(
-                f"node {node.name} ({op_name(node)}) cannot run on target {partition.target.name}: "
-                f"the {backend.id} backend has no converter for it; move the cut so it lands on another target"
-            )

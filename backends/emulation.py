@@ -11,6 +11,13 @@ provisions that once into a cache folder:
 - ``toolchain.json``: a stamp written last, so its presence (with matching versions) means the
   folder is complete.
 
+Device runtimes other than TVM's (ONNX Runtime) are layers beside it, ``toolchains/aarch64-<runtime>/``,
+each with its own wheels, stamp and lock: adding or upgrading one never rebuilds nor invalidates the
+base folder, which other checkouts share. A layer's ``prefix/`` is what ``qemu-aarch64 -L`` sees:
+the base sysroot through relative symlinks, plus a ``/proc/cpuinfo`` describing the emulated CPU
+(qemu-user 7.2 passes the host's through, and the x86 text crashes the cpuinfo library that ONNX
+Runtime initialises on import; qemu looks paths up under ``-L`` first).
+
 Only the standard library is used: this module is imported on hosts that may lack torch and TVM.
 Emulated timings say nothing about a real board; use emulation for correctness only.
 """
@@ -32,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from splitc.core.errors import ToolchainError  # re-exported: callers catch it from here too
-from splitc.core.manifest import RUNTIME_TVM, Artifact
+from splitc.core.manifest import RUNTIME_ONNXRUNTIME, RUNTIME_TVM, Artifact
 
 __all__ = [
     "Aarch64Toolchain",
@@ -41,6 +48,7 @@ __all__ = [
     "default_cache_dir",
     "find_aarch64_toolchain",
     "provision_aarch64",
+    "RUNTIME_LAYERS",
 ]
 
 # Bump when the folder layout or the provisioning recipe changes: a stamp with another format
@@ -98,11 +106,36 @@ _WHEEL_PLATFORMS: tuple[str, ...] = (
 
 PYTHON_VERSION = "3.11"
 
+
+@dataclass(frozen=True)
+class RuntimeLayer:
+    """A device runtime installed beside the base toolchain: its pinned aarch64 wheels and the
+    module whose import (and `__version__`) proves it runs under emulation."""
+
+    name: str
+    wheels: tuple[str, ...]
+    module: str
+
+    @property
+    def version(self) -> str:
+        return self.wheels[0].split("==")[1]
+
+
+# ONNX Runtime's import needs only numpy (in the base); flatbuffers/protobuf/packaging serve its
+# training and conversion tools (checked: InferenceSession runs without them).
+RUNTIME_LAYERS: dict[str, RuntimeLayer] = {
+    "onnxruntime": RuntimeLayer("onnxruntime", ("onnxruntime==1.32.0",), "onnxruntime"),
+}
+# The base folder's own runtime: TVM's, in the base site-packages.
+BASE_RUNTIME = "tvm"
+
 # Emulating the Pi 4's core (instead of qemu's default "max" CPU) makes code that uses
 # instructions a Cortex-A72 lacks (SVE, newer extensions) fail here as it would on the board.
 DEFAULT_QEMU_CPU = "cortex-a72"
 
 _STAMP_NAME = "toolchain.json"
+_LAYER_STAMP_NAME = "layer.json"
+_LAYER_FORMAT = 1
 _TOOLCHAIN_SUBDIR = Path("toolchains") / "aarch64"
 _SMOKE_TIMEOUT_S = 900.0
 _DOWNLOAD_TIMEOUT_S = 1800.0
@@ -123,6 +156,7 @@ class Aarch64Toolchain:
     python: Path
     qemu: Path
     cpu: str = DEFAULT_QEMU_CPU
+    extra_site_packages: tuple[Path, ...] = ()  # runtime layers, after the base on sys.path
 
     def python_argv(self, *python_args: str) -> list[str]:
         """argv that runs the emulated interpreter with ``python_args`` (e.g. ``-c CODE``)."""
@@ -151,7 +185,7 @@ class Aarch64Toolchain:
         }
         env.update(
             {
-                "PYTHONPATH": str(self.site_packages),
+                "PYTHONPATH": os.pathsep.join(str(p) for p in (self.site_packages, *self.extra_site_packages)),
                 # A host ~/.local/lib/python3.11 would hold x86 extension modules.
                 "PYTHONNOUSERSITE": "1",
                 # The sysroot is precompiled at provisioning time; never write into the shared
@@ -169,12 +203,15 @@ class Aarch64Toolchain:
 
 # What the emulated toolchain can run: aarch64 artifacts of these runtimes.
 EMULATED_ARCH = "aarch64"
-EMULATED_RUNTIMES = frozenset({RUNTIME_TVM})
+# The standalone script (splitc/runtime/) that runs each emulated runtime's artifact in the guest.
+EMULATION_WORKERS = {RUNTIME_TVM: "tvm_worker.py", RUNTIME_ONNXRUNTIME: "ort_worker.py"}
+EMULATED_RUNTIMES = frozenset(EMULATION_WORKERS)
 
 
-def can_emulate(artifact: Artifact) -> bool:
-    """Whether `splitc verify` can run this artifact under qemu-user with the emulated toolchain."""
-    return artifact.arch == EMULATED_ARCH and artifact.runtime in EMULATED_RUNTIMES
+def can_emulate(artifact: Artifact, device_arch: str | None = None) -> bool:
+    """Whether `splitc verify` can run this artifact under qemu-user with the emulated toolchain. An
+    ISA-neutral artifact (an ONNX model) is the device's code: `device_arch` is its target's ISA."""
+    return (artifact.arch or device_arch) == EMULATED_ARCH and artifact.runtime in EMULATED_RUNTIMES
 
 
 def default_cache_dir() -> Path:
@@ -205,6 +242,28 @@ def _expected_stamp() -> dict[str, object]:
     }
 
 
+def _layer_root(cache_dir: Path | None, layer: RuntimeLayer) -> Path:
+    return _toolchain_root(cache_dir).with_name(f"{_TOOLCHAIN_SUBDIR.name}-{layer.name}")
+
+
+def _expected_layer_stamp(layer: RuntimeLayer) -> dict[str, object]:
+    return {"format": _LAYER_FORMAT, "python": PYTHON_VERSION, "wheels": list(layer.wheels), "cpu": DEFAULT_QEMU_CPU}
+
+
+def _layered(base: Aarch64Toolchain, layer_root: Path) -> Aarch64Toolchain:
+    """The base toolchain run through a layer: the layer's prefix for -L, its wheels on sys.path."""
+    prefix = layer_root / "prefix"
+    return Aarch64Toolchain(
+        root=layer_root,
+        sysroot=prefix,
+        site_packages=base.site_packages,
+        python=prefix / "usr" / "bin" / f"python{PYTHON_VERSION}",
+        qemu=base.qemu,
+        cpu=base.cpu,
+        extra_site_packages=(layer_root / "site-packages",),
+    )
+
+
 def _toolchain_at(root: Path, qemu: Path) -> Aarch64Toolchain:
     sysroot = root / "sysroot"
     return Aarch64Toolchain(
@@ -221,12 +280,31 @@ def _which_qemu() -> Path | None:
     return Path(found) if found else None
 
 
-def find_aarch64_toolchain(cache_dir: Path | None = None) -> Aarch64Toolchain | None:
-    """The provisioned toolchain under ``cache_dir`` (default: default_cache_dir()), or None when
-    it is absent, incomplete, from another recipe version, or qemu-aarch64 is not installed.
+def find_aarch64_toolchain(cache_dir: Path | None = None, runtime: str = BASE_RUNTIME) -> Aarch64Toolchain | None:
+    """The provisioned toolchain under ``cache_dir`` (default: default_cache_dir()) that runs
+    `runtime` (TVM's, or a name in RUNTIME_LAYERS), or None when it is absent, incomplete, from
+    another recipe version, or qemu-aarch64 is not installed.
 
-    Cheap: reads one small file and looks up qemu-aarch64 on PATH; starts no process.
+    Cheap: reads one or two small files and looks up qemu-aarch64 on PATH; starts no process.
     """
+    base = _find_base(cache_dir)
+    if base is None or runtime == BASE_RUNTIME:
+        return base
+    if runtime not in RUNTIME_LAYERS:
+        raise ToolchainError(f"no aarch64 emulation for runtime {runtime!r}; known: {BASE_RUNTIME}, {', '.join(RUNTIME_LAYERS)}")
+    layer = RUNTIME_LAYERS[runtime]
+    root = _layer_root(cache_dir, layer)
+    try:
+        stamp = json.loads((root / _LAYER_STAMP_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(stamp, dict) or any(stamp.get(k) != v for k, v in _expected_layer_stamp(layer).items()):
+        return None
+    toolchain = _layered(base, root)
+    return toolchain if toolchain.python.is_file() else None
+
+
+def _find_base(cache_dir: Path | None) -> Aarch64Toolchain | None:
     root = _toolchain_root(cache_dir)
     try:
         stamp = json.loads((root / _STAMP_NAME).read_text(encoding="utf-8"))
@@ -246,32 +324,50 @@ def find_aarch64_toolchain(cache_dir: Path | None = None) -> Aarch64Toolchain | 
 
 
 def provision_aarch64(
-    cache_dir: Path | None = None, log: Callable[[str], None] = print
+    cache_dir: Path | None = None,
+    log: Callable[[str], None] = print,
+    runtimes: Sequence[str] = tuple(RUNTIME_LAYERS),
 ) -> Aarch64Toolchain:
-    """Make sure the aarch64 toolchain exists under ``cache_dir`` and return it.
+    """Make sure the aarch64 toolchain, and a layer for each of `runtimes`, exist under
+    ``cache_dir``; return the base toolchain (TVM's runtime).
 
-    Idempotent: returns at once when a complete toolchain is present. Otherwise it downloads
-    Debian arm64 packages (without touching the host's apt state) and aarch64 wheels, builds the
-    toolchain in a temporary sibling folder, smoke-tests ``import tvm, numpy`` under emulation and
-    only then renames the folder into place, so an interrupted run leaves nothing half-made.
-    Concurrent callers are serialised with a lock file. Raises ToolchainError on failure.
+    Idempotent: returns at once when everything is present. Otherwise it downloads Debian arm64
+    packages (without touching the host's apt state) and aarch64 wheels, builds each folder in a
+    temporary sibling, smoke-tests the runtime's import under emulation and only then renames the
+    folder into place, so an interrupted run leaves nothing half-made. Concurrent callers are
+    serialised with one lock file per folder. Raises ToolchainError on failure.
     """
+    unknown = [r for r in runtimes if r not in RUNTIME_LAYERS]
+    if unknown:
+        raise ToolchainError(f"no aarch64 emulation for runtime {unknown[0]!r}; known: {', '.join(RUNTIME_LAYERS)}")
     qemu = _which_qemu()
     if qemu is None:
         raise ToolchainError(
             "qemu-aarch64 not found on PATH: install qemu-user: apt-get install qemu-user"
         )
-    existing = find_aarch64_toolchain(cache_dir)
+    if find_aarch64_toolchain(cache_dir) is None:
+        for tool, package in (("apt-get", "apt"), ("dpkg-deb", "dpkg")):
+            if shutil.which(tool) is None:
+                raise ToolchainError(
+                    f"{tool} not found: provisioning the aarch64 sysroot needs a Debian 12 host "
+                    f"with the {package} package"
+                )
+    base = _provision_folder(_toolchain_root(cache_dir), lambda: find_aarch64_toolchain(cache_dir),
+                             lambda staging: _build(staging, qemu, log), "aarch64 toolchain", log)
+    for runtime in runtimes:
+        layer = RUNTIME_LAYERS[runtime]
+        _provision_folder(_layer_root(cache_dir, layer), lambda: find_aarch64_toolchain(cache_dir, runtime),
+                          lambda staging: _build_layer(staging, base, layer, log), f"aarch64 {runtime} layer", log)
+    return base
+
+
+def _provision_folder(root: Path, find: Callable[[], Aarch64Toolchain | None], build: Callable[[Path], None],
+                      what: str, log: Callable[[str], None]) -> Aarch64Toolchain:
+    """`find()` if it finds the folder complete; else build it in a staging sibling under `root`'s
+    lock and rename it into place."""
+    existing = find()
     if existing is not None:
         return existing
-    for tool, package in (("apt-get", "apt"), ("dpkg-deb", "dpkg")):
-        if shutil.which(tool) is None:
-            raise ToolchainError(
-                f"{tool} not found: provisioning the aarch64 sysroot needs a Debian 12 host "
-                f"with the {package} package"
-            )
-
-    root = _toolchain_root(cache_dir)
     parent = root.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -280,7 +376,7 @@ def provision_aarch64(
 
     with _exclusive_lock(parent / f".{root.name}.lock", log):
         # Another process may have finished the job while we waited for the lock.
-        existing = find_aarch64_toolchain(cache_dir)
+        existing = find()
         if existing is not None:
             return existing
         _remove_leftovers(parent, root.name)
@@ -290,19 +386,19 @@ def provision_aarch64(
             # mkdtemp makes the folder private (0700); the finished toolchain is plain read-only
             # data that other users of a shared cache may run.
             staging.chmod(0o755)
-            _build(staging, qemu, log)
+            build(staging)
             _move_into_place(staging, root)
         except BaseException:
             # Covers KeyboardInterrupt too; a SIGKILL leaves the .tmp- folder, which the next
             # run removes under the lock (_remove_leftovers).
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        log(f"aarch64 toolchain ready at {root} ({time.monotonic() - started:.0f} s)")
+        log(f"{what} ready at {root} ({time.monotonic() - started:.0f} s)")
 
-    toolchain = find_aarch64_toolchain(cache_dir)
-    if toolchain is None:  # pragma: no cover - only if the folder is changed under us
-        raise ToolchainError(f"aarch64 toolchain at {root} vanished right after provisioning")
-    return toolchain
+    found = find()
+    if found is None:  # pragma: no cover - only if the folder is changed under us
+        raise ToolchainError(f"{what} at {root} vanished right after provisioning")
+    return found
 
 
 # --------------------------------------------------------------------------------------------
@@ -332,20 +428,70 @@ def _build(staging: Path, qemu: Path, log: Callable[[str], None]) -> None:
         )
 
     log(f"downloading aarch64 wheels: {' '.join(WHEELS)}")
-    wheels = _download_wheels(scratch / "wheels")
+    wheels = _download_wheels(scratch / "wheels", WHEELS)
     toolchain.site_packages.mkdir()
     for wheel in wheels:
         _unpack_wheel(wheel, toolchain.site_packages)
     shutil.rmtree(scratch)
 
     log("precompiling Python bytecode")
-    _precompile(toolchain)
+    _precompile(toolchain, [toolchain.sysroot / "usr" / "lib" / f"python{PYTHON_VERSION}", toolchain.site_packages])
 
     log("smoke check: import tvm, numpy under qemu-aarch64 (slow: everything is emulated)")
     versions = _smoke_check(toolchain)
 
     stamp = {**_expected_stamp(), "installed": versions, "cpu": toolchain.cpu}
     (staging / _STAMP_NAME).write_text(json.dumps(stamp, indent=2) + "\n", encoding="utf-8")
+
+
+def _build_layer(staging: Path, base: Aarch64Toolchain, layer: RuntimeLayer, log: Callable[[str], None]) -> None:
+    """Fill ``staging`` with a runtime layer over `base` (stamp last): its prefix, wheels, and a
+    smoke check that the runtime imports under emulation with both site-packages on the path."""
+    prefix = staging / "prefix"
+    prefix.mkdir()
+    # Relative links: the layer keeps working when the base is re-provisioned in place.
+    for entry in sorted(base.sysroot.iterdir()):
+        (prefix / entry.name).symlink_to(os.path.relpath(entry, prefix))
+    (prefix / "proc").mkdir()
+    (prefix / "proc" / "cpuinfo").write_text(_emulated_cpuinfo(), encoding="utf-8")
+
+    log(f"downloading aarch64 wheels: {' '.join(layer.wheels)}")
+    scratch = staging / ".download"
+    site_packages = staging / "site-packages"
+    site_packages.mkdir()
+    for wheel in _download_wheels(scratch, layer.wheels):
+        _unpack_wheel(wheel, site_packages)
+    shutil.rmtree(scratch)
+    _precompile(_layered(base, staging), [site_packages])
+
+    log(f"smoke check: import {layer.module} under qemu-aarch64")
+    toolchain = _layered(base, staging)
+    code = (f"import json, sys, {layer.module} as m\n"
+            "print(json.dumps({'version': m.__version__, 'path': sys.path}))")
+    report = _smoke_report(toolchain, code, f"smoke check `import {layer.module}` under qemu-aarch64")
+    if report.get("version") != layer.version:
+        raise ToolchainError(f"smoke check imported {layer.module} {report.get('version')}, expected {layer.version}; "
+                             "run provisioning again")
+    _refuse_host_paths(report, (str(staging), str(base.root)))
+    stamp = {**_expected_layer_stamp(layer), "installed": report["version"], "base": str(base.root)}
+    (staging / _LAYER_STAMP_NAME).write_text(json.dumps(stamp, indent=2) + "\n", encoding="utf-8")
+
+
+# Cortex-A72 (ARM part 0xd08), the core DEFAULT_QEMU_CPU emulates, four of them as on a Pi 4.
+_CPUINFO_CORE = """processor\t: {index}
+BogoMIPS\t: 108.00
+Features\t: fp asimd evtstrm crc32 cpuid
+CPU implementer\t: 0x41
+CPU architecture: 8
+CPU variant\t: 0x0
+CPU part\t: 0xd08
+CPU revision\t: 3
+
+"""
+
+
+def _emulated_cpuinfo(cores: int = 4) -> str:
+    return "".join(_CPUINFO_CORE.format(index=i) for i in range(cores))
 
 
 def _apt_options(state: Path) -> list[str]:
@@ -407,7 +553,7 @@ def _download_debs(state: Path) -> list[Path]:
     return debs
 
 
-def _download_wheels(dest: Path) -> list[Path]:
+def _download_wheels(dest: Path, pins: Sequence[str] = WHEELS) -> list[Path]:
     dest.mkdir(parents=True)
     platforms = [arg for platform in _WHEEL_PLATFORMS for arg in ("--platform", platform)]
     _run(
@@ -427,16 +573,16 @@ def _download_wheels(dest: Path) -> list[Path]:
             str(dest),
             "--disable-pip-version-check",
             "--no-input",
-            *WHEELS,
+            *pins,
         ],
         what="pip download (aarch64 wheels)",
         hint="check access to the Python package index (pip config / PIP_INDEX_URL)",
         timeout=_DOWNLOAD_TIMEOUT_S,
     )
     wheels = sorted(dest.glob("*.whl"))
-    if len(wheels) != len(WHEELS):
+    if len(wheels) != len(pins):
         raise ToolchainError(
-            f"pip download produced {len(wheels)} of {len(WHEELS)} wheels; run provisioning again"
+            f"pip download produced {len(wheels)} of {len(pins)} wheels; run provisioning again"
         )
     return wheels
 
@@ -460,19 +606,15 @@ def _unpack_wheel(wheel: Path, site_packages: Path) -> None:
         shutil.rmtree(data_dir)
 
 
-def _precompile(toolchain: Aarch64Toolchain) -> None:
-    """Write .pyc files for the stdlib and the wheels.
+def _precompile(toolchain: Aarch64Toolchain, folders: Sequence[Path]) -> None:
+    """Write .pyc files for `folders` (the stdlib and the wheels).
 
     Debian packages ship no bytecode (postinst generates it), so without this every emulated run
     would recompile the stdlib under emulation. The .pyc format depends only on the Python minor
     version, so a 3.11 host compiles natively in seconds; other hosts compile under emulation.
     Best effort: a file that fails to compile is simply compiled at import time.
     """
-    targets = [
-        str(toolchain.sysroot / "usr" / "lib" / f"python{PYTHON_VERSION}"),
-        str(toolchain.site_packages),
-    ]
-    compile_args = ("-m", "compileall", "-q", "-j", "0", *targets)
+    compile_args = ("-m", "compileall", "-q", "-j", "0", *(str(f) for f in folders))
     if f"{sys.version_info.major}.{sys.version_info.minor}" == PYTHON_VERSION:
         argv, env = [sys.executable, "-I", *compile_args], None
     else:
@@ -502,9 +644,22 @@ print(json.dumps({"python": sys.version.split()[0], "numpy": numpy.__version__,
 
 
 def _smoke_check(toolchain: Aarch64Toolchain) -> dict[str, str]:
+    report = _smoke_report(toolchain, _SMOKE_CODE, "smoke check `import tvm, numpy` under qemu-aarch64")
+    expected_tvm = next(w.split("==")[1] for w in WHEELS if w.startswith("apache-tvm=="))
+    if report.get("tvm") != expected_tvm:
+        raise ToolchainError(
+            f"smoke check imported TVM {report.get('tvm')}, expected {expected_tvm}; "
+            "run provisioning again"
+        )
+    _refuse_host_paths(report, (str(toolchain.root),))
+    return {key: str(report[key]) for key in ("python", "numpy", "tvm")}
+
+
+def _smoke_report(toolchain: Aarch64Toolchain, code: str, what: str) -> dict:
+    """Run `code` under emulation; the JSON object its last printed line holds."""
     stdout = _run(
-        toolchain.python_argv("-c", _SMOKE_CODE),
-        what="smoke check `import tvm, numpy` under qemu-aarch64",
+        toolchain.python_argv("-c", code),
+        what=what,
         hint="the toolchain is unusable; see the message above and run provisioning again",
         env=toolchain.environment(),
         timeout=_SMOKE_TIMEOUT_S,
@@ -513,17 +668,13 @@ def _smoke_check(toolchain: Aarch64Toolchain) -> dict[str, str]:
         report = json.loads(stdout.strip().splitlines()[-1])
     except (ValueError, IndexError) as exc:
         raise ToolchainError(f"smoke check printed no version report: {stdout!r:.200}") from exc
-    expected_tvm = next(w.split("==")[1] for w in WHEELS if w.startswith("apache-tvm=="))
-    if report.get("tvm") != expected_tvm:
-        raise ToolchainError(
-            f"smoke check imported TVM {report.get('tvm')}, expected {expected_tvm}; "
-            "run provisioning again"
-        )
-    staging = str(toolchain.root)
-    leaked = [entry for entry in report.get("path", []) if entry and not entry.startswith(staging)]
+    return report
+
+
+def _refuse_host_paths(report: dict, roots: Sequence[str]) -> None:
+    leaked = [entry for entry in report.get("path", []) if entry and not entry.startswith(tuple(roots))]
     if leaked:
         raise ToolchainError(f"emulated Python sees host folders on sys.path: {leaked}")
-    return {key: str(report[key]) for key in ("python", "numpy", "tvm")}
 
 
 def _move_into_place(staging: Path, root: Path) -> None:

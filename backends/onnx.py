@@ -33,11 +33,25 @@ def _onnx_registry():
     return _registration.ONNXRegistry.from_torchlib()
 
 
+@functools.cache
+def _exporter_decompositions() -> frozenset:
+    """Operators the exporter decomposes before translating (e.g. squeeze.dims into squeeze.dim):
+    the exporter's own table, built as it builds it."""
+    try:
+        from torch.onnx._internal.exporter import _decomp
+    except ImportError:
+        return frozenset()
+    registry = _onnx_registry()
+    return frozenset(_decomp.create_onnx_friendly_decomposition_table(set(_decomp.get_onnx_implemented_overloads(registry))))
+
+
 def onnx_supports(node: fx.Node) -> bool:
+    """Whether torch's ONNX exporter takes the node: a torchlib function, or a decomposition the
+    exporter applies first."""
     registry = _onnx_registry()
     if registry is None or not isinstance(node.target, torch._ops.OpOverload):
         return True  # cannot tell before exporting; the export itself will name what fails
-    return registry.is_registered(node.target)
+    return registry.is_registered(node.target) or node.target in _exporter_decompositions()
 
 
 def export_onnx(partition: Partition, path: Path) -> Path:
@@ -94,6 +108,6 @@ class OnnxRuntimeBackend:
 
     def compile(self, partition: Partition, workdir: Path) -> CompiledPartition:
         path, exported = write_onnx(partition, workdir / "model.onnx")
-        options = {"opset": OPSET, **partition.target.backend_options, **({FIXED_DIMS: exported.fixed} if exported.fixed else {}),
+        options = {"opset": OPSET, **partition.target.options_for(self.id), **({FIXED_DIMS: exported.fixed} if exported.fixed else {}),
                    **external_data(path)}
         return CompiledPartition([CompiledArtifact(path, RUNTIME_ONNXRUNTIME, ROLE_DEPLOY, None, options)], notes=exported.notes)

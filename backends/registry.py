@@ -29,6 +29,7 @@ class BackendRecord:
     profiles: bool = True           # `splitc profile` can time its partitions on a host of the target
     tunable: bool = False           # `splitc tune` searches schedules for it
     rpc: bool = False               # it can time and tune on a remote device over RPC
+    portable: bool = False          # its artifact runs on any CPU of its ISAs: a GPU target's fallback
     description: str = ""
 
     @property
@@ -64,7 +65,7 @@ BACKENDS: dict[str, BackendRecord] = {
     for record in (
         BackendRecord("tvm", _tvm, RUNTIME_TVM, deploy_isas=("x86_64", "aarch64"), tunable=True, rpc=True,
                       description="Apache TVM (Relax), cross-compiled per LLVM target"),
-        BackendRecord("onnxruntime", _onnxruntime, RUNTIME_ONNXRUNTIME, deploy_isas=("x86_64", "aarch64"),
+        BackendRecord("onnxruntime", _onnxruntime, RUNTIME_ONNXRUNTIME, deploy_isas=("x86_64", "aarch64"), portable=True,
                       description="ONNX Runtime, CPU execution provider"),
         BackendRecord("tensorrt", _tensorrt, RUNTIME_TENSORRT, deploy_isas=("x86_64", "aarch64"),
                       description="TensorRT engine from the partition's ONNX (built on the GPU host)"),

@@ -27,6 +27,18 @@ from splitc.runtime.executors import tensorrt_usable
 from splitc.core.manifest import ROLE_DEPLOY, ROLE_PORTABLE, RUNTIME_ONNXRUNTIME, RUNTIME_TENSORRT
 
 ENGINE_NAME = "model.plan"
+
+# The ONNX operators TensorRT's parser refuses (onnx-tensorrt docs/operators.md, the "N" rows;
+# LayerNormalization, listed N for 8.5, is parsed since 8.6). Everything else the exporter emits at
+# opset 18 is parsed, so a partition is checked on its exported ONNX graph, not on ATen names.
+PARSER_REFUSES = frozenset({
+    "Bernoulli", "BitShift", "BlackmanWindow", "Compress", "ConcatFromSequence", "ConvInteger", "DFT", "Det",
+    "DynamicQuantizeLinear", "HammingWindow", "HannWindow", "Hardmax", "IsInf", "MatMulInteger", "MaxRoiPool",
+    "MaxUnpool", "MelWeightMatrix", "Multinomial", "NegativeLogLikelihoodLoss", "Optional", "OptionalGetElement",
+    "OptionalHasElement", "QLinearConv", "QLinearMatMul", "STFT", "SequenceAt", "SequenceConstruct", "SequenceEmpty",
+    "SequenceErase", "SequenceInsert", "SequenceLength", "SequenceMap", "SoftmaxCrossEntropyLoss", "SplitToSequence",
+    "StringNormalizer", "TfIdfVectorizer", "Unique",
+})
 DEFERRED_REASON = "tensorrt is not importable with a CUDA device on the build host"
 
 
@@ -38,7 +50,11 @@ class TensorRTBackend:
 
     def compile(self, partition: Partition, workdir: Path) -> CompiledPartition:
         onnx_path, exported = write_onnx(partition, workdir / "model.onnx")
-        options = dict(partition.target.backend_options)
+        refused = parser_refuses(onnx_path)
+        if refused:
+            raise BackendError(f"TensorRT's ONNX parser does not take {', '.join(refused)} (partition {partition.index}); "
+                               "another backend must run this partition")
+        options = dict(partition.target.options_for(self.id))
         if not exported.fixed and (profile := profile_shapes(partition.inputs)):
             options["profile"] = profile  # dynamic axes: the engine takes any size within the profile
         artifacts = [CompiledArtifact(onnx_path, RUNTIME_ONNXRUNTIME, ROLE_PORTABLE, None,
@@ -55,6 +71,27 @@ class TensorRTBackend:
         engine_path.write_bytes(plan)
         artifacts.append(CompiledArtifact(engine_path, RUNTIME_TENSORRT, ROLE_DEPLOY, partition.target.arch, info))
         return CompiledPartition(artifacts, engine={"status": "built", **info})
+
+
+def parser_refuses(onnx_path: Path) -> list[str]:
+    """The operators of an ONNX model (subgraphs included) that TensorRT's parser refuses."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    found: set[str] = set()
+
+    def walk(graph) -> None:
+        for node in graph.node:
+            if node.domain in ("", "ai.onnx") and node.op_type in PARSER_REFUSES:
+                found.add(node.op_type)
+            elif node.domain not in ("", "ai.onnx"):
+                found.add(f"{node.domain}::{node.op_type}")  # a custom domain needs a plugin
+            for attribute in node.attribute:
+                for sub in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+                    walk(sub)
+
+    walk(model.graph)
+    return sorted(found)
 
 
 def build_engine(onnx_path: Path, options: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:

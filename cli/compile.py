@@ -56,6 +56,8 @@ class NoiseLevel(click.ParamType):
               help="Exit thresholds keep accuracy within this many points of the final classifier (on held-out --calib data).")
 @click.option("--defend", type=click.Choice(["nopeek", "adversarial", "noise-aware"]),
               help="Fine-tune the model so what crosses the first cut resists inversion, within --max-accuracy-drop (needs --calib).")
+@click.option("--backend", "backend_overrides", multiple=True, metavar="TARGET=BACKEND",
+              help="Run TARGET's partitions on BACKEND (e.g. rpi4=tvm) instead of the fastest measured here; repeatable.")
 @click.option("--variants", "variant_count", type=int, metavar="K",
               help="Compile the K placements that win across link conditions (device-only and cloud-only included) "
                    "into one directory, for the adaptive runtime (`splitc run --remote` switches between them).")
@@ -64,7 +66,7 @@ class NoiseLevel(click.ParamType):
 @click.option("--draft", default="off", show_default=True, help="Decoders: 'off', or N/auto to also compile the drafting graphs "
               "(an exit LM head on the device, n-row verification in the cloud).")
 def compile(source, targets, plan_path, plan_link, cut, link, output, samples, quantize, per_channel, noise, max_leakage, calib, exits,
-            max_accuracy_drop, defend, variant_count, input_shapes, example_input, trust_pickle, max_len, draft):
+            max_accuracy_drop, defend, backend_overrides, variant_count, input_shapes, example_input, trust_pickle, max_len, draft):
     """Split SOURCE across TARGETS and compile every partition into a bundle.
 
     A decoder LM (`--task causal-lm`; without --task, a .gguf, a Hugging Face folder, or a factory
@@ -72,6 +74,7 @@ def compile(source, targets, plan_path, plan_link, cut, link, output, samples, q
     halves with their KV caches (see `splitc generate`)."""
     from splitc.cli.common import model_option
     from splitc.cli.decoder import compile_decoder_command
+    from splitc.drivers.backend_choice import describe as describe_choice
     from splitc.frontend.decoder import is_decoder_source
 
     task = model_option("task")
@@ -104,7 +107,7 @@ def compile(source, targets, plan_path, plan_link, cut, link, output, samples, q
     # The one place a compile's options are built: the variants path gets the very same object.
     options = CompileOptions(target_list, link_obj, cut=cut, samples=samples, quantize=quantize, per_channel=per_channel, noise=noise,
                              max_leakage=max_leakage, exits=exits, max_accuracy_drop=max_accuracy_drop, plan_record=record,
-                             defend=defend)
+                             defend=defend, backends=backend_overrides)
     data = CompileData(examples=loaded.example_inputs, calibration=calibration, labels=labels)
     log = lambda m: console.print(f"[dim]{escape(m)}[/dim]")  # noqa: E731
     if variant_count is not None:
@@ -113,11 +116,11 @@ def compile(source, targets, plan_path, plan_link, cut, link, output, samples, q
     result = compile_model(graph, options, out, data=data, log=log)
     manifest = result.manifest
     table = Table(title=f"{out} — {len(graph.value_nodes())} nodes, {graph.total_flops / 1e9:.3f} GFLOP, cut: {manifest.plan['method']}")
-    for column in ("partition", "target", "backend", "nodes", "GFLOP", "receives", "artifacts", "compile s"):
+    for column in ("partition", "target", "backend", "chosen by", "nodes", "GFLOP", "receives", "artifacts", "compile s"):
         table.add_column(column)
     for p in manifest.partitions:
         received = sum(t.nbytes for t in p.inputs)
-        table.add_row(str(p.index), p.target, p.backend, str(len(p.nodes)), f"{p.flops / 1e9:.3f}", mb(received),
+        table.add_row(str(p.index), p.target, p.backend, describe_choice(p.choice), str(len(p.nodes)), f"{p.flops / 1e9:.3f}", mb(received),
                       ", ".join(f"{a.path} [{a.role}]" for a in p.artifacts), f"{result.seconds[f'p{p.index}:{p.target}']:.1f}")
     console.print(table)
     for cut_info in manifest.plan["cuts"]:
@@ -240,10 +243,10 @@ def build_engine(bundle):
 @click.argument("arch", type=click.Choice(["aarch64"]))
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Where to keep it (default: $SPLITC_CACHE or ~/.cache/splitc).")
 def toolchain(arch, cache_dir):
-    """Provision an emulated ARCH Python + TVM runtime so verify runs the device artifact itself."""
-    from splitc.backends.emulation import provision_aarch64
+    """Provision an emulated ARCH Python with TVM's and ONNX Runtime's runtimes so verify runs the device artifact itself."""
+    from splitc.backends.emulation import RUNTIME_LAYERS, provision_aarch64
 
     found = provision_aarch64(Path(cache_dir) if cache_dir else None, log=lambda m: console.print(f"[dim]{escape(m)}[/dim]"))
-    console.print(f"{arch} toolchain ready at {found.root}")
+    console.print(f"{arch} toolchain ready at {found.root} (runtimes: tvm, {', '.join(RUNTIME_LAYERS)})")
 
 

@@ -194,10 +194,11 @@ def profile(source, target, rpc, segments, output, input_shapes, example_input, 
     out = Path(output or f"{graph.name}.{target_obj.name}.profile.json")
     measured.save(out)
     table = Table(title=f"{graph.name} on {target_obj.name}, measured on {measured.measured_on}")
-    for column in ("segment", "nodes", "measured ms (median)", "analytic ms", "measured / analytic"):
+    for column in ("segment", "nodes", "measured ms (median)", "backend", "candidates ms", "analytic ms", "measured / analytic"):
         table.add_column(column)
     for s in measured.segments:
         table.add_row(f"{s.first_node} … {s.last_node}", str(s.end_position - s.start_position + 1), f"{s.measured.median_ms:.3f}",
+                      s.backend, ", ".join(f"{b} {ms:.3f}" for b, ms in s.candidates.items()),
                       f"{s.estimated_ms:.3f}", f"{s.ratio:.2f}" if s.estimated_ms else "-")
     console.print(table)
     console.print(f"wrote {out}")

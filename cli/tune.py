@@ -226,7 +226,7 @@ def bench(bundle, index, model, threads, repeats, json_path):
     base = report.rows[0].timing
     for row in report.rows:
         t = row.timing
-        table.add_row(row.runtime, row.source, f"{t.median_ms:.3f}" if t else "-", f"{t.p10_ms:.3f}" if t else "-",
+        table.add_row(f"{row.runtime} ✓" if row.chosen else row.runtime, escape(row.source), f"{t.median_ms:.3f}" if t else "-", f"{t.p10_ms:.3f}" if t else "-",
                       f"{t.p90_ms:.3f}" if t else "-", str(t.repeats) if t else "-",
                       f"{t.median_ms / base.median_ms:.2f}" if t else "-", "-" if row.rel_err is None else f"{row.rel_err:.1e}",
                       escape(row.note))
@@ -234,6 +234,7 @@ def bench(bundle, index, model, threads, repeats, json_path):
     for name, ratio in report.ratios().items():
         faster = "compiled is faster" if ratio > 1 else "compiled is slower"
         out.print(f"{name} / compiled = {ratio:.2f} ({faster})")
+    out.print("✓ = the backend compile chose for this partition (what the bundle ships)")
     for note in report.notes:
         out.print(f"[yellow]note:[/yellow] {escape(note)}")
     if json_path == "-":

@@ -133,6 +133,7 @@ class PartitionSpec:
     nodes: tuple[str, ...] = ()        # graph nodes placed here, in order
     flops: int = 0
     engine: dict[str, Any] = field(default_factory=dict)  # backend-specific build status (TensorRT)
+    choice: dict[str, Any] = field(default_factory=dict)  # why this backend: candidates and their figures
 
     def artifact(self, role: str) -> Artifact | None:
         return next((a for a in self.artifacts if a.role == role), None)
@@ -148,6 +149,7 @@ class PartitionSpec:
             "nodes": list(self.nodes),
             "flops": self.flops,
             "engine": self.engine,
+            **({"choice": self.choice} if self.choice else {}),
         }
 
     @classmethod
@@ -162,6 +164,7 @@ class PartitionSpec:
             nodes=tuple(data.get("nodes") or ()),
             flops=int(data.get("flops") or 0),
             engine=dict(data.get("engine") or {}),
+            choice=dict(data.get("choice") or {}),
         )
 
 

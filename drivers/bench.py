@@ -51,10 +51,11 @@ class BenchRow:
     timing: Timing | None
     rel_err: float | None = None
     note: str = ""
+    chosen: bool = False  # the backend the bundle ships (compile's choice)
 
     def to_json(self) -> dict[str, Any]:
         return {"runtime": self.runtime, "source": self.source, "timing": self.timing.to_json() if self.timing else None,
-                "rel_err": self.rel_err, "note": self.note}
+                "rel_err": self.rel_err, "note": self.note, "chosen": self.chosen}
 
 
 @dataclass
@@ -146,8 +147,13 @@ def bench_partition(
     if tuning.get("tasks") is not None:
         note = (f"{tuning.get('tasks_with_record', 0)}/{tuning['tasks']} tasks with a tuning record, {tuning.get('chosen', '?')}"
                 f"; schedules: {tuning.get('schedules', '?')}")
+    decided = {c["backend"]: c for c in spec.choice.get("candidates", [])}
+    if spec.choice:
+        figure = decided.get(spec.backend, {}).get("median_ms")
+        note = "; ".join(filter(None, [note, f"compile's choice ({spec.choice['how']}"
+                                                + (f", {figure:.3g} ms then)" if figure is not None else ")")]))
     report.rows.append(BenchRow(f"compiled ({compiled.runtime})", f"{compiled.path} [{label}]", timed(lambda: run(inputs)),
-                                _rel_err(got, expected), note))
+                                _rel_err(got, expected), note, chosen=True))
 
     # The torch partition, rebuilt from the model (needed by torch eager, and by ORT without a bundled ONNX).
     partition = rebuild_partition(model, manifest, index) if model else None
@@ -173,7 +179,19 @@ def bench_partition(
             report.rows.append(BenchRow("onnxruntime", source, timed(lambda: run_ort(inputs)), _rel_err(got, expected)))
             del run_ort  # its thread pool goes with the session
 
-    # 3. PyTorch eager on the same partition.
+    # 3. The other candidates compile weighed for this target (TVM when ONNX Runtime ships), built from the model.
+    for backend_id in _other_candidates(manifest, spec):
+        if partition is None:
+            report.rows.append(BenchRow(backend_id, "-", None, None, "skipped: pass --model model.pt2 to build this candidate"))
+            continue
+        row = _candidate_row(backend_id, partition, inputs, expected, threads, timed, log)
+        if backend_id in decided:
+            row.note = "; ".join(filter(None, [row.note, f"compile: {decided[backend_id]['status']}"
+                                                          + (f", {decided[backend_id]['median_ms']:.3g} ms" if "median_ms" in decided[backend_id] else "")
+                                                          + (f" ({decided[backend_id]['note']})" if decided[backend_id].get("note") else "")]))
+        report.rows.append(row)
+
+    # 4. PyTorch eager on the same partition.
     if partition is None:
         report.rows.append(BenchRow("torch eager", "-", None, None, "skipped: pass --model model.pt2 (a bundle carries no torch program)"))
     else:
@@ -190,6 +208,41 @@ def bench_partition(
         got = [t.numpy() for t in run_torch()]
         report.rows.append(BenchRow("torch eager", "partition rebuilt from --model", timed(run_torch), _rel_err(got, expected)))
     return report
+
+
+def _other_candidates(manifest, spec: PartitionSpec) -> list[str]:
+    """The candidates for the partition's target other than the shipped backend and ONNX Runtime
+    (which has its own row)."""
+    from splitc.drivers.backend_choice import candidate_ids
+    from splitc.targets import load_target
+
+    summary = next(t for t in manifest.targets if t["name"] == spec.target)
+    try:
+        target = load_target(summary["name"])
+    except Exception:  # noqa: BLE001 - a target file of another machine: its candidates are unknown here
+        return []
+    return [b for b in candidate_ids(target) if b not in (spec.backend, "onnxruntime")
+            and (target.arch == host_arch() or b != "tensorrt")]
+
+
+def _candidate_row(backend_id: str, partition, inputs, expected, threads: int, timed, log) -> BenchRow:
+    """Build one candidate backend for the partition here (untuned: an empty-handed compile) and
+    time what this host runs of it."""
+    from splitc.backends.registry import backend_record
+    from splitc.core.errors import SplitcError
+
+    with tempfile.TemporaryDirectory(prefix="splitc-bench-") as tmp:
+        log(f"building the {backend_id} candidate from the model")
+        try:
+            compiled = backend_record(backend_id).create().compile(partition, Path(tmp))
+        except SplitcError as exc:
+            return BenchRow(backend_id, "built from --model", None, None, f"could not build: {exc}")
+        artifact = next((a for a in compiled.artifacts if can_run_here(a)), None)
+        if artifact is None:
+            return BenchRow(backend_id, "built from --model", None, None, "no artifact this host can run")
+        run = load_executor(artifact, Path(artifact.path), threads)
+        got = run(inputs)
+        return BenchRow(backend_id, f"built from --model [{artifact.role}]", timed(lambda: run(inputs)), _rel_err(got, expected))
 
 
 def ort_runner(path: Path, threads: int):

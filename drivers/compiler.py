@@ -17,12 +17,11 @@ import numpy as np
 import torch
 
 import splitc
-from splitc.backends.base import check_support
-from splitc.backends.registry import get_backend
 from splitc.core.bundle import record_artifact, staged_directory, write_manifest
 from splitc.core.errors import CutError, SplitcError
 from splitc.core.graph import ModelGraph, sample_inputs
 from splitc.core.manifest import REFERENCE_NAME, ExitSpec, Manifest, PartitionSpec, sha256_file
+from splitc.drivers.backend_choice import compile_chosen, parse_overrides, plan_candidates
 from splitc.frontend.signature import named_by_path
 from splitc.passes.contract import CompileData, CompileOptions, PassContext
 from splitc.passes.cuts import Cut, CutAnalysis, auto_cuts, estimate, resolve_cuts
@@ -119,9 +118,8 @@ def compile_model(graph: ModelGraph, options: CompileOptions, out: Path, *, data
     partitions = extract_partitions(graph, analysis, targets)
     exit_plan: ExitPlan | None = context.results.get("exits")
     exit_specs = exit_plan_specs(exit_plan, graph, partitions) if exit_plan else ()
-    backends = [get_backend(p.target) for p in partitions]
-    for partition, backend in zip(partitions, backends):
-        check_support(partition, backend)
+    overrides = parse_overrides(options.backends, targets)
+    candidates = [plan_candidates(p, overrides.get(p.target.name)) for p in partitions]  # coverage, before compiling
     check_memory(partitions)
     reference = reference_data(graph, partitions, sample_inputs(graph, samples, examples, other_sizes=second_sizes(graph.inputs)))
     seconds["plan"] = time.perf_counter() - started
@@ -129,12 +127,14 @@ def compile_model(graph: ModelGraph, options: CompileOptions, out: Path, *, data
     out = Path(out)
     with staged_directory(out) as staging:
         specs = []
-        for partition, backend in zip(partitions, backends):
+        for partition, plan in zip(partitions, candidates):
             tick = time.perf_counter()
-            log(f"compiling partition {partition.index} ({len(partition.nodes)} nodes) for {partition.target.name} with {backend.id}")
+            log(f"compiling partition {partition.index} ({len(partition.nodes)} nodes) for {partition.target.name}: "
+                f"{', '.join(b.id for b in plan.backends)}")
             workdir = staging / f"p{partition.index}"
-            compiled = backend.compile(partition, workdir)
-            notes.extend(compiled.notes)
+            backend_id, compiled, choice = compile_chosen(plan, workdir, [reference[f"s0/{t.name}"] for t in partition.inputs],
+                                                          [reference[f"s0/{t.name}"] for t in partition.outputs], log)
+            notes.extend(choice.notes(partition) + compiled.notes)
             artifacts = tuple(
                 record_artifact(staging, a.path, runtime=a.runtime, role=a.role, arch=a.arch, options=a.options)
                 for a in compiled.artifacts
@@ -143,13 +143,14 @@ def compile_model(graph: ModelGraph, options: CompileOptions, out: Path, *, data
                 PartitionSpec(
                     index=partition.index,
                     target=partition.target.name,
-                    backend=backend.id,
+                    backend=backend_id,
                     inputs=partition.inputs,
                     outputs=partition.outputs,
                     artifacts=artifacts,
                     nodes=partition.nodes,
                     flops=partition.flops,
                     engine=compiled.engine,
+                    choice=choice.to_json(),
                 )
             )
             seconds[f"p{partition.index}:{partition.target.name}"] = time.perf_counter() - tick

@@ -1,7 +1,8 @@
 """Measured latency profiles: the analytic cost model, calibrated by timing compiled segments.
 
-`profile_target` cuts a graph into a few consecutive segments, compiles each with the target's own
-backend, runs it where the target's code really runs (this host, or a device over TVM RPC) and times
+`profile_target` cuts a graph into a few consecutive segments, compiles each with every candidate
+backend compile would weigh for the target (drivers/backend_choice.py; the target's own backend
+only over RPC or with SPLITC_BACKEND_CHOICE=preferred), keeps the fastest, runs it where the target's code really runs (this host, or a device over TVM RPC) and times
 it. `Profile.node_ms` then spreads each segment's measured median over its nodes in proportion to
 the analytic model (`passes.cost_model.compute_ms`), so the planner keeps per-node resolution and
 every segment sums exactly to what was measured.
@@ -58,6 +59,8 @@ class SegmentTiming:
     last_node: str        # name of the node at end_position
     measured: Timing
     estimated_ms: float   # analytic model's figure for the same positions
+    backend: str = ""     # the backend `measured` is of: the fastest candidate, as compile would choose
+    candidates: dict[str, float] = field(default_factory=dict)  # every candidate backend's median ms
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -67,6 +70,7 @@ class SegmentTiming:
             "last_node": self.last_node,
             "measured": self.measured.to_json(),
             "estimated_ms": self.estimated_ms,
+            **({"backend": self.backend, "candidates": self.candidates} if self.backend else {}),
         }
 
     @classmethod
@@ -78,6 +82,8 @@ class SegmentTiming:
             last_node=str(data["last_node"]),
             measured=Timing.from_json(data["measured"]),
             estimated_ms=float(data["estimated_ms"]),
+            backend=str(data.get("backend") or ""),
+            candidates={str(k): float(v) for k, v in (data.get("candidates") or {}).items()},
         )
 
     @property
@@ -309,12 +315,17 @@ def profile_target(
     partitions = _segment_partitions(graph, analysis, bounds, target)
     estimates = compute_ms(analysis.order, target)
 
-    from splitc.backends.base import check_support  # imports torch / the compiler lazily
-    from splitc.backends.registry import get_backend
+    from splitc.backends.registry import backend_record
+    from splitc.drivers.backend_choice import plan_candidates  # imports torch / the compiler lazily
 
-    backend = get_backend(target)
-    for partition in partitions:
-        check_support(partition, backend)
+    # Each segment is timed on every candidate backend compile would weigh for the target (over RPC:
+    # those that time remotely; a target that cannot be timed here: its own), and keeps the fastest,
+    # so plans price the code that ships. A candidate lacking an operator is skipped for that segment.
+    plans = [plan_candidates(partition, None) for partition in partitions]
+    for plan in plans:
+        plan.backends = [b for b in plan.backends if (backend_record(b.id).rpc if rpc else backend_record(b.id).usable_here())]
+        if not plan.measure or not plan.backends:
+            plan.backends = plan.backends[:1] or [backend_record(target.backend).create()]
 
     timer_options = dict(warmup=warmup, repeats=repeats, min_seconds=min_seconds, max_seconds=max_seconds)
     measured_on = f"rpc {rpc.strip()}" if rpc else host_description()
@@ -324,32 +335,42 @@ def profile_target(
     with _workdir(workdir) as root:
         remote = _RemoteTVM(rpc) if rpc else None
         timings: list[SegmentTiming] = []
-        for (start, end), partition in zip(bounds, partitions):
-            seg_dir = root / f"s{partition.index}"
-            compiled = backend.compile(partition, seg_dir)
-            deploy = [a for a in compiled.artifacts if a.role == ROLE_DEPLOY]
-            if len(deploy) != 1:
-                raise BackendError(f"the {backend.id} backend gave no deploy artifact for segment {partition.index} of {target.name}; nothing to time")
-            artifact = _manifest_artifact(deploy[0], seg_dir)
-            inputs = _example_arrays(partition.inputs, seed=partition.index)
-            if remote is not None:
-                measured = remote.time(deploy[0].path, f"s{partition.index}_{deploy[0].path.name}", inputs, **timer_options)
-            else:
-                if not can_run_here(artifact):
-                    raise TargetError(f"segment {partition.index} of {target.name} ({artifact.runtime}, {artifact.arch}) cannot run on this host; profile on the target")
-                run = load_executor(artifact, deploy[0].path)
-                run(inputs)  # the first call loads lazily; a failure here should not look like a timing
-                measured = time_callable(lambda: run(inputs), **timer_options)
-                del run
+        for (start, end), partition, plan in zip(bounds, partitions, plans):
+            seg_dir = root / f"s{partition.index}"  # one folder per candidate when there are several
+            by_backend = {backend.id: _time_segment(backend, partition, target, seg_dir / backend.id if len(plan.backends) > 1 else seg_dir,
+                                                    remote, timer_options) for backend in plan.backends}
+            fastest = min(by_backend, key=lambda b: by_backend[b].median_ms)
+            measured = by_backend[fastest]
             estimated = float(estimates[start : end + 1].sum())
-            seg = SegmentTiming(start, end, analysis.order[start].name, analysis.order[end].name, measured, estimated)
+            seg = SegmentTiming(start, end, analysis.order[start].name, analysis.order[end].name, measured, estimated, fastest,
+                                {b: round(t.median_ms, 4) for b, t in by_backend.items()})
             timings.append(seg)
+            others = ", ".join(f"{b} {t.median_ms:.4f} ms" for b, t in by_backend.items() if b != fastest)
             log(
                 f"segment {partition.index}: positions {start}..{end} ({seg.first_node} .. {seg.last_node}, {len(partition.nodes)} ops): "
-                f"{measured.median_ms:.4f} ms measured (p10 {measured.p10_ms:.4f}, p90 {measured.p90_ms:.4f}, n={measured.repeats}), "
-                f"{estimated:.4f} ms analytic"
+                f"{measured.median_ms:.4f} ms measured on {fastest} (p10 {measured.p10_ms:.4f}, p90 {measured.p90_ms:.4f}, "
+                f"n={measured.repeats}{'; ' + others if others else ''}), {estimated:.4f} ms analytic"
             )
     return Profile(target.name, measured_on, graph.source_sha256, timings)
+
+
+def _time_segment(backend, partition, target: Target, seg_dir: Path, remote, timer_options: dict) -> Timing:
+    """Compile one segment with `backend` and time its deploy artifact here or on the RPC device."""
+    compiled = backend.compile(partition, seg_dir)
+    deploy = [a for a in compiled.artifacts if a.role == ROLE_DEPLOY]
+    if len(deploy) != 1:
+        raise BackendError(f"the {backend.id} backend gave no deploy artifact for segment {partition.index} of {target.name}; nothing to time")
+    artifact = _manifest_artifact(deploy[0], seg_dir)
+    inputs = _example_arrays(partition.inputs, seed=partition.index)
+    if remote is not None:
+        return remote.time(deploy[0].path, f"s{partition.index}_{deploy[0].path.name}", inputs, **timer_options)
+    if not can_run_here(artifact):
+        raise TargetError(f"segment {partition.index} of {target.name} ({artifact.runtime}, {artifact.arch}) cannot run on this host; profile on the target")
+    run = load_executor(artifact, deploy[0].path)
+    run(inputs)  # the first call loads lazily; a failure here should not look like a timing
+    measured = time_callable(lambda: run(inputs), **timer_options)
+    del run
+    return measured
 
 
 def _segment_partitions(graph: ModelGraph, analysis: CutAnalysis, bounds: list[tuple[int, int]], target: Target):

@@ -2,9 +2,10 @@
 
 Per partition, the artifact runs on the reference tensors that enter it (so a mismatch is pinned to
 one partition); then the artifacts run chained, each on what the previous one produced, and the
-final outputs are compared with torch's (relative error and top-1 agreement). The aarch64 library
-itself runs under qemu-user when the emulation toolchain is provisioned; otherwise its host twin
-runs and the report says so. A deferred TensorRT engine is reported as skipped, never as passed.
+final outputs are compared with torch's (relative error and top-1 agreement). An aarch64 device's
+artifact (TVM's library, or an ONNX model for ONNX Runtime) runs in that runtime's aarch64 build
+under qemu-user when the emulation toolchain is provisioned; otherwise its host twin runs and the
+report says so. A deferred TensorRT engine is reported as skipped, never as passed.
 
 Imports only the runtime and the stdlib: verification needs no torch.
 """
@@ -22,7 +23,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from splitc.core.errors import SplitcError, first_line
-from splitc.runtime.executors import can_run_here, load_executor, runtime_record
+from splitc.runtime.executors import can_run_here, host_arch, load_executor, runtime_record
 from splitc.core.manifest import ROLE_DEPLOY, ROLE_HOST_TWIN, ROLE_PORTABLE, Artifact, PartitionSpec
 from splitc.runtime.session import Bundle, softmax_max
 
@@ -104,28 +105,36 @@ class Runner:
 
 
 def choose_runner(bundle: Bundle, partition: PartitionSpec, *, emulate: bool = True) -> Runner:
-    """The most faithful way to run a partition's deploy artifact on this host."""
-    verify_cfg = bundle.manifest.targets[partition.index].get("verify", {})
+    """The most faithful way to run a partition's deploy artifact on this host: natively when it is
+    this host's code, under qemu when it is a device's (an ONNX model deployed to an aarch64 target
+    runs in the aarch64 ONNX Runtime), else a substitute named in the note."""
+    target = bundle.manifest.targets[partition.index]
+    verify_cfg = target.get("verify", {})
     rtol = float(verify_cfg.get("rtol", 1e-4))
     deploy = partition.artifact(ROLE_DEPLOY)
-    if deploy is not None and can_run_here(deploy):
-        if runtime_record(deploy.runtime).gpu:  # a GPU engine's kernels differ more from torch's
-            rtol = float(verify_cfg.get("engine_rtol", rtol))
-        return Runner(_native(bundle, deploy), "native", deploy, rtol)
+    device_arch = (deploy.arch if deploy is not None else None) or target.get("arch") or host_arch()
     reason = ""
     from splitc.backends.emulation import can_emulate, find_aarch64_toolchain
 
-    if deploy is not None and can_emulate(deploy):
-        toolchain = find_aarch64_toolchain() if emulate else None
+    if deploy is not None and device_arch != host_arch() and can_emulate(deploy, device_arch):
+        toolchain = find_aarch64_toolchain(runtime=deploy.runtime) if emulate else None
         if toolchain is not None:
-            return Runner(_emulated(bundle, deploy, toolchain), "emulated", deploy, rtol, "aarch64 library run under qemu-user")
-        reason = ("emulation disabled" if not emulate else "no aarch64 emulation toolchain (run `splitc toolchain aarch64`)")
-        reason = f"{deploy.path} not run: {reason}; checked its host twin instead"
+            return Runner(_emulated(bundle, deploy, toolchain), "emulated", deploy, rtol,
+                          f"aarch64 {deploy.runtime} runtime run under qemu-user")
+        reason = ("emulation disabled" if not emulate
+                  else f"no aarch64 emulation of {deploy.runtime} (run `splitc toolchain aarch64`)")
+        reason = f"{deploy.path} not run on its device's runtime: {reason}; checked it on this host's instead"
+    elif deploy is not None and can_run_here(deploy):
+        if runtime_record(deploy.runtime).gpu:  # a GPU engine's kernels differ more from torch's
+            rtol = float(verify_cfg.get("engine_rtol", rtol))
+        return Runner(_native(bundle, deploy), "native", deploy, rtol)
     elif deploy is None and partition.engine.get("status") == "deferred":
         reason = "TensorRT engine deferred; checked the TensorRT-ready ONNX with ONNX Runtime"
     elif deploy is not None:
         reason = f"{deploy.path} cannot run on this host; checked a substitute"
-    for role, mode in ((ROLE_HOST_TWIN, "host-twin"), (ROLE_PORTABLE, "portable")):
+    # An ISA-neutral deploy artifact (ONNX) is its own host twin.
+    substitutes = ((ROLE_HOST_TWIN, "host-twin"), (ROLE_DEPLOY, "host-twin"), (ROLE_PORTABLE, "portable"))
+    for role, mode in substitutes:
         artifact = partition.artifact(role)
         if artifact is not None and can_run_here(artifact):
             return Runner(_native(bundle, artifact), mode, artifact, rtol, reason)
@@ -140,8 +149,9 @@ def _native(bundle: Bundle, artifact: Artifact) -> BatchRunner:
 def _emulated(bundle: Bundle, artifact: Artifact, toolchain) -> BatchRunner:
     """One qemu process per batch: starting the emulated interpreter costs seconds, a sample does not."""
     import splitc.runtime
+    from splitc.backends.emulation import EMULATION_WORKERS
 
-    worker = Path(splitc.runtime.__file__).resolve().parent / "tvm_worker.py"
+    worker = Path(splitc.runtime.__file__).resolve().parent / EMULATION_WORKERS[artifact.runtime]
     library = bundle.file(artifact)
 
     def run(batch: Batch) -> Batch:

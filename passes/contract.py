@@ -46,6 +46,7 @@ class CompileOptions:
     max_accuracy_drop: float = 1.0              # points, for exits, noise and defences
     defend: str | None = None                   # None | "nopeek" | "adversarial" | "noise-aware" (passes/defend.py)
     plan_record: dict[str, Any] | None = None   # the planner's choice this compile realises
+    backends: tuple[str, ...] = ()              # "TARGET=BACKEND" overrides of the measured backend choice
     pipeline: tuple[CutPass, ...] | None = None  # None: passes/pipeline.py's DEFAULT_PIPELINE
 
     def __post_init__(self):
@@ -57,6 +58,9 @@ class CompileOptions:
             object.__setattr__(self, "cut", "auto" if names == ["auto"] else tuple(names))
         else:
             object.__setattr__(self, "cut", tuple(self.cut) or "auto")
+        object.__setattr__(self, "backends", tuple(self.backends.split(",")) if isinstance(self.backends, str)
+                           else tuple(f"{k}={v}" for k, v in self.backends.items()) if isinstance(self.backends, dict)
+                           else tuple(self.backends))
         if self.quantize == "none":
             object.__setattr__(self, "quantize", None)
         if isinstance(self.exits, str) and self.exits != "auto":

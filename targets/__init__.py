@@ -94,6 +94,7 @@ class Target:
     memory_gb: float
     backend: str
     backend_options: dict[str, Any] = field(default_factory=dict)
+    other_backends: dict[str, dict[str, Any]] = field(default_factory=dict)  # [backends.<id>]: options of other candidates
     verify: dict[str, float] = field(default_factory=dict)
     peak_gflops: float | None = None
     source: str = ""               # the file it came from
@@ -108,6 +109,13 @@ class Target:
     @property
     def min_top1(self) -> float:
         return float(self.verify.get("min_top1", 1.0))
+
+    def options_for(self, backend: str) -> dict[str, Any]:
+        """The options of `backend` on this target: the [backend] table for the preferred backend,
+        its [backends.<id>] table for another candidate (e.g. rpi4's ONNX Runtime threads)."""
+        if backend == self.backend:
+            return dict(self.backend_options)
+        return dict(self.other_backends.get(backend) or {})
 
     def summary(self) -> dict[str, Any]:
         """What a bundle manifest records about the target."""
@@ -175,6 +183,7 @@ def _parse(text: str, source: str) -> Target:
             peak_gflops=float(compute["peak_gflops"]) if "peak_gflops" in compute else None,
             backend=str(backend_name),
             backend_options=backend,
+            other_backends={str(k): dict(v) for k, v in data.get("backends", {}).items()},
             verify={k: float(v) for k, v in data.get("verify", {}).items()},
             source=source,
             price=dict(data.get("price", {})),

@@ -22,6 +22,11 @@ import torch
 
 from tests import models
 
+# Most tests are about one backend (TVM's builds, tuning, ONNX export...): they compile with each
+# target's preferred backend instead of compiling and timing every candidate, which would double
+# their compile time; tests/test_backend_choice.py covers the measured choice.
+os.environ.setdefault("SPLITC_BACKEND_CHOICE", "preferred")
+
 
 class Zoo:
     """Lazily exported and imported test models, keyed by factory name (see tests.models.ZOO)."""

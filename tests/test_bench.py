@@ -43,6 +43,9 @@ def test_bench_onnx_partition_and_no_model(bundle):
     report = bench_partition(bundle, 1, repeats=3, min_seconds=0.01)
     assert report.rows[0].runtime == "compiled (onnxruntime)" and report.rows[0].timing is not None
     assert report.rows[-1].runtime == "torch eager" and report.rows[-1].timing is None and "--model" in report.rows[-1].note
+    # cloud-cpu's other candidate, TVM, is listed; building it needs the model.
+    assert [(r.runtime, r.chosen) for r in report.rows] == [("compiled (onnxruntime)", True), ("tvm", False), ("torch eager", False)]
+    assert "--model" in report.rows[1].note
 
 
 def test_bench_refuses_a_wrong_partition_or_model(bundle, zoo):

@@ -148,3 +148,29 @@ def test_worker_reports_errors_on_one_line(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert result.stderr.startswith("tvm_worker: ") and result.stderr.count("\n") == 1
     assert not (tmp_path / "out.npz").exists()
+
+
+def test_runtime_layer_needs_its_own_stamp(tmp_path: Path, monkeypatch) -> None:
+    # A base toolchain alone does not make ONNX Runtime runnable: its layer must be complete too.
+    root = tmp_path / "toolchains" / "aarch64"
+    (root / "sysroot" / "usr" / "bin").mkdir(parents=True)
+    (root / "sysroot" / "usr" / "bin" / "python3.11").touch()
+    (root / "site-packages").mkdir()
+    (root / "toolchain.json").write_text(__import__("json").dumps(emulation._expected_stamp()), encoding="utf-8")
+    monkeypatch.setattr(emulation, "_which_qemu", lambda: Path("/usr/bin/qemu-aarch64"))
+    assert find_aarch64_toolchain(tmp_path) is not None
+    assert find_aarch64_toolchain(tmp_path, runtime="onnxruntime") is None
+    with pytest.raises(emulation.ToolchainError, match="no aarch64 emulation for runtime"):
+        find_aarch64_toolchain(tmp_path, runtime="nope")
+
+
+def test_layered_toolchain_puts_both_site_packages_on_the_path() -> None:
+    base = emulation.Aarch64Toolchain(root=Path("/c/aarch64"), sysroot=Path("/c/aarch64/sysroot"),
+                                      site_packages=Path("/c/aarch64/site-packages"),
+                                      python=Path("/c/aarch64/sysroot/usr/bin/python3.11"), qemu=Path("/usr/bin/qemu-aarch64"))
+    layered = emulation._layered(base, Path("/c/aarch64-onnxruntime"))
+    env = layered.environment({})
+    assert env["PYTHONPATH"].split(":") == ["/c/aarch64/site-packages", "/c/aarch64-onnxruntime/site-packages"]
+    assert layered.python_argv()[:3] == ["/usr/bin/qemu-aarch64", "-L", "/c/aarch64-onnxruntime/prefix"]
+    # The emulated CPU's cpuinfo: Cortex-A72 (part 0xd08), one block per core.
+    assert emulation._emulated_cpuinfo(4).count("CPU part\t: 0xd08") == 4
