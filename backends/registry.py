@@ -30,7 +30,12 @@ class BackendRecord:
     tunable: bool = False           # `splitc tune` searches schedules for it
     rpc: bool = False               # it can time and tune on a remote device over RPC
     portable: bool = False          # its artifact runs on any CPU of its ISAs: a GPU target's fallback
+    name: str = ""                  # what users call it, in messages ("TVM"); the id when empty
     description: str = ""
+
+    @property
+    def display_name(self) -> str:
+        return self.name or self.id
 
     @property
     def runtime_record(self) -> RuntimeRecord:
@@ -63,11 +68,11 @@ def _tensorrt() -> Backend:
 BACKENDS: dict[str, BackendRecord] = {
     record.id: record
     for record in (
-        BackendRecord("tvm", _tvm, RUNTIME_TVM, deploy_isas=("x86_64", "aarch64"), tunable=True, rpc=True,
+        BackendRecord("tvm", _tvm, RUNTIME_TVM, deploy_isas=("x86_64", "aarch64"), tunable=True, rpc=True, name="TVM",
                       description="Apache TVM (Relax), cross-compiled per LLVM target"),
-        BackendRecord("onnxruntime", _onnxruntime, RUNTIME_ONNXRUNTIME, deploy_isas=("x86_64", "aarch64"), portable=True,
+        BackendRecord("onnxruntime", _onnxruntime, RUNTIME_ONNXRUNTIME, deploy_isas=("x86_64", "aarch64"), portable=True, name="ONNX Runtime",
                       description="ONNX Runtime, CPU execution provider"),
-        BackendRecord("tensorrt", _tensorrt, RUNTIME_TENSORRT, deploy_isas=("x86_64", "aarch64"),
+        BackendRecord("tensorrt", _tensorrt, RUNTIME_TENSORRT, deploy_isas=("x86_64", "aarch64"), name="TensorRT",
                       description="TensorRT engine from the partition's ONNX (built on the GPU host)"),
     )
 }

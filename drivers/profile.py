@@ -272,7 +272,7 @@ def check_profilable(target: Target, rpc: str | None) -> None:
 
     backend = target_backend(target)
     if rpc and not backend.rpc:
-        remote = ", ".join(r.id for r in backend_records() if r.rpc)
+        remote = ", ".join(r.display_name for r in backend_records() if r.rpc)
         raise TargetError(f"--rpc times {remote} modules only; target {target.name} uses {backend.id}: "
                           f"run `splitc profile` on a host of that target instead")
     if not rpc and not backend.usable_here():
