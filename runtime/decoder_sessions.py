@@ -37,7 +37,7 @@ from splitc.runtime import cut_codec
 from splitc.runtime.executors import Executor, load_executor
 from splitc.runtime.generation import KVState, Sampling, decoder_spec
 from splitc.runtime.session import Bundle, host_artifact
-from splitc.runtime.v2protocol import ProtocolError, model_name_for
+from splitc.runtime.v2protocol import ProtocolError, bearer_authorized, model_name_for
 
 DEFAULT_TTL_S = 300.0
 DEFAULT_MAX_SESSIONS = 64
@@ -158,11 +158,7 @@ class DecoderService:
         return str(self.manifest.model.get("sha256", ""))
 
     def authorized(self, header: str | None) -> bool:
-        if self.token is None:
-            return True
-        if not header or not header.startswith("Bearer "):
-            return False
-        return hmac.compare_digest(header[len("Bearer "):].strip().encode(), self.token)
+        return bearer_authorized(header, self.token)
 
     def count(self, key: str) -> None:
         with self._stats_lock:

@@ -26,7 +26,6 @@ libraries (the `serve` extra) are imported by this module only: a device never i
 
 from __future__ import annotations
 
-import hmac
 import logging
 import queue
 import signal
@@ -49,6 +48,7 @@ from splitc.runtime.v2protocol import (
     EXIT_PARAMETER,
     SHA_PARAMETER,
     ProtocolError,
+    bearer_authorized,
     decode_request,
     encode_response,
     model_name_for,
@@ -158,11 +158,7 @@ class PartitionServer:
         return str(self.manifest.model.get("sha256", ""))
 
     def authorized(self, header: str | None) -> bool:
-        if self.token is None:
-            return True
-        if not header or not header.startswith("Bearer "):
-            return False
-        return hmac.compare_digest(header[len("Bearer "):].strip().encode(), self.token)
+        return bearer_authorized(header, self.token)
 
     def metadata(self) -> dict[str, Any]:
         return {

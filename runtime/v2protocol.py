@@ -12,6 +12,7 @@ Numpy and the stdlib only: a device imports this without torch or the compiler.
 
 from __future__ import annotations
 
+import hmac
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -49,6 +50,16 @@ class ProtocolError(InputError):
     def __init__(self, message: str, status: int = 400):
         super().__init__(message)
         self.status = status
+
+
+def bearer_authorized(header: str | None, token: bytes | None) -> bool:
+    """Whether an Authorization header carries the server's shared secret (`token` None: no auth).
+    Compared in constant time: a timing difference must not tell how much of a guess was right."""
+    if token is None:
+        return True
+    if not header or not header.startswith("Bearer "):
+        return False
+    return hmac.compare_digest(header[len("Bearer "):].strip().encode(), token)
 
 
 def model_name_for(name: str) -> str:

@@ -17,6 +17,7 @@ import torch
 
 from examples import decoders
 from splitc.cli import main
+from tests.test_cli import run_cli
 from splitc.core.errors import CutError, InputError, ModelLoadError, RemoteError
 from splitc.runtime import Bundle
 from splitc.runtime.cut_codec import decode, encode, encoded_size, round_trip
@@ -29,15 +30,6 @@ PROMPTS = 20
 NEW_TOKENS = 12
 
 
-def run_cli(*args, capsys) -> tuple[int, str, str]:
-    capsys.readouterr()
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def compile_family(family: str, out: Path, cut: str | None = None, max_len: int = 64) -> Path:

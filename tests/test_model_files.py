@@ -13,21 +13,13 @@ import pytest
 import torch
 
 from splitc.cli import main
+from tests.test_cli import run_cli
 from splitc.core.manifest import read_manifest
 from splitc.runtime import Bundle, SplitSession
 from tests import file_models
 from tests.models import rel_err
 
 
-def run_cli(*args, capsys) -> tuple[int, str, str]:
-    capsys.readouterr()
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def compile_verify(source, out: Path, capsys, *extra) -> Path:
