@@ -9,8 +9,8 @@ import click
 from rich.markup import escape
 from rich.table import Table
 
-from splitc.cli.common import (LINK_HELP, calib_option, calibration_samples, console, err_console, import_source, json_flag_option,
-                               link_option, mb, model_options, targets_option)
+from splitc.cli.common import (LINK_HELP, calib_option, console, import_source, json_flag_option, link_option, mb, model_options,
+                               targets_option)
 from splitc.core.errors import InputError
 
 

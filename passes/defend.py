@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import copy
 import math
-import operator
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field

@@ -125,14 +125,14 @@ def plan_exits(graph: ModelGraph, points: Sequence[str], samples: Sequence[tuple
     heads, module = [], copy.deepcopy(graph.module)
     current = replace(graph, module=module)
     renames = {}
-    for node, fit, threshold, rate in zip(nodes, fitted, thresholds, rates):
+    for node, head_fit, threshold, rate in zip(nodes, fitted, thresholds, rates):
         index = len(heads)
-        head = ExitHead(index=index, at=node.name, output=f"exit{index}_logits", kind=fit.kind,
+        head = ExitHead(index=index, at=node.name, output=f"exit{index}_logits", kind=head_fit.kind,
                         threshold=None if threshold is None else float(threshold), exit_rate=float(rate),
-                        accuracy=float((fit.logits[held].argmax(1) == labels[held]).mean()), params=fit.params)
+                        accuracy=float((head_fit.logits[held].argmax(1) == labels[held]).mean()), params=head_fit.params)
         if threshold is None:
             continue
-        renames[node.name] = _insert_head(module, node.name, fit, head.output, index)
+        renames[node.name] = _insert_head(module, node.name, head_fit, head.output, index)
         heads.append(head)
     module.graph.lint()
     module.recompile()
@@ -147,9 +147,9 @@ def plan_exits(graph: ModelGraph, points: Sequence[str], samples: Sequence[tuple
         "accuracy_with_exits": float((cascade == labels[held]).mean()),
         "exit_rate": float(sum(rates)),
         "candidates": [
-            {"at": node.name, "kind": fit.kind, "accuracy": float((fit.logits[held].argmax(1) == labels[held]).mean()),
+            {"at": node.name, "kind": head_fit.kind, "accuracy": float((head_fit.logits[held].argmax(1) == labels[held]).mean()),
              "threshold": None if t is None else float(t), "exit_rate": float(r)}
-            for node, fit, t, r in zip(nodes, fitted, thresholds, rates)
+            for node, head_fit, t, r in zip(nodes, fitted, thresholds, rates)
         ],
     }
     return current, ExitPlan(heads, report, renames)

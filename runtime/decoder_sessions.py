@@ -193,7 +193,7 @@ class DecoderService:
             self.store.close(parts[0], owner)
             return 200, {"closed": True}
         raise SessionError(404 if method in ("POST", "DELETE") else 405,
-                           f"sessions take POST .../sessions, POST .../sessions/<id>/step and DELETE .../sessions/<id>")
+                           "sessions take POST .../sessions, POST .../sessions/<id>/step and DELETE .../sessions/<id>")
 
     def create(self, owner: str, request: dict[str, Any]) -> dict[str, Any]:
         sampling = Sampling.from_json(request.get("sampling"))

@@ -45,7 +45,7 @@ class LinkMix:
     def rtt_ms(self) -> float:
         return float(sum(w * s.rtt_ms for s, w in zip(self.states, self.weights)))
 
-    def aggregate(self, per_state) -> "np.ndarray":
+    def aggregate(self, per_state):
         """Latency over the states (rows) for each plan (columns): the weighted mean, or the
         weighted percentile (the least latency that at least `percentile`% of requests meet)."""
         import numpy as np
