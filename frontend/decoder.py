@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from splitc.core.errors import InputError, ModelLoadError, first_line
+from splitc.core.manifest import sha256_file
 
 _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
@@ -80,7 +81,7 @@ def _load_gguf(path: Path) -> LoadedDecoder:
         raise ModelLoadError(f"reading GGUF needs the gguf and accelerate packages ({first_line(exc)}); pip install 'splitc[decoder]'") from exc
     except Exception as exc:
         raise ModelLoadError(f"transformers cannot load {path.name} as a causal LM: {first_line(exc)}") from exc
-    return LoadedDecoder(model.eval(), tokenizer, path.stem, str(path), _file_sha256(path))
+    return LoadedDecoder(model.eval(), tokenizer, path.stem, str(path), sha256_file(path))
 
 
 def _load_folder(path: Path) -> LoadedDecoder:
@@ -96,7 +97,7 @@ def _load_folder(path: Path) -> LoadedDecoder:
         except Exception as exc:
             raise ModelLoadError(f"the tokenizer in {path} cannot be loaded: {first_line(exc)}") from exc
     weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
-    digest = hashlib.sha256(b"".join(_file_sha256(w).encode() for w in weights)).hexdigest()
+    digest = hashlib.sha256(b"".join(sha256_file(w).encode() for w in weights)).hexdigest()
     return LoadedDecoder(model.eval(), tokenizer, path.name, str(path), digest)
 
 
@@ -141,11 +142,3 @@ def save_tokenizer(tokenizer: Any, folder: Path) -> list[Path]:
     if not any(p.name == "tokenizer.json" for p in written):
         raise ModelLoadError("the model's tokenizer did not write a tokenizer.json; the runtime cannot read it")
     return written
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import hmac
+import hmac  # session owners are compared in constant time
 import json
 import secrets
 import threading
@@ -37,7 +37,8 @@ from splitc.runtime import cut_codec
 from splitc.runtime.executors import Executor, load_executor
 from splitc.runtime.generation import KVState, Sampling, decoder_spec
 from splitc.runtime.session import Bundle, host_artifact
-from splitc.runtime.v2protocol import ProtocolError, bearer_authorized, model_name_for
+from splitc.runtime.server import ServedModel
+from splitc.runtime.v2protocol import ProtocolError, model_name_for
 
 DEFAULT_TTL_S = 300.0
 DEFAULT_MAX_SESSIONS = 64
@@ -124,7 +125,7 @@ def owner_of(authorization: str | None) -> str:
     return hashlib.sha256((authorization or "").encode()).hexdigest()
 
 
-class DecoderService:
+class DecoderService(ServedModel):
     """Partition 1 of a decoder bundle behind sessions. Thread-safe: steps of different sessions
     run concurrently (ONNX Runtime's run is), steps of one session one after another."""
 
@@ -151,18 +152,8 @@ class DecoderService:
         self.stats = {"requests": 0, "errors_4xx": 0, "errors_5xx": 0, "infer": 0, "steps": 0, "sessions_created": 0}
         self._stats_lock = threading.Lock()
 
-    # ---------------------------------------------------- what SplitcHTTPServer asks of an app
-
-    @property
-    def sha256(self) -> str:
-        return str(self.manifest.model.get("sha256", ""))
-
-    def authorized(self, header: str | None) -> bool:
-        return bearer_authorized(header, self.token)
-
-    def count(self, key: str) -> None:
-        with self._stats_lock:
-            self.stats[key] = self.stats.get(key, 0) + 1
+    # ---------------------------------------------------- what the serving front ends ask of a model
+    # (sha256, authorized and count come from ServedModel)
 
     def metadata(self) -> dict[str, Any]:
         return {"name": self.name, "versions": ["1"], "platform": "splitc-decoder",

@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 from splitc.runtime.executors import Executor, available_cpus, load_executor
-from splitc.core.manifest import RUNTIME_ONNXRUNTIME, TensorSpec
+from splitc.core.manifest import RUNTIME_ONNXRUNTIME, Manifest, TensorSpec
 from splitc.runtime.scheduler import Scheduler
 from splitc.runtime.session import Bundle, SplitSession, confident_exit, exit_answer, host_artifact
 from splitc.runtime.v2protocol import (
@@ -112,7 +112,28 @@ class Computed:
     exit: int | None                 # the exit head that answered on this server, if one did
 
 
-class PartitionServer:
+class ServedModel:
+    """What every model a server serves shares, whatever it computes: its bundle's sha256, the
+    bearer-token check and the request counters the front ends keep (`stats`, under `_stats_lock`)."""
+
+    manifest: Manifest
+    token: bytes | None
+    stats: dict[str, int]
+    _stats_lock: threading.Lock
+
+    @property
+    def sha256(self) -> str:
+        return str(self.manifest.model.get("sha256", ""))
+
+    def authorized(self, header: str | None) -> bool:
+        return bearer_authorized(header, self.token)
+
+    def count(self, key: str) -> None:
+        with self._stats_lock:
+            self.stats[key] = self.stats.get(key, 0) + 1
+
+
+class PartitionServer(ServedModel):
     """The inference logic, independent of any protocol: check, run partitions K..end, answer.
 
     `compute` may be called from `workers` threads at once: a thread-safe runtime's model is shared,
@@ -153,12 +174,6 @@ class PartitionServer:
 
     # -------------------------------------------------------------------------- protocol pieces
 
-    @property
-    def sha256(self) -> str:
-        return str(self.manifest.model.get("sha256", ""))
-
-    def authorized(self, header: str | None) -> bool:
-        return bearer_authorized(header, self.token)
 
     def metadata(self) -> dict[str, Any]:
         return {
@@ -255,9 +270,6 @@ class PartitionServer:
         computed = self.compute(request.arrays)
         return self.answer(request, computed, (time.perf_counter() - tick) * 1e3)
 
-    def count(self, key: str) -> None:
-        with self._stats_lock:
-            self.stats[key] += 1
 
 
 # A partition computing in less than this runs on the thread that decoded its request: handing it
