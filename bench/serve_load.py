@@ -49,9 +49,11 @@ CUTS = {"stage2": "resnet.encoder.stages.1", "head": "resnet"}
 # ----------------------------------------------------------------------------------- the model
 
 
-def build(work: Path, cut: str) -> Path:
-    """The bundle for `cut` under `work` (compiled on the first run, reused after)."""
-    out = work / f"resnet18-{cut}.splitc"
+def build(work: Path, cut: str, dynamic_batch: bool = False) -> Path:
+    """The bundle for `cut` under `work` (compiled on the first run, reused after). With
+    `dynamic_batch` the export's batch dimension is symbolic, so the cloud partition takes a batch
+    and the server's dynamic batcher can run queued requests together."""
+    out = work / f"resnet18-{cut}{'-dynbatch' if dynamic_batch else ''}.splitc"
     if (out / "manifest.json").is_file():
         return out
     import torch
@@ -62,10 +64,11 @@ def build(work: Path, cut: str) -> Path:
     from splitc.frontend import import_model
     from splitc.targets import load_link, load_targets
 
-    pt2 = work / "resnet18.pt2"
+    pt2 = work / f"resnet18{'-dynbatch' if dynamic_batch else ''}.pt2"
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     if not pt2.is_file():
-        torch.export.save(torch.export.export(resnet18(), (x,)), pt2)
+        shapes = ({0: torch.export.Dim("batch", min=1, max=64)},) if dynamic_batch else None
+        torch.export.save(torch.export.export(resnet18(), (x,), dynamic_shapes=shapes), pt2)
         np.save(work / "x.npy", x.numpy())
     _, graph = import_model(pt2)
     options = CompileOptions(load_targets("cloud-cpu,cloud-cpu"), cut=CUTS[cut], link=load_link("4g"), samples=1)
@@ -123,6 +126,21 @@ def start_server(engine: str, bundle: Path, port: int, work: Path, args) -> subp
     else:
         raise SystemExit(f"unknown engine {engine}")
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+
+
+def batch_histogram(port: int) -> list[tuple[str, int]]:
+    """The server's splitc_batch_size histogram, read from its Prometheus /metrics."""
+    import urllib.request
+
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/metrics", headers={"Authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        text = answer.read().decode()
+    buckets = []
+    for line in text.splitlines():
+        if line.startswith("splitc_batch_size_bucket{"):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            buckets.append((le, int(float(line.rsplit(" ", 1)[1]))))
+    return buckets
 
 
 def wait_ready(port: int, proc: subprocess.Popen, seconds: float = 120.0) -> None:
@@ -317,11 +335,13 @@ def main() -> None:
     parser.add_argument("--old-rev", default="e0c226d", help="git revision whose runtime/server.py is --engine old")
     parser.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "splitc-serve-load"))
     parser.add_argument("--json", dest="json_path")
+    parser.add_argument("--dynamic-batch", action="store_true",
+                        help="export with a symbolic batch so the cloud partition takes a batch (for --server-args '--max-batch 8')")
     args = parser.parse_args()
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    bundle = build(work, args.cut)
+    bundle = build(work, args.cut, args.dynamic_batch)
     env, expected = boundary_and_answer(bundle)
     from splitc.runtime import Bundle
     from splitc.runtime.v2protocol import model_name_for
@@ -342,6 +362,11 @@ def main() -> None:
             rows.append(row)
             print(f"{clients:4d} clients: {row['requests_per_s']:8.1f} req/s  p50 {row['p50_ms']} ms  p99 {row['p99_ms']} ms  "
                   f"shed(503) {row['shed_503']}  errors {row['errors'] or 0}", flush=True)
+        if args.engine == "new":
+            histogram = batch_histogram(port)
+            if histogram:
+                print("batch sizes (requests per backend call, cumulative counts): "
+                      + "  ".join(f"<={le}: {count}" for le, count in histogram), flush=True)
     finally:
         if proc is not None:
             stop_server(proc)
