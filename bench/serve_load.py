@@ -68,7 +68,8 @@ def build(work: Path, cut: str, dynamic_batch: bool = False) -> Path:
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     if not pt2.is_file():
         shapes = ({0: torch.export.Dim("batch", min=1, max=64)},) if dynamic_batch else None
-        torch.export.save(torch.export.export(resnet18(), (x,), dynamic_shapes=shapes), pt2)
+        example = torch.cat([x, x]) if dynamic_batch else x  # export specialises a size-1 dimension: give it 2
+        torch.export.save(torch.export.export(resnet18(), (example,), dynamic_shapes=shapes), pt2)
         np.save(work / "x.npy", x.numpy())
     _, graph = import_model(pt2)
     options = CompileOptions(load_targets("cloud-cpu,cloud-cpu"), cut=CUTS[cut], link=load_link("4g"), samples=1)

@@ -57,6 +57,17 @@ class TensorSpec:
     # Axes whose size varies at run time; `shape` holds the size compiled and verified first.
     dynamic: tuple[DynamicDim, ...] = ()
 
+    def fits(self, shape: tuple[int, ...]) -> bool:
+        """Whether `shape` has this tensor's rank and fixed sizes (a dynamic axis takes any size here;
+        its range is the session's to check)."""
+        dynamic = {d.axis for d in self.dynamic}
+        return len(shape) == len(self.shape) and all(n == self.shape[i] for i, n in enumerate(shape) if i not in dynamic)
+
+    def described(self) -> str:
+        """dtype[shape] with '?' on the dynamic axes, for messages."""
+        dynamic = {d.axis for d in self.dynamic}
+        return f"{self.dtype}[{', '.join('?' if i in dynamic else str(n) for i, n in enumerate(self.shape))}]"
+
     @property
     def nbytes(self) -> int:
         itemsize = _EXTRA_ITEMSIZE.get(self.dtype) or np.dtype(self.dtype).itemsize

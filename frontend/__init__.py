@@ -24,6 +24,31 @@ _EXPORT_ASSERTIONS = {
 }
 
 
+def localize_sizes(graph: torch.fx.Graph) -> None:
+    """Read each symbolic size next to the op that uses it. Export reads a dynamic dimension once,
+    from the model input (`sym_size(x, 0)`), and a late op (the flatten before a classifier) uses
+    it: a cut in between would have to send an integer, which is no tensor, so every cut of a
+    dynamic-batch ResNet was refused. Where the user has a tensor input with a dimension of the same
+    size, the size is read from that tensor instead, right before the user."""
+    sym_size = torch.ops.aten.sym_size.int
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not sym_size:
+            continue
+        wanted = node.meta.get("val")
+        if not isinstance(wanted, torch.SymInt):
+            continue
+        for user in list(node.users):
+            source = next(((t, d) for t in user.all_input_nodes if t is not node and is_tensor_node(t)
+                           for d, size in enumerate(t.meta["val"].shape)
+                           if isinstance(size, torch.SymInt) and size.node.expr == wanted.node.expr), None)
+            if source is None or source[0] is node.args[0]:
+                continue
+            with graph.inserting_before(user):
+                local = graph.call_function(sym_size, source)
+            local.meta["val"] = source[0].meta["val"].shape[source[1]]
+            user.replace_input_with(node, local)
+
+
 def build_graph(loaded: LoadedModel) -> ModelGraph:
     """Decompose to core ATen (the op set every backend imports), unlift, and annotate."""
     try:
@@ -44,6 +69,7 @@ def build_graph(loaded: LoadedModel) -> ModelGraph:
         # shapes are static and checked against the manifest, and no backend has a kernel for them.
         elif node.op == "call_function" and node.target in _EXPORT_ASSERTIONS and not node.users:
             graph.erase_node(node)
+    localize_sizes(graph)
     graph.eliminate_dead_code()
     # Plain positional calling convention (inputs in, tuple of outputs out) instead of export's
     # pytree wrapper, so passes that add inputs (noise) or rewire outputs keep a callable module.

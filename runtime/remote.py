@@ -435,9 +435,9 @@ class RemoteSession:
         outputs = {}
         for spec in self.manifest.outputs:
             array = arrays.get(spec.name)
-            if array is None or tuple(array.shape) != spec.shape or array.dtype != np.dtype(spec.dtype):
+            if array is None or not spec.fits(tuple(array.shape)) or array.dtype != np.dtype(spec.dtype):
                 got = "nothing" if array is None else f"{array.dtype}{list(array.shape)}"
-                raise RemoteError(f"server {self.url} answered {got} for output {spec.name!r}, expected {spec.dtype}{list(spec.shape)}")
+                raise RemoteError(f"server {self.url} answered {got} for output {spec.name!r}, expected {spec.described()}")
             outputs[spec.name] = array
         return outputs
 

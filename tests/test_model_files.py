@@ -415,3 +415,55 @@ def test_onnx_external_data_is_recorded_checked_and_exported(tiny, tmp_path, cap
     data.write_bytes(data.read_bytes()[:-4] + b"\0\0\0\0")
     with pytest.raises(BundleError, match="model.onnx.data"):
         Bundle.open(bundle)
+
+
+class FlattenHead(torch.nn.Module):
+    """conv -> pool -> flatten -> linear: export reads the batch size once from the input and the
+    flatten uses it, after any cut that leaves the conv on the device."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = torch.nn.Linear(4 * 4 * 4, 5)
+
+    def forward(self, x):
+        x = torch.nn.functional.adaptive_avg_pool2d(torch.relu(self.conv(x)), 4)
+        return self.fc(x.reshape(x.shape[0], -1))
+
+
+def test_a_dynamic_batch_read_late_is_read_where_it_is_used(tmp_path):
+    """Every cut of a dynamic-batch model whose classifier flattens by the batch size was refused
+    (the size would have crossed as an integer); it is read next to its user now, and the cloud half
+    serves any batch over the v2 protocol."""
+    from splitc.drivers.compiler import compile_model
+    from splitc.frontend import import_model
+    from splitc.passes.contract import CompileOptions
+    from splitc.runtime import Bundle, SplitSession
+    from splitc.runtime.remote import RemoteSession
+    from splitc.runtime.server import PartitionServer, make_http_server, serve_in_thread
+    from splitc.targets import load_link, load_targets
+
+    model = FlattenHead().eval()
+    program = torch.export.export(model, (file_models.image(batch=2),), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=8)},))
+    torch.export.save(program, tmp_path / "flat.pt2")
+    _, graph = import_model(tmp_path / "flat.pt2")
+    assert sum("sym_size" in str(n.target) for n in graph.module.graph.nodes) >= 1
+    result = compile_model(graph, CompileOptions(load_targets("x86,cloud-cpu"), load_link("4g"), cut="relu", samples=1,
+                                                 backends=("x86=onnxruntime",)), tmp_path / "flat.splitc")
+    assert [t.dtype for t in result.manifest.boundaries[0]] == ["float32"]  # a tensor crosses, no integer
+    bundle = Bundle.open(result.bundle)
+    stack = make_http_server(PartitionServer(bundle, 1), "127.0.0.1", 0)
+    serve_in_thread(stack)
+    try:
+        remote = RemoteSession(bundle, f"http://127.0.0.1:{stack.port}")
+        for batch in (1, 3):
+            x = file_models.image(batch=batch, seed=batch)
+            with torch.no_grad():
+                expected = model(x).numpy()
+            local = SplitSession(bundle).run([x.numpy()])
+            served = remote.infer([x.numpy()]).outputs
+            name = result.manifest.outputs[0].name
+            assert np.allclose(local[name], expected, atol=1e-5) and np.allclose(served[name], expected, atol=1e-5)
+    finally:
+        stack.drain(timeout=5)
